@@ -1,0 +1,184 @@
+"""Data sets: the embedded scikit-learn digits, CIFAR-10/100 (torchvision layout) and ImageFolder.
+
+Each builder returns a :class:`DataBundle` of three views of the data: augmented pairs for
+training, and plain train/test images for kNN evaluation. Missing data is a :class:`DataError`
+(one line, with the fix) raised before any model is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Subset
+
+from ssl_ema.config import Config, ConfigError
+from ssl_ema.data import views
+
+CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class DataError(ConfigError):
+    """The data a recipe names is missing or unusable; the message says how to fix it."""
+
+
+class Transformed(Dataset):
+    """``(image, label)`` source + transform -> ``(*views, label)`` (or ``(x, label)`` for eval)."""
+
+    def __init__(self, source: Any, transform: Callable[[Any], Any]):
+        self.source, self.transform = source, transform
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, i: int) -> tuple[Any, ...]:
+        image, label = self.source[i]
+        out = self.transform(image)
+        if isinstance(out, list | tuple):
+            return (*out, label)
+        return out, label
+
+
+class TensorImages(Dataset):
+    """In-memory images ``(N, C, H, W)`` float in [0, 1] with integer labels."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i], int(self.labels[i])
+
+
+@dataclass
+class DataBundle:
+    train: Dataset  # (view0, view1, label): what the method trains on
+    train_eval: Dataset  # (x, label), un-augmented: the kNN memory bank
+    test_eval: Dataset  # (x, label), un-augmented: held-out queries
+    num_classes: int
+    in_chans: int
+
+
+def _subset(ds: Dataset, n: int, seed: int) -> Dataset:
+    """A fixed random subset of ``n`` items (all when n <= 0 or n >= len)."""
+    size = len(ds)  # type: ignore[arg-type]
+    if n <= 0 or n >= size:
+        return ds
+    idx = torch.randperm(size, generator=torch.Generator().manual_seed(seed))[:n]
+    return Subset(ds, idx.tolist())
+
+
+def digits_split(seed: int = 0, test_fraction: float = 0.2) -> tuple[np.ndarray, ...]:
+    """scikit-learn's 1,797 8x8 digits, split stratified into train/test with a fixed seed."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = (digits.images / 16.0).astype(np.float32)  # (N, 8, 8) in [0, 1]
+    return tuple(
+        train_test_split(images, digits.target, test_size=test_fraction,
+                         stratify=digits.target, random_state=seed)
+    )
+
+
+def build_digits(cfg: Config) -> DataBundle:
+    x_train, x_test, y_train, y_test = digits_split()
+    mean, std = float(x_train.mean()), float(x_train.std())
+    size = cfg.data.image_size
+
+    def images(x: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(x).unsqueeze(1)  # (N, 1, 8, 8)
+
+    train = TensorImages(images(x_train), torch.from_numpy(y_train))
+    test = TensorImages(images(x_test), torch.from_numpy(y_test))
+    return DataBundle(
+        train=Transformed(train, views.digits_views(size, mean, std)),
+        train_eval=Transformed(train, views.digits_eval(size, mean, std)),
+        test_eval=Transformed(test, views.digits_eval(size, mean, std)),
+        num_classes=10,
+        in_chans=1,
+    )
+
+
+def _rgb_bundle(train: Any, test: Any, cfg: Config, mean: Sequence[float],
+                std: Sequence[float], num_classes: int) -> DataBundle:
+    size, m, s = cfg.data.image_size, tuple(mean), tuple(std)
+    return DataBundle(
+        train=Transformed(train, views.byol_rgb_views(size, m, s)),
+        train_eval=Transformed(train, views.rgb_eval(size, m, s)),
+        test_eval=Transformed(test, views.rgb_eval(size, m, s)),
+        num_classes=num_classes,
+        in_chans=3,
+    )
+
+
+def build_cifar(cfg: Config) -> DataBundle:
+    from torchvision.datasets import CIFAR10, CIFAR100
+
+    is10 = cfg.data.dataset == "cifar10"
+    cls, name = (CIFAR10, "CIFAR-10") if is10 else (CIFAR100, "CIFAR-100")
+    folder = "cifar-10-batches-py" if is10 else "cifar-100-python"
+    root = cfg.data.root
+    try:
+        train = cls(root, train=True, download=cfg.data.download)
+        test = cls(root, train=False, download=cfg.data.download)
+    except Exception as e:  # offline download (URLError) or missing files (RuntimeError)
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise DataError(
+            f"{name} not found under data.root='{root}' and could not be downloaded ({reason}); "
+            f"set data.root to the folder that holds {folder}/, or run once with internet access"
+        ) from e
+    mean, std = (CIFAR10_MEAN, CIFAR10_STD) if is10 else (CIFAR100_MEAN, CIFAR100_STD)
+    return _rgb_bundle(train, test, cfg, mean, std, len(train.classes))
+
+
+def build_imagefolder(cfg: Config) -> DataBundle:
+    from torchvision.datasets import ImageFolder
+
+    root = Path(cfg.data.root)
+    splits = {}
+    for split in ("train", "test"):
+        folder = root / split
+        if not folder.is_dir():
+            raise DataError(
+                f"data.root='{root}' has no '{split}/' folder; imagefolder expects "
+                f"root/train/<class>/*.jpg and root/test/<class>/*.jpg"
+            )
+        try:
+            splits[split] = ImageFolder(str(folder))
+        except (FileNotFoundError, RuntimeError) as e:
+            raise DataError(f"no images found under '{folder}': {str(e).splitlines()[0]}") from e
+    if splits["train"].classes != splits["test"].classes:
+        raise DataError(f"class folders of '{root}/train' and '{root}/test' differ; "
+                        "they must match")
+    if root.name.lower().startswith("cifar10"):
+        mean, std = CIFAR10_MEAN, CIFAR10_STD
+    else:
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    return _rgb_bundle(splits["train"], splits["test"], cfg, mean, std,
+                       len(splits["train"].classes))
+
+
+BUILDERS: dict[str, Callable[[Config], DataBundle]] = {
+    "digits": build_digits,
+    "cifar10": build_cifar,
+    "cifar100": build_cifar,
+    "imagefolder": build_imagefolder,
+}
+
+
+def build_data(cfg: Config) -> DataBundle:
+    """Build the data a recipe names; raises DataError with the fix when it is missing."""
+    bundle = BUILDERS[cfg.data.dataset](cfg)
+    n, seed = cfg.data.eval_subset, cfg.run.seed
+    bundle.train_eval = _subset(bundle.train_eval, n, seed)
+    bundle.test_eval = _subset(bundle.test_eval, n, seed + 1)
+    return bundle

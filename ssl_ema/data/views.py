@@ -1,0 +1,68 @@
+"""Augmented views for self-supervised methods, and the plain transform used for evaluation.
+
+RGB images use lightly's BYOL transforms (Grill et al. 2020, Table 6: asymmetric blur and
+solarisation). On 32 px images blur is switched off, as in lightly's and solo-learn's CIFAR
+recipes: a blur kernel of 10% of 32 px destroys most of the signal.
+
+The 8x8 grey digits get their own small set: resized crops, a small rotation and pixel noise.
+Colour jitter, grey-scaling and flips make no sense for them (a flipped 2 is not a 2).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from lightly.transforms.byol_transform import BYOLTransform, BYOLView1Transform, BYOLView2Transform
+from torchvision import transforms as T
+from torchvision.transforms import v2
+
+Transform = Callable[..., object]
+
+
+def byol_rgb_views(image_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Transform:
+    """PIL image -> [view0, view1] with BYOL's two view distributions."""
+    blur = 0.0 if image_size <= 64 else None  # None: keep BYOL's defaults (1.0 / 0.1)
+    kw: dict[str, object] = {"input_size": image_size, "normalize": {"mean": mean, "std": std}}
+    v1 = BYOLView1Transform(**kw, **({} if blur is None else {"gaussian_blur": blur}))
+    v2_ = BYOLView2Transform(**kw, **({} if blur is None else {"gaussian_blur": blur}))
+    return BYOLTransform(view_1_transform=v1, view_2_transform=v2_)
+
+
+def rgb_eval(image_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Transform:
+    return T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor(),
+                      T.Normalize(mean, std)])
+
+
+class TwoViews:
+    """Apply one (random) tensor transform twice to the same image."""
+
+    def __init__(self, view: Transform):
+        self.view = view
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [self.view(x), self.view(x)]  # type: ignore[list-item]
+
+
+class AddNoise:
+    def __init__(self, std: float):
+        self.std = std
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.std * torch.randn_like(x)
+
+
+def digits_views(image_size: int, mean: float, std: float) -> Transform:
+    """(1, 8, 8) float tensor in [0, 1] -> two augmented (1, S, S) views."""
+    view = v2.Compose([
+        v2.Resize(image_size, antialias=True),
+        v2.RandomResizedCrop(image_size, scale=(0.5, 1.0), ratio=(0.75, 1.33), antialias=True),
+        v2.RandomAffine(degrees=15, shear=10),
+        AddNoise(0.1),
+        v2.Normalize([mean], [std]),
+    ])
+    return TwoViews(view)
+
+
+def digits_eval(image_size: int, mean: float, std: float) -> Transform:
+    return v2.Compose([v2.Resize(image_size, antialias=True), v2.Normalize([mean], [std])])

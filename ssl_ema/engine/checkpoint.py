@@ -1,0 +1,46 @@
+"""Atomic checkpoints on top of `Accelerator.save_state`.
+
+Accelerate writes model, optimizer, grad scaler, every process's RNG state and the registered
+custom objects (our counters and EMA) into a folder. We write that folder under a temporary
+name and rename it when complete, so an interrupted save never hides the previous checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from accelerate import Accelerator
+
+PREFIX = "step_"
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, oldest first."""
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    done = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(PREFIX)]
+    return sorted(done, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: int) -> Path:
+    """Save the full training state at ``step``; keep the newest ``keep`` checkpoints."""
+    folder = run_dir / "checkpoints"
+    final = folder / f"{PREFIX}{step:08d}"
+    tmp = folder / f".tmp-{PREFIX}{step:08d}"
+    if accelerator.is_main_process:
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final

@@ -1,0 +1,34 @@
+"""Optimizers for the student, with batch-size-scaled learning rate.
+
+Biases and normalisation parameters (1-D tensors) get no weight decay, as in BYOL (Grill et al.
+2020, App. J) and SimCLR; LARS comes from lightly.
+"""
+
+from __future__ import annotations
+
+import torch
+from lightly.utils.lars import LARS
+from torch import nn
+
+from ssl_ema.config import OptimConfig
+
+
+def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, object]]:
+    decay, no_decay = [], []
+    for p in module.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(module: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """Optimizer over the trainable parameters of ``module`` at the (already scaled) ``lr``."""
+    groups = param_groups(module, cfg.weight_decay)
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
+    if cfg.name == "lars":
+        return LARS(groups, lr=lr, momentum=cfg.momentum)
+    if cfg.name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas)
+    raise ValueError(f"unknown optimizer '{cfg.name}'; valid: sgd, lars, adamw")

@@ -1,0 +1,20 @@
+"""The end-of-run table: kNN accuracy of the teacher, the student and a random backbone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def knn_table(result: dict[str, float], trainer: Any) -> str:
+    cfg = trainer.cfg
+    n_test = len(trainer.data.test_eval)
+    rows = [("teacher (EMA of student)", result["knn_teacher"]),
+            ("student", result["knn_student"]),
+            ("random init backbone", result["knn_random"])]
+    lines = [
+        f"kNN top-1 (k={cfg.eval.knn_k}, t={cfg.eval.knn_temperature}) on {n_test} held-out "
+        f"{cfg.data.dataset} images after {int(result['step'])} steps:",
+        f"  {'model':<26} {'accuracy':>8}",
+        *(f"  {name:<26} {acc:>8.4f}" for name, acc in rows),
+    ]
+    return "\n".join(lines)

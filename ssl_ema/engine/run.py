@@ -1,0 +1,89 @@
+"""Where a run lives: a new timestamped directory, or an existing one being resumed.
+
+New runs go to ``<run.output_dir>/<run.name>/<YYYYmmdd-HHMMSS>`` so that repeating a command
+never overwrites earlier results. Resuming re-reads the run's resolved ``config.yaml`` and
+refuses a recipe that would change the training (a resumed run must be the same run).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import yaml
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
+
+from ssl_ema.config import Config, ConfigError, from_dict, load_config, parse_overrides, to_dict
+from ssl_ema.engine.checkpoint import PREFIX, checkpoints
+
+# Keys that may differ on resume: they change bookkeeping, not the trajectory.
+RESUMABLE_CHANGES = {"train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
+                     "train.log_every", "data.num_workers", "eval.every_epochs"}
+
+
+def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _resume_target(resume: str) -> tuple[Path, Path]:
+    """(run dir, checkpoint dir) from a run directory or one of its checkpoints."""
+    path = Path(resume)
+    if path.name.startswith(PREFIX) and path.parent.name == "checkpoints":
+        if not path.is_dir():
+            raise ConfigError(f"--resume: checkpoint '{path}' does not exist")
+        return path.parent.parent, path
+    found = checkpoints(path)
+    if not found:
+        raise ConfigError(f"--resume: no checkpoint under '{path}/checkpoints'; "
+                          "pass a run directory written by tools/train.py")
+    return path, found[-1]
+
+
+def _check_same_run(run_dir: Path, cfg: Config) -> None:
+    saved = _flat(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    now = _flat(to_dict(cfg))
+    changed = sorted(k for k in now if saved.get(k) != now[k] and k not in RESUMABLE_CHANGES)
+    if changed:
+        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed[:4])
+        raise ConfigError(f"--resume: the recipe differs from the run's config.yaml ({diffs}); "
+                          "resume with the same recipe, or start a new run")
+
+
+def _new_run_dir(cfg: Config) -> Path:
+    state = PartialState()  # all processes must agree on one timestamp
+    stamp = [time.strftime("%Y%m%d-%H%M%S") if state.is_main_process else None]
+    broadcast_object_list(stamp)
+    return Path(cfg.run.output_dir) / (cfg.run.name or "run") / str(stamp[0])
+
+
+def prepare_run(recipe: str | None, overrides: Sequence[str],
+                resume: str | None) -> tuple[Config, Path, Path | None]:
+    """Resolve config, run directory and (when resuming) the checkpoint to load."""
+    if resume is None:
+        cfg = load_config(recipe, overrides)
+        return cfg, _new_run_dir(cfg), None
+    run_dir, checkpoint = _resume_target(resume)
+    if recipe is None:
+        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+        merged = _flat(saved)
+        merged.update(_flat(parse_overrides(overrides)))
+        tree: dict = {}
+        for key, value in merged.items():
+            node = tree
+            *parents, leaf = key.split(".")
+            for p in parents:
+                node = node.setdefault(p, {})
+            node[leaf] = value
+        cfg = from_dict(tree)
+    else:
+        cfg = load_config(recipe, overrides)
+    _check_same_run(run_dir, cfg)
+    return cfg, run_dir, checkpoint

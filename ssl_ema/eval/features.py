@@ -1,0 +1,35 @@
+"""Frozen-feature extraction, sharded across processes and gathered."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader
+
+
+@torch.no_grad()
+def extract_features(
+    backbone: nn.Module, loader: DataLoader, accelerator: Accelerator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised features ``(N, D)`` and labels ``(N,)`` of every item of ``loader``.
+
+    The backbone runs in eval mode (BatchNorm running statistics) and is restored to its previous
+    mode. With a prepared loader each process embeds its shard; `gather_for_metrics` drops the
+    padding Accelerate adds to even out the last batch.
+    """
+    was_training = backbone.training
+    backbone.eval()
+    feats, labels = [], []
+    for x, y in loader:
+        if accelerator is None:
+            device = next(backbone.parameters()).device
+            x, y = x.to(device), y.to(device)
+        f = F.normalize(backbone(x).float(), dim=1)  # (B, D)
+        if accelerator is not None:
+            f, y = accelerator.gather_for_metrics((f, y))
+        feats.append(f)
+        labels.append(y)
+    backbone.train(was_training)
+    return torch.cat(feats), torch.cat(labels)

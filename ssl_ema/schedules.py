@@ -1,0 +1,25 @@
+"""Schedules as pure functions of training progress.
+
+Progress is a fraction of the total number of *samples* to be seen, never of steps, so that a
+change of batch size changes the number of steps and not the dynamics (Busbridge et al. 2023,
+Algorithm 1). The only schedule state a checkpoint needs is the samples-seen counter.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+def cosine(start: float, end: float, progress: float) -> float:
+    """Half-cosine from ``start`` (progress 0) to ``end`` (progress 1); clamped outside [0, 1]."""
+    p = min(max(progress, 0.0), 1.0)
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+def warmup_cosine(peak: float, progress: float, warmup: float, end: float = 0.0) -> float:
+    """Linear warm-up from 0 to ``peak`` over the first ``warmup`` fraction, then cosine."""
+    if warmup > 0 and progress < warmup:
+        return peak * progress / warmup
+    if warmup >= 1.0:
+        return peak
+    return cosine(peak, end, (progress - warmup) / (1.0 - warmup))

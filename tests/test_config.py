@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from ssl_ema.config import ConfigError, load_config, parse_overrides
+from tests.conftest import ROOT, python
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_recipe_name(tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, "train:\n  epochs: 3\n"))
+    assert cfg.train.epochs == 3
+    assert cfg.train.batch_size == 512  # default untouched
+    assert cfg.run.name == "r"  # recipe stem
+
+
+def test_overrides_are_typed() -> None:
+    tree = parse_overrides(["train.epochs=5", "optim.lr=0.1", "data.download=false",
+                            "optim.betas=[0.9,0.95]"])
+    assert tree == {"train": {"epochs": 5}, "optim": {"lr": 0.1, "betas": [0.9, 0.95]},
+                    "data": {"download": False}}
+    cfg = load_config(None, ["optim.lr=1", "optim.betas=[0.9,0.95]"])
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.betas == (0.9, 0.95)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.epoch=3"], "unknown key 'train.epoch'; valid keys here: epochs, batch_size"),
+        (["trian.epochs=3"], "unknown key 'trian'; valid keys here: run, data, model"),
+        (["train.epochs=three"], "train.epochs: expected an integer, got 'three'"),
+        (["train.epochs=2.5"], "train.epochs: expected an integer, got 2.5"),
+        (["data.download=maybe"], "data.download: expected true or false"),
+        (["method.name=simclr"], "method.name: unknown value 'simclr'; valid: byol"),
+        (["data.dataset=mnist"], "valid: digits, cifar10, cifar100, imagefolder"),
+        (["model.backbone=resnet19"], "model.backbone: unknown timm model 'resnet19'"),
+        (["train.mixed_precision=fp8"], "valid: no, bf16, fp16"),
+        (["method.momentum=1.5"], "method.momentum: a momentum must lie in [0, 1]"),
+        (["train.batch_size=10", "train.grad_accumulation=4"], "not divisible"),
+        (["train.epochs"], "not of the form key.sub=value"),
+    ],
+)
+def test_bad_input_is_one_clear_line(overrides: list[str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(None, overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_bad_yaml_and_missing_recipe(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "train: [1, 2\n"))
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(write(tmp_path, "- 1\n"))
+    # A safe loader: python tags are rejected, not executed.
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "train: !!python/object/apply:os.system ['true']\n"))
+
+
+def test_train_cli_exits_2_before_building_anything(tmp_path: Path, tools_env) -> None:
+    out = tmp_path / "runs"
+    proc = subprocess.run(
+        [python(), str(ROOT / "tools" / "train.py"), str(ROOT / "recipes" / "quickstart.yaml"),
+         f"run.output_dir={out}", "model.backbone=resnet19"],
+        capture_output=True, text=True, env=tools_env, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: model.backbone: unknown timm")
+    assert not out.exists()  # nothing written

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ssl_ema.config import load_config
+from ssl_ema.data import DataError, build_data
+from ssl_ema.data.datasets import digits_split
+from tests.conftest import SHARED_DATA
+
+
+def test_digits_split_is_stratified_and_fixed() -> None:
+    x_tr, x_te, y_tr, y_te = digits_split()
+    assert x_tr.shape == (1437, 8, 8) and x_te.shape == (360, 8, 8)
+    assert 0.0 <= x_tr.min() and x_tr.max() <= 1.0
+    # stratified: every class holds ~20% of its images in the test split
+    for c in range(10):
+        frac = (y_te == c).sum() / ((y_te == c).sum() + (y_tr == c).sum())
+        assert abs(frac - 0.2) < 0.02
+    again = digits_split()
+    assert np.array_equal(again[1], x_te)
+
+
+def test_digits_bundle_views() -> None:
+    data = build_data(load_config(None, ["data.image_size=16"]))
+    v0, v1, y = data.train[0]
+    assert v0.shape == v1.shape == (1, 16, 16)
+    assert not torch.equal(v0, v1)  # two independent augmentations
+    x, y2 = data.train_eval[0]
+    assert x.shape == (1, 16, 16) and y == y2
+    x_again, _ = data.train_eval[0]
+    assert torch.equal(x, x_again)  # evaluation is deterministic
+    assert data.num_classes == 10 and data.in_chans == 1
+
+
+def test_missing_cifar_is_a_clear_error(tmp_path: Path) -> None:
+    cfg = load_config(None, ["data.dataset=cifar10", f"data.root={tmp_path}",
+                             "data.download=false"])
+    with pytest.raises(DataError, match=r"CIFAR-10 not found under data.root=.*set data.root"):
+        build_data(cfg)
+
+
+def test_imagefolder_errors(tmp_path: Path) -> None:
+    cfg = load_config(None, ["data.dataset=imagefolder", f"data.root={tmp_path}"])
+    with pytest.raises(DataError, match="has no 'train/' folder"):
+        build_data(cfg)
+    (tmp_path / "train").mkdir()
+    (tmp_path / "test").mkdir()
+    with pytest.raises(DataError, match="no images found"):
+        build_data(cfg)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "cifar10-jpg.tar.gz").exists(),
+                    reason="../shared/data/cifar10-jpg.tar.gz not present (fresh clone)")
+def test_imagefolder_on_the_shared_cifar10_copy(tmp_path: Path) -> None:
+    # Extract two classes' first images: enough to check layout, labels and views.
+    with tarfile.open(SHARED_DATA / "cifar10-jpg.tar.gz") as tar:
+        members = [m for m in tar.getmembers() if m.isfile() and
+                   any(f"/{c}/000" in m.name for c in ("airplane", "cat"))]
+        tar.extractall(tmp_path, members=members, filter="data")
+    root = next(p for p in tmp_path.iterdir() if p.is_dir())
+    cfg = load_config(None, ["data.dataset=imagefolder", f"data.root={root}"])
+    data = build_data(cfg)
+    assert data.num_classes == 2 and data.in_chans == 3
+    v0, v1, y = data.train[0]
+    assert v0.shape == (3, 32, 32) and y == 0
