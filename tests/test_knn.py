@@ -12,15 +12,13 @@ def test_weighted_vote_on_a_hand_computed_case() -> None:
     # Bank: two class-0 points near the x axis, one class-1 point on the y axis.
     bank = F.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.2], [0.0, 1.0]]), dim=1)
     labels = torch.tensor([0, 0, 1])
-    # A query at 50 degrees: closer to class 1 (cos 0.77) than to either class-0 point.
-    q = torch.tensor([[math.cos(math.radians(50)), math.sin(math.radians(50))]])
+    # A query at 60 degrees: cosine 0.500 and 0.660 to the class-0 points, 0.866 to class 1.
+    q = torch.tensor([[math.cos(math.radians(60)), math.sin(math.radians(60))]])
     sims = (q @ bank.t())[0]
-    # With k=3 and t=0.1 the votes are exp(s/t): class 1 wins only if its single weight beats
-    # the sum of the two class-0 weights. Check that against the hand computation.
-    w = torch.exp(sims / 0.1)
-    expected = int(w[2] > w[0] + w[1])
-    assert knn_classify(bank, labels, q, num_classes=2, k=3, temperature=0.1).item() == expected
-    # With k=1 the nearest neighbour decides: class 1.
+    torch.testing.assert_close(sims, torch.tensor([0.5, 0.6601, 0.8660]), atol=1e-4, rtol=0)
+    # k=3, t=0.1: votes exp(s/t) = 148 + 735 for class 0 against 5755 for class 1.
+    assert knn_classify(bank, labels, q, num_classes=2, k=3, temperature=0.1).item() == 1
+    # k=1: the nearest neighbour decides.
     assert knn_classify(bank, labels, q, num_classes=2, k=1, temperature=0.1).item() == 1
     # A large temperature flattens the weights: two class-0 votes beat one class-1 vote.
     assert knn_classify(bank, labels, q, num_classes=2, k=3, temperature=100.0).item() == 0

@@ -77,9 +77,10 @@ def test_resume_continues_the_same_run(tmp_path: Path) -> None:
              "train.grad_accumulation=1", "train.checkpoint_every=5"]
     full, _ = run(tmp_path / "full", *steps)  # 1437 // 256 = 5 steps per epoch -> 10 steps
     assert full.state.step == 10
-    cfg = full.cfg
-    resumed = Trainer(cfg, tmp_path / "full", checkpoints(tmp_path / "full")[0])
-    assert checkpoints(tmp_path / "full")[0].name == "step_00000005"
+    run_dir = tmp_path / "full" / "run"
+    first = checkpoints(run_dir)[0]
+    assert first.name == "step_00000005"
+    resumed = Trainer(full.cfg, run_dir, first)
     resumed.fit()
     assert resumed.state.step == 10 and resumed.state.samples_seen == full.state.samples_seen
     a = resumed.accelerator.unwrap_model(resumed.method)
