@@ -226,7 +226,7 @@ class Trainer:
                             "samples_seen": st.samples_seen, **metrics, **sched,
                             "images_per_s": images / max(seconds, 1e-9)})
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{sched['lr']:.3g}",
-                            momentum=f"{sched['momentum']:.4f}")
+                            momentum=f"{sched['momentum']:.4f}", refresh=False)
         every = cfg.train.checkpoint_every
         if every and st.step % every == 0 and st.step < self.total_steps:
             save_checkpoint(self.accelerator, self.run_dir, st.step, cfg.train.keep_checkpoints)
