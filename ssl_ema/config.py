@@ -59,20 +59,48 @@ class MethodConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    name: str = "lars"  # sgd | lars | adamw
-    lr: float = 0.2  # base learning rate at reference_batch
-    reference_batch: int = 256  # lr is stated for this batch; scaled to the effective batch
+    name: str = "lars"  # sgd | lars | adam | adamw
+    lr: float = 0.2  # base learning rate at scaling.reference_batch
     weight_decay: float = 1.5e-6
-    momentum: float = 0.9  # SGD/LARS heavy-ball momentum (not an EMA)
-    betas: tuple[float, float] = (0.9, 0.999)  # AdamW
+    momentum: float = 0.9  # SGD/LARS heavy-ball momentum (not an EMA; not scaled)
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam/AdamW, at the reference batch
+    eps: float = 1.0e-8  # Adam/AdamW, at the reference batch
     warmup_epochs: float = 10.0
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    # Every batch-size-dependent value (lr, Adam betas/eps, every EMA momentum) is stated at this
+    # batch and resolved for kappa = effective batch / reference_batch (ssl_ema/scaling.py).
+    reference_batch: int = 256
+    # ema: EMA Scaling Rule (momentum ** kappa) + optimizer rule (Busbridge et al. 2023);
+    # optimizer: optimizer rule only (momenta unscaled: the common practice); none: nothing scaled.
+    rule: Literal["ema", "optimizer", "none"] = "ema"
+    # BatchNorm running statistics are an EMA too: momentum 0.1 at the reference batch -> scaled.
+    batchnorm: bool = True
+
+
+@dataclass(frozen=True)
+class EMAConfig:
+    # Momenta are per optimizer step at the reference batch; see ssl_ema/ema.py.
+    period: int = 1  # update the teachers every T optimizer steps, with momentum ** T
+    warmup: bool = False  # min(rho, (t+1)/(t+10)), t in reference steps (Morales-Brotons 2024)
+    buffers: Literal["own", "copy", "average"] = "own"  # teacher BatchNorm statistics
+    # Extra EMAs of the teacher modules at fixed momenta, tracked in parallel and evaluated
+    # (the paper's 0.968..0.998 every 16 steps are 0.99797..0.99987 per step).
+    extra_momenta: tuple[float, ...] = ()
+    recompute_bn_batches: int = 0  # >0: recompute EMA copies' BatchNorm stats before evaluation
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 200
     batch_size: int = 512  # effective batch = world size x per-device batch x accumulation
+    # Progressive scaling (Busbridge et al. 2023, Alg. 1): [[epoch, batch], ...] switches the
+    # effective batch at the start of that epoch; schedules follow samples seen, kappa is
+    # recomputed, so the number of steps changes and the dynamics do not.
+    batch_schedule: tuple[tuple[int, int], ...] = ()
     grad_accumulation: int = 1
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     checkpoint_every: int = 0  # optimizer steps; 0 = only at the end
@@ -95,6 +123,8 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
@@ -104,7 +134,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": ("digits", "cifar10", "cifar100", "imagefolder"),
     "method.name": ("byol",),
-    "optim.name": ("sgd", "lars", "adamw"),
+    "optim.name": ("sgd", "lars", "adam", "adamw"),
 }
 
 
@@ -129,6 +159,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(errors[0])
+    if origin is tuple and typing.get_args(tp)[1:] == (Ellipsis,):
+        if not isinstance(value, Sequence) or isinstance(value, str):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        item = typing.get_args(tp)[0]
+        return tuple(_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value))
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != len(args):
@@ -252,25 +287,42 @@ def validate(cfg: Config) -> None:
         "train.keep_checkpoints": cfg.train.keep_checkpoints,
         "train.log_every": cfg.train.log_every,
         "data.image_size": cfg.data.image_size,
-        "optim.reference_batch": cfg.optim.reference_batch,
+        "scaling.reference_batch": cfg.scaling.reference_batch,
+        "ema.period": cfg.ema.period,
         "eval.knn_k": cfg.eval.knn_k,
     }
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key}: must be positive, got {value}")
-    for key, value in {"method.momentum": cfg.method.momentum,
-                       "method.momentum_end": cfg.method.momentum_end}.items():
+    momenta = {"method.momentum": cfg.method.momentum,
+               "method.momentum_end": cfg.method.momentum_end,
+               **{f"ema.extra_momenta[{i}]": m for i, m in enumerate(cfg.ema.extra_momenta)}}
+    for key, value in momenta.items():
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{key}: a momentum must lie in [0, 1], got {value}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr: must be positive, got {cfg.optim.lr}")
     if cfg.eval.knn_temperature <= 0:
         raise ConfigError(f"eval.knn_temperature: must be positive, got {cfg.eval.knn_temperature}")
-    if cfg.train.batch_size % cfg.train.grad_accumulation:
-        raise ConfigError(
-            f"train.batch_size {cfg.train.batch_size} is not divisible by "
-            f"train.grad_accumulation {cfg.train.grad_accumulation}; pick a multiple"
-        )
+    _validate_batches(cfg)
+
+
+def _validate_batches(cfg: Config) -> None:
+    acc, last_epoch = cfg.train.grad_accumulation, 0
+    for i, (epoch, batch) in enumerate(cfg.train.batch_schedule):
+        key = f"train.batch_schedule[{i}]"
+        if not last_epoch < epoch < cfg.train.epochs:
+            raise ConfigError(f"{key}: epoch {epoch} must be after {last_epoch} and before "
+                              f"train.epochs {cfg.train.epochs}; list [epoch, batch] in order")
+        if batch <= 0:
+            raise ConfigError(f"{key}: batch must be positive, got {batch}")
+        last_epoch = epoch
+    for key, batch in [("train.batch_size", cfg.train.batch_size),
+                       *((f"train.batch_schedule[{i}]", b)
+                         for i, (_, b) in enumerate(cfg.train.batch_schedule))]:
+        if batch % acc:
+            raise ConfigError(f"{key}: batch {batch} is not divisible by train.grad_accumulation "
+                              f"{acc}; pick a multiple")
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:

@@ -1,62 +1,169 @@
 """EMA teachers: teacher <- momentum * teacher + (1 - momentum) * student.
 
-The update runs once per optimizer step (never per micro-batch: under gradient accumulation a
-per-micro-batch update silently shortens the averaging horizon), on unwrapped modules, with
-`torch._foreach_lerp_` so that all tensors are updated by one fused kernel launch per device
-instead of one Python-level op per parameter (lightly's `update_momentum` loops per parameter).
+One :class:`EMA` keeps any number of teachers averaging the same student, each at its own
+momentum (Morales-Brotons, Vogels, Hendrikx, TMLR 2024, track five in parallel). It runs once per
+optimizer step or every ``period`` steps (never per micro-batch: under gradient accumulation a
+per-micro-batch update silently shortens the averaging horizon), on unwrapped modules, so every
+process applies the same update to the same student and all ranks stay identical.
+
+Momenta are always stated *per optimizer step at the reference batch*; :func:`update_momentum`
+turns one into the momentum of one update: warm-up, then ``** (kappa * period)``. Updating every
+T steps with rho ** T keeps the averaging horizon in samples (peers that skip the power change it);
+the EMA Scaling Rule (Busbridge et al. 2023) is the same power for a batch kappa times larger.
+
+The update is ``torch._foreach_lerp_``: one fused multi-tensor kernel per teacher that reads the
+student and the teacher once and writes the teacher once, instead of one Python-level op per
+parameter (lightly's ``update_momentum``) or a mul_ + add_ pair (two passes, timm ModelEmaV2).
+Teachers may be kept in fp32 while the student is bf16/fp16; the student is upcast on the fly.
 
 Buffer policy (BatchNorm running statistics), chosen explicitly:
-- ``own``:  the teacher keeps the statistics its own forward passes accumulate (BYOL, lightly).
-- ``copy``: the teacher's buffers are copied from the student at every update.
+- ``own``:     the teacher keeps the statistics its own forward passes accumulate (BYOL, lightly).
+- ``copy``:    the teacher's buffers are copied from the student at every update.
+- ``average``: floating buffers are averaged like the weights (same momentum); integer buffers
+               (``num_batches_tracked``) are copied. The slowest EMAs of the paper fail this way
+               unless their statistics are recomputed: see :func:`recompute_batchnorm`.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+import itertools
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import update_bn
 
-BufferPolicy = Literal["own", "copy"]
+BufferPolicy = Literal["own", "copy", "average"]
+BUFFER_POLICIES: tuple[str, ...] = ("own", "copy", "average")
 
 
-def _float_params(module: nn.Module) -> list[torch.Tensor]:
-    return [p for p in module.parameters()]
+def warmup_momentum(momentum: float, t: float) -> float:
+    """Momentum warm-up min(rho, (t + 1) / (t + 10)) (Morales-Brotons et al. 2024, Sec. 3).
+
+    ``t`` counts optimizer steps at the reference batch (samples seen / reference batch), so the
+    warm-up, like the horizon, is fixed in samples whatever the batch and the update period.
+    """
+    return min(momentum, (t + 1.0) / (t + 10.0))
+
+
+def update_momentum(momentum: float, *, kappa: float = 1.0, period: int = 1,
+                    warmup_t: float | None = None) -> float:
+    """Momentum of one update from a per-step momentum at the reference batch.
+
+    One update every ``period`` steps at ``kappa`` times the reference batch replaces
+    ``kappa * period`` reference steps: rho -> rho ** (kappa * period).
+    """
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
+    if period < 1 or kappa <= 0:
+        raise ValueError(f"period must be >= 1 and kappa > 0, got {period} and {kappa}")
+    if warmup_t is not None:
+        momentum = warmup_momentum(momentum, warmup_t)
+    return momentum ** (kappa * period)
+
+
+def _tensors(module: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    return list(module.parameters()), list(module.buffers())
+
+
+def _check_same_structure(teacher: nn.Module, student: nn.Module) -> None:
+    for kind, t_list, s_list in zip(("parameters", "buffers"), _tensors(teacher),
+                                    _tensors(student)):
+        if len(t_list) != len(s_list) or any(t.shape != s.shape for t, s in zip(t_list, s_list)):
+            raise ValueError(f"teacher and student must have the same {kind} in the same order")
 
 
 class EMA:
-    """Keeps ``teacher`` an exponential moving average of ``student``.
+    """Keeps each of ``teachers`` an exponential moving average of ``student``.
 
-    Both modules must have the same structure (same parameter order and shapes); the teacher is
-    built separately and loaded from the student (see `methods.base`), not deep-copied.
+    All modules must have the same structure; teachers are built separately and loaded from the
+    student (see `methods.base`), not deep-copied. Call :meth:`update` with one momentum per
+    teacher (the momentum of this update: see :func:`update_momentum`).
     """
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, buffers: BufferPolicy = "own"):
-        t_params, s_params = _float_params(teacher), _float_params(student)
-        if len(t_params) != len(s_params) or any(
-            t.shape != s.shape for t, s in zip(t_params, s_params)
-        ):
-            raise ValueError("teacher and student must have the same parameters in the same order")
-        if buffers not in ("own", "copy"):
-            raise ValueError(f"unknown buffer policy '{buffers}'; valid: own, copy")
-        self.teacher, self.student, self.buffers = teacher, student, buffers
-        self._t_params, self._s_params = t_params, s_params
+    def __init__(self, student: nn.Module, teachers: Sequence[nn.Module],
+                 buffers: BufferPolicy = "own"):
+        if buffers not in BUFFER_POLICIES:
+            valid = ", ".join(BUFFER_POLICIES)
+            raise ValueError(f"unknown buffer policy '{buffers}'; valid: {valid}")
+        if not teachers:
+            raise ValueError("EMA needs at least one teacher")
+        for teacher in teachers:
+            _check_same_structure(teacher, student)
+        self.student, self.teachers, self.buffers = student, list(teachers), buffers
+        s_params, s_buffers = _tensors(student)
+        self._student_params = s_params
+        self._float_buffers = [b for b in s_buffers if b.is_floating_point()]
+        self._other_buffers = [b for b in s_buffers if not b.is_floating_point()]
+        self._teacher_tensors = []
+        for teacher in self.teachers:
+            t_params, t_buffers = _tensors(teacher)
+            self._teacher_tensors.append((
+                t_params,
+                [b for b in t_buffers if b.is_floating_point()],
+                [b for b in t_buffers if not b.is_floating_point()],
+            ))
         self.num_updates = 0
 
+    @staticmethod
+    def _lerp(teacher: list[torch.Tensor], student: list[torch.Tensor], weight: float) -> None:
+        if not teacher:
+            return
+        if any(t.dtype != s.dtype for t, s in zip(teacher, student)):
+            # fp32 teacher of a low-precision student: upcast the student on the fly.
+            student = [s.to(t.dtype) for t, s in zip(teacher, student)]
+        # lerp_(s, w) computes t + w (s - t) = momentum t + (1 - momentum) s.
+        torch._foreach_lerp_(teacher, student, weight)
+
     @torch.no_grad()
-    def update(self, momentum: float) -> None:
-        """One EMA step with the given momentum (already scheduled and scaled by the caller)."""
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
-        # lerp_(s, w) computes t + w * (s - t) = momentum * t + (1 - momentum) * s.
-        torch._foreach_lerp_(self._t_params, self._s_params, 1.0 - momentum)
-        if self.buffers == "copy":
-            for t_buf, s_buf in zip(self.teacher.buffers(), self.student.buffers()):
-                t_buf.copy_(s_buf)
+    def update(self, momenta: float | Sequence[float]) -> None:
+        """One EMA update of every teacher, ``momenta[i]`` for teacher ``i``."""
+        if isinstance(momenta, float | int):
+            momenta = [float(momenta)] * len(self.teachers)
+        if len(momenta) != len(self.teachers):
+            raise ValueError(f"got {len(momenta)} momenta for {len(self.teachers)} teachers")
+        for momentum, (t_params, t_float, t_other) in zip(momenta, self._teacher_tensors):
+            if not 0.0 <= momentum <= 1.0:
+                raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
+            self._lerp(t_params, self._student_params, 1.0 - momentum)
+            if self.buffers == "average":
+                self._lerp(t_float, self._float_buffers, 1.0 - momentum)
+            if self.buffers in ("average", "copy") and t_other:
+                torch._foreach_copy_(t_other, self._other_buffers)
+            if self.buffers == "copy" and t_float:
+                torch._foreach_copy_(t_float, self._float_buffers)
         self.num_updates += 1
 
-    def state_dict(self) -> dict[str, int]:
+    def state_dict(self) -> dict[str, Any]:
+        # Teacher weights live in their modules and are saved with them; the counter is ours.
         return {"num_updates": self.num_updates}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
         self.num_updates = int(state["num_updates"])
+
+
+@torch.no_grad()
+def recompute_batchnorm(model: nn.Module, batches: Iterable[Any], num_batches: int,
+                        device: torch.device | None = None,
+                        all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                        ) -> None:
+    """Re-estimate BatchNorm running statistics of ``model`` on ``num_batches`` batches.
+
+    An EMA of weights is a different network from any iterate, so neither the student's nor the
+    averaged statistics match it; recomputing them helps and rescues the slowest EMAs
+    (Morales-Brotons et al. 2024, Sec. 5). Uses torch's ``swa_utils.update_bn`` (a cumulative
+    average over the batches; the first tensor of each batch is the input). Under DDP each rank
+    sees its own shard: pass ``all_reduce_mean`` to combine, exactly for equal shard sizes,
+    mean = E[mean_r] and var = E[var_r + mean_r^2] - mean^2.
+    """
+    update_bn(itertools.islice(batches, num_batches), model, device)
+    if all_reduce_mean is None:
+        return
+    for bn in model.modules():
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.running_mean is not None:
+            assert bn.running_var is not None
+            mean = all_reduce_mean(bn.running_mean.clone())
+            second = all_reduce_mean(bn.running_var + bn.running_mean**2)
+            bn.running_mean.copy_(mean)
+            bn.running_var.copy_(second - mean**2)

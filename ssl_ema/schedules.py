@@ -8,6 +8,7 @@ Algorithm 1). The only schedule state a checkpoint needs is the samples-seen cou
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 
 def cosine(start: float, end: float, progress: float) -> float:
@@ -23,3 +24,16 @@ def warmup_cosine(peak: float, progress: float, warmup: float, end: float = 0.0)
     if warmup >= 1.0:
         return peak
     return cosine(peak, end, (progress - warmup) / (1.0 - warmup))
+
+
+def batch_at_epoch(epoch: int, batch_size: int, batch_schedule: Sequence[tuple[int, int]]) -> int:
+    """Effective batch during ``epoch``: ``batch_size`` until the first ``[epoch, batch]`` switch.
+
+    Progressive scaling (Busbridge et al. 2023, Alg. 1) switches at epoch boundaries, so an epoch
+    is one pass at one batch size and samples seen stays the measure of progress.
+    """
+    batch = batch_size
+    for start, b in batch_schedule:
+        if epoch >= start:
+            batch = b
+    return batch

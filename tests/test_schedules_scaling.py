@@ -3,9 +3,17 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
+from torch import nn
 
-from ssl_ema.scaling import kappa, scale_lr
-from ssl_ema.schedules import cosine, warmup_cosine
+from ssl_ema.scaling import (
+    ema_kappa,
+    kappa,
+    scale_batchnorm_momentum,
+    scale_momentum,
+    scale_optimizer,
+)
+from ssl_ema.schedules import batch_at_epoch, cosine, warmup_cosine
 
 
 def test_cosine_endpoints_and_midpoint() -> None:
@@ -22,13 +30,56 @@ def test_warmup_then_cosine() -> None:
     assert warmup_cosine(1.0, 1.0, warmup=0.1, end=0.1) == pytest.approx(0.1)
 
 
-def test_learning_rate_rules() -> None:
+def test_optimizer_rules() -> None:
     k = kappa(1024, 256)
     assert k == 4.0
-    assert scale_lr(0.1, "sgd", k).value == pytest.approx(0.4)
-    assert scale_lr(0.1, "lars", k).value == pytest.approx(0.4)
-    assert scale_lr(1e-3, "adamw", k).value == pytest.approx(2e-3)
-    assert scale_lr(0.1, "sgd", 0.5).value == pytest.approx(0.05)
-    assert math.isclose(scale_lr(1e-3, "adamw", 0.25).value, 5e-4)
+    assert scale_optimizer("sgd", k, lr=0.1).lr.value == pytest.approx(0.4)
+    assert scale_optimizer("lars", k, lr=0.1).lr.value == pytest.approx(0.4)
+    assert scale_optimizer("sgd", 0.5, lr=0.1).lr.value == pytest.approx(0.05)
+    # Adam square-root rule (Malladi et al. 2022): lr x sqrt(k), 1 - k(1 - beta), eps / sqrt(k).
+    adam = scale_optimizer("adamw", k, lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+    assert adam.lr.value == pytest.approx(2e-3)
+    assert adam.betas is not None and adam.eps is not None
+    assert (adam.betas[0].value, adam.betas[1].value) == pytest.approx((0.6, 0.996))
+    assert adam.eps.value == pytest.approx(5e-9)
+    assert adam.betas[0].base == 0.9 and adam.lr.base == 1e-3 and adam.lr.kappa == 4.0
+    assert math.isclose(scale_optimizer("adam", 0.25, lr=1e-3).lr.value, 5e-4)
+    # rule none: nothing moves; the optimizer rule scales lr like the EMA rule does.
+    none = scale_optimizer("adamw", k, lr=1e-3, rule="none")
+    assert none.lr.value == 1e-3 and none.betas is not None and none.betas[0].value == 0.9
+    assert scale_optimizer("sgd", k, lr=0.1, rule="optimizer").lr.value == pytest.approx(0.4)
     with pytest.raises(ValueError, match="valid: sgd"):
-        scale_lr(0.1, "rmsprop", 1.0)
+        scale_optimizer("rmsprop", 1.0, lr=0.1)
+    with pytest.raises(ValueError, match="beta1=0.9 at kappa=16"):
+        scale_optimizer("adamw", 16, lr=1e-3)  # 1 - 16 x 0.1 < 0
+
+
+def test_ema_rule() -> None:
+    assert scale_momentum(0.99, 4).value == pytest.approx(0.99**4)
+    assert scale_momentum(0.996, 0.5).value == pytest.approx(math.sqrt(0.996))
+    assert ema_kappa(4, "ema") == 4 and ema_kappa(4, "optimizer") == 1 and ema_kappa(4, "none") == 1
+    with pytest.raises(ValueError, match="must lie in"):
+        scale_momentum(1.2, 2)
+
+
+def test_batchnorm_momentum_follows_the_rule() -> None:
+    model = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2), nn.BatchNorm1d(2, momentum=None))
+    value = scale_batchnorm_momentum(model, 4)
+    assert value == pytest.approx(1 - 0.9**4)
+    assert model[1].momentum == pytest.approx(1 - 0.9**4) and model[2].momentum is None
+    # Equivalence on a constant batch statistic: one scaled step == kappa steps of the base.
+    x = torch.randn(64, 2)
+    one, many = nn.BatchNorm1d(2), nn.BatchNorm1d(2)
+    scale_batchnorm_momentum(one, 4)
+    one(x)
+    for _ in range(4):
+        many(x)
+    torch.testing.assert_close(one.running_mean, many.running_mean)
+    torch.testing.assert_close(one.running_var, many.running_var)
+
+
+def test_batch_schedule_by_epoch() -> None:
+    schedule = ((10, 512), (20, 1024))
+    assert [batch_at_epoch(e, 256, schedule) for e in (0, 9, 10, 19, 20, 99)] == \
+        [256, 256, 512, 512, 1024, 1024]
+    assert batch_at_epoch(5, 256, ()) == 256

@@ -19,6 +19,7 @@ TINY = ["data.image_size=8", "data.num_workers=0", "data.eval_subset=64",
         "method.prediction_hidden_dim=32", "optim.name=sgd", "optim.lr=0.05",
         "optim.warmup_epochs=0", "train.batch_size=16", "train.grad_accumulation=2",
         "train.epochs=1", "train.max_steps=3", "train.log_every=1", "eval.every_epochs=0",
+        "scaling.reference_batch=16",
         "eval.knn_k=5"]
 
 

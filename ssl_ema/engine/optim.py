@@ -29,6 +29,9 @@ def build_optimizer(module: nn.Module, cfg: OptimConfig, lr: float) -> torch.opt
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
     if cfg.name == "lars":
         return LARS(groups, lr=lr, momentum=cfg.momentum)
+    # Adam's betas and eps are set per batch size by `ScaledHyperparams.apply` (square-root rule).
+    if cfg.name == "adam":
+        return torch.optim.Adam(groups, lr=lr, betas=cfg.betas, eps=cfg.eps)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas)
-    raise ValueError(f"unknown optimizer '{cfg.name}'; valid: sgd, lars, adamw")
+        return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps)
+    raise ValueError(f"unknown optimizer '{cfg.name}'; valid: sgd, lars, adam, adamw")

@@ -1,9 +1,11 @@
 """The one training loop, for every method, on Hugging Face Accelerate.
 
-Per optimizer step: (micro-batches with gradient accumulation) -> optimizer step -> once:
-teacher momentum from the schedule (a function of samples seen) -> EMA update of the teacher on
-the unwrapped module -> metrics. kNN evaluation of teacher and student every few epochs, and a
-checkpoint every N steps and at the end.
+Per optimizer step: (micro-batches with gradient accumulation) -> optimizer step -> once
+(every ``ema.period`` steps): teacher momentum from the schedule (a function of samples seen),
+raised to kappa * period -> EMA update of the teacher and the EMA copies on the unwrapped modules
+-> metrics. Each epoch runs at the batch of ``train.batch_schedule`` with hyperparameters resolved
+for its kappa (progressive scaling, Busbridge et al. 2023, Alg. 1). kNN evaluation of teacher,
+student and EMA copies every few epochs, and a checkpoint every N steps and at the end.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +28,15 @@ from tqdm.auto import tqdm
 
 from ssl_ema.config import Config, ConfigError, dump_yaml
 from ssl_ema.data import DataBundle, build_data
-from ssl_ema.ema import EMA
+from ssl_ema.ema import EMA, recompute_batchnorm
 from ssl_ema.engine.checkpoint import save_checkpoint
 from ssl_ema.engine.optim import build_optimizer
+from ssl_ema.engine.scaled import ScaledHyperparams, resolve
 from ssl_ema.engine.tracking import MetricsLog, device_name, git_sha, versions
 from ssl_ema.eval.features import extract_features
 from ssl_ema.eval.knn import knn_accuracy
 from ssl_ema.methods import TeacherStudentMethod, build_method
-from ssl_ema.scaling import kappa, scale_lr
-from ssl_ema.schedules import warmup_cosine
+from ssl_ema.schedules import batch_at_epoch, warmup_cosine
 
 
 @dataclass
@@ -53,15 +56,16 @@ class TrainState:
         self.__dict__.update(state)
 
 
-def per_device_batch(cfg: Config, world_size: int) -> int:
-    """Split the effective batch over processes and accumulation; error if it does not divide."""
+def per_device_batch(cfg: Config, world_size: int, batch: int | None = None) -> int:
+    """Split an effective batch over processes and accumulation; error if it does not divide."""
+    batch = cfg.train.batch_size if batch is None else batch
     div = world_size * cfg.train.grad_accumulation
-    if cfg.train.batch_size % div:
+    if batch % div:
         raise ConfigError(
-            f"train.batch_size {cfg.train.batch_size} is not divisible by world size {world_size} "
+            f"effective batch {batch} is not divisible by world size {world_size} "
             f"x train.grad_accumulation {cfg.train.grad_accumulation}; pick a multiple of {div}"
         )
-    return cfg.train.batch_size // div
+    return batch // div
 
 
 class Trainer:
@@ -79,62 +83,85 @@ class Trainer:
             # `accelerate launch` sets OMP_NUM_THREADS=1; share this machine's cores instead.
             local = int(os.environ.get("LOCAL_WORLD_SIZE", self.accelerator.num_processes))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-        self.batch = per_device_batch(cfg, self.accelerator.num_processes)
+        world = self.accelerator.num_processes
+        self.batches = sorted({batch_at_epoch(e, cfg.train.batch_size, cfg.train.batch_schedule)
+                               for e in range(cfg.train.epochs)})
+        self.per_device = {b: per_device_batch(cfg, world, b) for b in self.batches}
         self.data: DataBundle = build_data(cfg)  # data errors surface before any model is built
         method = build_method(cfg, self.data.in_chans)
-        self.lr = scale_lr(cfg.optim.lr, cfg.optim.name,
-                           kappa(cfg.train.batch_size, cfg.optim.reference_batch))
-        optimizer = build_optimizer(method.student, cfg.optim, self.lr.value)
-        loaders = self._loaders()
-        self.method, self.optimizer, self.train_loader, self.bank_loader, self.query_loader = (
-            self.accelerator.prepare(method, optimizer, *loaders)
+        self.scaled: dict[int, ScaledHyperparams] = {b: resolve(cfg, b) for b in self.batches}
+        optimizer = build_optimizer(method.student, cfg.optim, self.hyper(0).optimizer.lr.value)
+        train_loaders, bank, query = self._loaders()
+        self.method, self.optimizer, self.bank_loader, self.query_loader, *loaders = (
+            self.accelerator.prepare(method, optimizer, bank, query, *train_loaders)
         )
+        self.train_loaders: dict[int, DataLoader] = dict(zip(self.batches, loaders))
         unwrapped: TeacherStudentMethod = self.accelerator.unwrap_model(self.method)
-        self.ema = EMA(unwrapped.teacher, unwrapped.student_for_ema())
+        self.ema = EMA(unwrapped.student_for_ema(), [unwrapped.teacher, *unwrapped.ema_copies],
+                       buffers=cfg.ema.buffers)
         self.state = TrainState()
         self.accelerator.register_for_checkpointing(self.state, self.ema)
         self.log = MetricsLog(run_dir / "metrics.jsonl", self.accelerator.is_main_process)
 
     # ----------------------------------------------------------------------------- set-up
-    def _loaders(self) -> tuple[DataLoader, DataLoader, DataLoader]:
+    def _loaders(self) -> tuple[list[DataLoader], DataLoader, DataLoader]:
         workers = self.cfg.data.num_workers
         common: dict[str, Any] = {"num_workers": workers, "persistent_workers": workers > 0,
                                   "pin_memory": torch.cuda.is_available()}
-        train = DataLoader(self.data.train, batch_size=self.batch, shuffle=True, drop_last=True,
-                           **common)
-        if len(train) == 0:
-            raise ConfigError(
-                f"train.batch_size {self.cfg.train.batch_size} exceeds the {len(self.data.train)} "  # type: ignore[arg-type]
-                "training images; lower it"
-            )
+        train = []
+        for b in self.batches:
+            loader = DataLoader(self.data.train, batch_size=self.per_device[b], shuffle=True,
+                                drop_last=True, **common)
+            if len(loader) == 0:
+                raise ConfigError(
+                    f"batch {b} exceeds the {len(self.data.train)} training images; lower it"  # type: ignore[arg-type]
+                )
+            train.append(loader)
         bank = DataLoader(self.data.train_eval, batch_size=256, **common)
         query = DataLoader(self.data.test_eval, batch_size=256, **common)
         return train, bank, query
 
-    @property
-    def samples_per_epoch(self) -> int:
-        return len(self.train_loader) * self.batch * self.accelerator.num_processes
+    def batch_size(self, epoch: int) -> int:
+        """Effective batch during ``epoch`` (``train.batch_schedule``)."""
+        cfg = self.cfg.train
+        return batch_at_epoch(min(epoch, cfg.epochs - 1), cfg.batch_size, cfg.batch_schedule)
 
-    @property
+    def hyper(self, epoch: int) -> ScaledHyperparams:
+        return self.scaled[self.batch_size(epoch)]
+
+    def train_loader(self, epoch: int) -> DataLoader:
+        return self.train_loaders[self.batch_size(epoch)]
+
+    def _epoch_samples(self, epoch: int) -> int:
+        b = self.batch_size(epoch)
+        return len(self.train_loaders[b]) * self.per_device[b] * self.accelerator.num_processes
+
+    @cached_property
     def total_samples(self) -> int:
-        return self.cfg.train.epochs * self.samples_per_epoch
+        return sum(self._epoch_samples(e) for e in range(self.cfg.train.epochs))
 
-    @property
+    @cached_property
     def total_steps(self) -> int:
-        per_epoch = math.ceil(len(self.train_loader) / self.cfg.train.grad_accumulation)
-        steps = self.cfg.train.epochs * per_epoch
+        acc = self.cfg.train.grad_accumulation
+        epochs = range(self.cfg.train.epochs)
+        steps = sum(math.ceil(len(self.train_loader(e)) / acc) for e in epochs)
         return min(steps, self.cfg.train.max_steps) if self.cfg.train.max_steps else steps
 
     def header(self) -> dict[str, Any]:
         acc, cfg = self.accelerator, self.cfg
         n_params = sum(p.numel() for p in acc.unwrap_model(self.method).student.parameters())
+        first = self.hyper(0)
         return {
             "git": git_sha(), "versions": versions(), "device": device_name(acc.device),
-            "world_size": acc.num_processes, "per_device_batch": self.batch,
+            "world_size": acc.num_processes, "per_device_batch": self.per_device[first.batch],
             "grad_accumulation": cfg.train.grad_accumulation,
-            "effective_batch": cfg.train.batch_size, "mixed_precision": cfg.train.mixed_precision,
-            "reference_batch": cfg.optim.reference_batch, "kappa": self.lr.kappa,
-            "lr": {"base": self.lr.base, "effective": self.lr.value, "rule": cfg.optim.name},
+            "effective_batch": first.batch, "mixed_precision": cfg.train.mixed_precision,
+            "reference_batch": cfg.scaling.reference_batch, "scaling_rule": cfg.scaling.rule,
+            "kappa": first.kappa, "optimizer": cfg.optim.name,
+            "scaled": [self.scaled[b].describe() for b in self.batches],
+            "batch_schedule": [list(x) for x in cfg.train.batch_schedule],
+            "ema": {"period": cfg.ema.period, "warmup": cfg.ema.warmup,
+                    "buffers": cfg.ema.buffers, "extra_momenta": list(cfg.ema.extra_momenta)},
             "student_parameters": n_params, "train_images": len(self.data.train),  # type: ignore[arg-type]
             "steps": self.total_steps, "samples": self.total_samples,
         }
@@ -145,14 +172,18 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
             (self.run_dir / "header.json").write_text(json.dumps(h, indent=2) + "\n")
-            print(
-                f"ssl_ema {h['git']} | torch {h['versions']['torch']} | {h['device']}\n"
-                f"batch: {h['world_size']} processes x {h['per_device_batch']} per device x "
-                f"{h['grad_accumulation']} accumulation = {h['effective_batch']} effective "
-                f"(reference {h['reference_batch']}, kappa {h['kappa']:g})\n"
-                f"{self.lr.describe()} ({self.cfg.optim.name})\n"
-                f"{h['steps']} optimizer steps, {h['samples']} samples | run dir: {self.run_dir}"
-            )
+            lines = [f"ssl_ema {h['git']} | torch {h['versions']['torch']} | {h['device']}"]
+            for b in self.batches:
+                s = self.scaled[b]
+                lines.append(
+                    f"batch: {h['world_size']} processes x {self.per_device[b]} per device x "
+                    f"{h['grad_accumulation']} accumulation = {b} effective (reference "
+                    f"{h['reference_batch']}, kappa {s.kappa:g}, rule {h['scaling_rule']}: "
+                    f"momentum ** {s.ema_exponent * s.period:g})")
+                lines.append("  " + "; ".join(s.optimizer.describe()) + f" ({h['optimizer']})")
+            lines.append(f"{h['steps']} optimizer steps, {h['samples']} samples | "
+                         f"run dir: {self.run_dir}")
+            print("\n".join(lines))
         self.log.write({"event": "header", **h})
 
     # ----------------------------------------------------------------------------- evaluation
@@ -160,9 +191,16 @@ class Trainer:
         """Weighted kNN top-1 of the teacher's and the student's backbone on held-out data."""
         model: TeacherStudentMethod = self.accelerator.unwrap_model(self.method)
         e, out = self.cfg.eval, {}
+        roles = [("teacher", model.teacher_backbone), ("student", model.student_backbone),
+                 *((f"ema_{m:g}", copy["backbone"])
+                   for m, copy in zip(self.cfg.ema.extra_momenta, model.ema_copies))]
+        batches = self.cfg.ema.recompute_bn_batches
+        for role, backbone in roles:
+            if batches and role != "student":  # EMA models: their own statistics (ema.py)
+                recompute_batchnorm(backbone, self.bank_loader, batches, self.accelerator.device,
+                                    lambda x: self.accelerator.reduce(x, "mean"))
         with self.accelerator.autocast():
-            for role, backbone in (("teacher", model.teacher_backbone),
-                                   ("student", model.student_backbone)):
+            for role, backbone in roles:
                 bank, bank_y = extract_features(backbone, self.bank_loader, self.accelerator)
                 query, query_y = extract_features(backbone, self.query_loader, self.accelerator)
                 out[f"knn_{role}"] = knn_accuracy(bank, bank_y, query, query_y,
@@ -176,27 +214,37 @@ class Trainer:
     # ----------------------------------------------------------------------------- training
     def _optimizer_step(self, micro_batches: int) -> dict[str, float]:
         """After gradients are synchronised: lr from the schedule, step, then the EMA update."""
-        cfg, st = self.cfg, self.state
+        cfg, st, hyper = self.cfg, self.state, self.hyper(self.state.epoch)
         progress = st.samples_seen / self.total_samples
         warmup = cfg.optim.warmup_epochs / cfg.train.epochs
-        lr = warmup_cosine(self.lr.value, progress, warmup, self.lr.value * cfg.optim.min_lr_ratio)
+        peak = hyper.optimizer.lr.value
+        lr = warmup_cosine(peak, progress, warmup, peak * cfg.optim.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        # Once per optimizer step, on the unwrapped teacher (all ranks hold the same student).
-        momentum = self.accelerator.unwrap_model(self.method).momentum(progress)
-        self.ema.update(momentum)
+        # Once per optimizer step (every `period`), on the unwrapped modules: all ranks hold the
+        # same student. Momenta are per step at the reference batch -> ** (kappa * period).
+        base = self.accelerator.unwrap_model(self.method).momentum(progress)
+        sched = {"lr": lr, "momentum_base": base}
+        if (st.step + 1) % cfg.ema.period == 0:
+            momenta = [hyper.update_momentum(m, st.samples_seen)
+                       for m in (base, *cfg.ema.extra_momenta)]
+            self.ema.update(momenta)
+            sched["momentum"] = momenta[0]
         st.step += 1
-        st.samples_seen += micro_batches * self.batch * self.accelerator.num_processes
-        return {"lr": lr, "momentum": momentum}
+        images = micro_batches * self.per_device[hyper.batch] * self.accelerator.num_processes
+        st.samples_seen += images
+        return {**sched, "batch": images}
 
     def _train_epoch(self, bar: tqdm) -> bool:
         """One pass over the data (resuming mid-epoch if needed); True if the epoch completed."""
         acc, st = self.accelerator, self.state
-        self.train_loader.set_epoch(st.epoch)
-        loader = acc.skip_first_batches(self.train_loader, st.batch_in_epoch) \
-            if st.batch_in_epoch else self.train_loader
+        epoch_loader = self.train_loader(st.epoch)
+        self.hyper(st.epoch).apply(self.optimizer, [acc.unwrap_model(self.method)])
+        epoch_loader.set_epoch(st.epoch)
+        loader = acc.skip_first_batches(epoch_loader, st.batch_in_epoch) \
+            if st.batch_in_epoch else epoch_loader
         micro, t0 = 0, time.perf_counter()
         for batch in loader:
             with acc.accumulate(self.method):
@@ -207,26 +255,25 @@ class Trainer:
                 if not acc.sync_gradients:
                     continue
                 sched = self._optimizer_step(micro)
-            if st.batch_in_epoch == len(self.train_loader):
+            if st.batch_in_epoch == len(epoch_loader):
                 st.epoch, st.batch_in_epoch = st.epoch + 1, 0
-            self._after_step(out, sched, micro, time.perf_counter() - t0, bar)
+            self._after_step(out, sched, time.perf_counter() - t0, bar)
             micro, t0 = 0, time.perf_counter()
             if st.step >= self.total_steps:
                 break
         return st.batch_in_epoch == 0
 
-    def _after_step(self, out: dict[str, torch.Tensor], sched: dict[str, float], micro: int,
-                    seconds: float, bar: tqdm) -> None:
+    def _after_step(self, out: dict[str, torch.Tensor], sched: dict[str, float], seconds: float,
+                    bar: tqdm) -> None:
         cfg, st = self.cfg, self.state
         bar.update(1)
         if st.step % cfg.train.log_every == 0 or st.step == self.total_steps:
             metrics = {k: v.item() for k, v in out.items()}  # host sync only when logging
-            images = micro * self.batch * self.accelerator.num_processes
             self.log.write({"event": "train", "step": st.step, "epoch": st.epoch,
                             "samples_seen": st.samples_seen, **metrics, **sched,
-                            "images_per_s": images / max(seconds, 1e-9)})
+                            "images_per_s": sched["batch"] / max(seconds, 1e-9)})
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{sched['lr']:.3g}",
-                            momentum=f"{sched['momentum']:.4f}", refresh=False)
+                            momentum=f"{sched['momentum_base']:.4f}", refresh=False)
         every = cfg.train.checkpoint_every
         if every and st.step % every == 0 and st.step < self.total_steps:
             save_checkpoint(self.accelerator, self.run_dir, st.step, cfg.train.keep_checkpoints)

@@ -17,21 +17,30 @@ from torch import nn
 class TeacherStudentMethod(nn.Module, ABC):
     """Base class: ``student`` is trained by gradients, ``teacher`` is an EMA of (part of) it.
 
-    ``build_modules`` is called twice, once per role; the teacher is then loaded from the student.
+    ``build_modules`` is called once per role; the teacher is then loaded from the student.
     Building instead of ``copy.deepcopy`` keeps weight-normed heads (DINO) intact.
+    ``ema_copies`` are further EMAs of the same student modules at fixed momenta, tracked in
+    parallel with the teacher (Morales-Brotons et al. 2024) and evaluated, never trained on.
     """
 
     student: nn.ModuleDict
     teacher: nn.ModuleDict
+    ema_copies: nn.ModuleList
 
-    def __init__(self, build_modules: Callable[[], dict[str, nn.Module]], teacher_keys: list[str]):
+    def __init__(self, build_modules: Callable[[], dict[str, nn.Module]], teacher_keys: list[str],
+                 num_ema_copies: int = 0):
         super().__init__()
         self.student = nn.ModuleDict(build_modules())
-        teacher = build_modules()
-        self.teacher = nn.ModuleDict({k: teacher[k] for k in teacher_keys})
-        for key in teacher_keys:
-            self.teacher[key].load_state_dict(self.student[key].state_dict())
-        self.teacher.requires_grad_(False)
+
+        def averaged_copy() -> nn.ModuleDict:
+            built = build_modules()
+            copy = nn.ModuleDict({k: built[k] for k in teacher_keys})
+            for key in teacher_keys:
+                copy[key].load_state_dict(self.student[key].state_dict())
+            return copy.requires_grad_(False)
+
+        self.teacher = averaged_copy()
+        self.ema_copies = nn.ModuleList(averaged_copy() for _ in range(num_ema_copies))
 
     def student_for_ema(self) -> nn.ModuleDict:
         """The student modules the teacher averages, in the teacher's key order."""

@@ -38,7 +38,8 @@ class BYOL(TeacherStudentMethod):
                 ),
             }
 
-        super().__init__(build, teacher_keys=["backbone", "projection"])
+        super().__init__(build, teacher_keys=["backbone", "projection"],
+                         num_ema_copies=len(cfg.ema.extra_momenta))
         self.momentum_start, self.momentum_end = m.momentum, m.momentum_end
         # -cos(p, z), averaged over the two directions as in lightly's CIFAR-10 benchmark, so its
         # learning rates carry over. BYOL's 2 - 2cos summed over directions has 4x the gradient.
