@@ -12,8 +12,9 @@ T steps with rho ** T keeps the averaging horizon in samples (peers that skip th
 the EMA Scaling Rule (Busbridge et al. 2023) is the same power for a batch kappa times larger.
 
 The update is ``torch._foreach_lerp_``: one fused multi-tensor kernel per teacher that reads the
-student and the teacher once and writes the teacher once, instead of one Python-level op per
-parameter (lightly's ``update_momentum``) or a mul_ + add_ pair (two passes, timm ModelEmaV2).
+student and the teacher once and writes the teacher once, instead of a foreach mul_ then add_
+(two passes over the teacher: lightly 1.6's ``update_momentum``) or a ``state_dict()`` rebuilt at
+every update (timm ModelEmaV3). Measured against both by ``tools/bench_ema.py``.
 Teachers may be kept in fp32 while the student is bf16/fp16; the student is upcast on the fly.
 
 Buffer policy (BatchNorm running statistics), chosen explicitly:
