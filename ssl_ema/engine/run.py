@@ -7,10 +7,12 @@ refuses a recipe that would change the training (a resumed run must be the same 
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
 import yaml
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
@@ -57,8 +59,18 @@ def _check_same_run(run_dir: Path, cfg: Config) -> None:
                           "resume with the same recipe, or start a new run")
 
 
+def cpu_processes() -> bool:
+    """True for several processes on a machine without CUDA (torchrun / accelerate launch).
+
+    Accelerate picks its multi-process CPU mode (gloo) only when asked with ``cpu=True``; without
+    it every process would silently train alone. The first `PartialState` fixes the mode, so
+    every state in the program is created with this flag.
+    """
+    return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def _new_run_dir(cfg: Config) -> Path:
-    state = PartialState()  # all processes must agree on one timestamp
+    state = PartialState(cpu=cpu_processes())  # all processes must agree on one timestamp
     stamp = [time.strftime("%Y%m%d-%H%M%S") if state.is_main_process else None]
     broadcast_object_list(stamp)
     return Path(cfg.run.output_dir) / (cfg.run.name or "run") / str(stamp[0])

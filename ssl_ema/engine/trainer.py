@@ -31,6 +31,7 @@ from ssl_ema.data import DataBundle, build_data
 from ssl_ema.ema import EMA, recompute_batchnorm
 from ssl_ema.engine.checkpoint import save_checkpoint
 from ssl_ema.engine.optim import build_optimizer
+from ssl_ema.engine.run import cpu_processes
 from ssl_ema.engine.scaled import ScaledHyperparams, resolve
 from ssl_ema.engine.tracking import MetricsLog, device_name, git_sha, versions
 from ssl_ema.eval.features import extract_features
@@ -74,6 +75,7 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, resume_from: Path | None = None):
         self.cfg, self.run_dir, self.resume_from = cfg, run_dir, resume_from
         self.accelerator = Accelerator(
+            cpu=cpu_processes(),
             mixed_precision=cfg.train.mixed_precision,
             gradient_accumulation_steps=cfg.train.grad_accumulation,
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
@@ -187,8 +189,21 @@ class Trainer:
         self.log.write({"event": "header", **h})
 
     # ----------------------------------------------------------------------------- evaluation
+    def _sync_buffers(self) -> None:
+        """Give every rank rank 0's BatchNorm statistics, as DDP does before each forward.
+
+        Each rank's last forward updated its statistics on its own shard (and teachers that
+        average buffers follow them); evaluation extracts features on every rank, so all ranks
+        must hold the same models.
+        """
+        if self.accelerator.num_processes == 1:
+            return
+        for buf in self.accelerator.unwrap_model(self.method).buffers():
+            torch.distributed.broadcast(buf, src=0)
+
     def evaluate(self) -> dict[str, float]:
         """Weighted kNN top-1 of the teacher's and the student's backbone on held-out data."""
+        self._sync_buffers()
         model: TeacherStudentMethod = self.accelerator.unwrap_model(self.method)
         e, out = self.cfg.eval, {}
         roles = [("teacher", model.teacher_backbone), ("student", model.student_backbone),

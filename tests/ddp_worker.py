@@ -1,0 +1,49 @@
+"""Run under torchrun by test_multiprocess.py: train briefly, then compare every rank's models.
+
+Writes ``<out>/ranks.json`` from rank 0: world size, counters, and the largest difference
+between ranks of per-tensor checksums of the student, the teacher and the EMA copies.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from ssl_ema.config import load_config
+from ssl_ema.engine.trainer import Trainer
+
+
+def checksums(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """(2 * tensors,) float64: sum and sum of squares of every tensor."""
+    rows = [t.detach().double() for t in tensors]
+    return torch.stack([f(t) for t in rows for f in (torch.sum, lambda x: (x * x).sum())])
+
+
+def main(out: Path, overrides: list[str]) -> None:
+    cfg = load_config(None, [f"run.output_dir={out}", *overrides])
+    trainer = Trainer(cfg, out / "run")
+    trainer.fit()
+    acc = trainer.accelerator
+    model = acc.unwrap_model(trainer.method)
+    modules = (model.student, model.teacher, *model.ema_copies)
+    params = checksums([p for m in modules for p in m.parameters()])
+    buffers = checksums([b for m in modules for b in m.buffers() if b.is_floating_point()])
+    every_p = acc.gather(params.to(acc.device)[None]).cpu()  # (world, n)
+    every_b = acc.gather(buffers.to(acc.device)[None]).cpu()
+    if acc.is_main_process:
+        result = {
+            "world_size": acc.num_processes,
+            "per_device_batch": trainer.per_device[cfg.train.batch_size],
+            "step": trainer.state.step, "samples_seen": trainer.state.samples_seen,
+            "ema_updates": trainer.ema.num_updates,
+            "parameter_rank_difference": (every_p - every_p[0]).abs().max().item(),
+            "buffer_rank_difference": (every_b - every_b[0]).abs().max().item(),
+        }
+        (out / "ranks.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2:])
