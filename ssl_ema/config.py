@@ -43,6 +43,7 @@ class DataConfig:
 class ModelConfig:
     backbone: str = "resnet18"  # any timm model name
     cifar_stem: bool = True  # ResNets: 3x3 stride-1 first conv, no max-pool (small images)
+    patch_size: int = 0  # ViTs: >0 overrides the model's patch size (e.g. 4 on 32 px images)
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,29 @@ class MethodConfig:
 
 
 @dataclass(frozen=True)
+class DINOConfig:
+    """DINO (Caron et al. 2021); defaults are the paper's ViT-S/16 ImageNet values."""
+
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    output_dim: int = 65536
+    head_batch_norm: bool = False  # BN in the head's MLP (DINO's use_bn_in_head)
+    norm_last_layer: bool = True  # weight-normalised last layer with fixed norm
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04  # linear warm-up from here to teacher_temp ...
+    warmup_teacher_temp_epochs: float = 30.0  # ... over these epochs (of samples)
+    # Centre EMA c <- m c + (1 - m) mean(teacher output), once per forward pass: an EMA, so
+    # its momentum is scaled like the teacher's (per forward, batch / accumulation samples).
+    center_momentum: float = 0.9
+    freeze_last_layer_epochs: float = 1.0  # no gradient to the last layer early on
+    local_views: int = 6  # multi-crop: 2 global views + this many local views
+    local_size: int = 96  # side of the local views (global views: data.image_size)
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.4)
+
+
+@dataclass(frozen=True)
 class OptimConfig:
     name: str = "lars"  # sgd | lars | adam | adamw
     lr: float = 0.2  # base learning rate at scaling.reference_batch
@@ -67,6 +91,8 @@ class OptimConfig:
     eps: float = 1.0e-8  # Adam/AdamW, at the reference batch
     warmup_epochs: float = 10.0
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
+    weight_decay_end: float | None = None  # cosine from weight_decay to this (DINO: 0.04 -> 0.4)
+    clip_grad_norm: float = 0.0  # >0: clip the student's gradient norm (DINO: 3.0)
 
 
 @dataclass(frozen=True)
@@ -122,6 +148,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
+    dino: DINOConfig = field(default_factory=DINOConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
@@ -133,7 +160,7 @@ class Config:
 # against timm's registry in `validate`.
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": ("digits", "cifar10", "cifar100", "imagefolder"),
-    "method.name": ("byol",),
+    "method.name": ("byol", "dino"),
     "optim.name": ("sgd", "lars", "adam", "adamw"),
 }
 
@@ -287,6 +314,11 @@ def validate(cfg: Config) -> None:
         "train.keep_checkpoints": cfg.train.keep_checkpoints,
         "train.log_every": cfg.train.log_every,
         "data.image_size": cfg.data.image_size,
+        "dino.output_dim": cfg.dino.output_dim,
+        "dino.local_size": cfg.dino.local_size,
+        "dino.student_temp": cfg.dino.student_temp,
+        "dino.teacher_temp": cfg.dino.teacher_temp,
+        "dino.warmup_teacher_temp": cfg.dino.warmup_teacher_temp,
         "scaling.reference_batch": cfg.scaling.reference_batch,
         "ema.period": cfg.ema.period,
         "eval.knn_k": cfg.eval.knn_k,
@@ -296,6 +328,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be positive, got {value}")
     momenta = {"method.momentum": cfg.method.momentum,
                "method.momentum_end": cfg.method.momentum_end,
+               "dino.center_momentum": cfg.dino.center_momentum,
                **{f"ema.extra_momenta[{i}]": m for i, m in enumerate(cfg.ema.extra_momenta)}}
     for key, value in momenta.items():
         if not 0.0 <= value <= 1.0:

@@ -89,6 +89,26 @@ def digits_split(seed: int = 0, test_fraction: float = 0.2) -> tuple[np.ndarray,
     )
 
 
+def _multicrop(cfg: Config) -> dict[str, Any]:
+    d = cfg.dino
+    return {"local_views": d.local_views, "local_size": d.local_size,
+            "global_scale": d.global_scale, "local_scale": d.local_scale}
+
+
+def _digits_train_views(cfg: Config, mean: float, std: float) -> views.Transform:
+    """The method's views: a BYOL pair, or DINO's multi-crop."""
+    if cfg.method.name == "dino":
+        return views.digits_multicrop(cfg.data.image_size, mean, std, **_multicrop(cfg))
+    return views.digits_views(cfg.data.image_size, mean, std)
+
+
+def _rgb_train_views(cfg: Config, mean: tuple[float, ...], std: tuple[float, ...]
+                     ) -> views.Transform:
+    if cfg.method.name == "dino":
+        return views.dino_rgb_views(cfg.data.image_size, mean, std, **_multicrop(cfg))
+    return views.byol_rgb_views(cfg.data.image_size, mean, std)
+
+
 def build_digits(cfg: Config) -> DataBundle:
     x_train, x_test, y_train, y_test = digits_split()
     mean, std = float(x_train.mean()), float(x_train.std())
@@ -100,7 +120,7 @@ def build_digits(cfg: Config) -> DataBundle:
     train = TensorImages(images(x_train), torch.from_numpy(y_train))
     test = TensorImages(images(x_test), torch.from_numpy(y_test))
     return DataBundle(
-        train=Transformed(train, views.digits_views(size, mean, std)),
+        train=Transformed(train, _digits_train_views(cfg, mean, std)),
         train_eval=Transformed(train, views.digits_eval(size, mean, std)),
         test_eval=Transformed(test, views.digits_eval(size, mean, std)),
         num_classes=10,
@@ -112,7 +132,7 @@ def _rgb_bundle(train: Any, test: Any, cfg: Config, mean: Sequence[float],
                 std: Sequence[float], num_classes: int) -> DataBundle:
     size, m, s = cfg.data.image_size, tuple(mean), tuple(std)
     return DataBundle(
-        train=Transformed(train, views.byol_rgb_views(size, m, s)),
+        train=Transformed(train, _rgb_train_views(cfg, m, s)),
         train_eval=Transformed(train, views.rgb_eval(size, m, s)),
         test_eval=Transformed(test, views.rgb_eval(size, m, s)),
         num_classes=num_classes,

@@ -4,6 +4,10 @@ RGB images use lightly's BYOL transforms (Grill et al. 2020, Table 6: asymmetric
 solarisation). On 32 px images blur is switched off, as in lightly's and solo-learn's CIFAR
 recipes: a blur kernel of 10% of 32 px destroys most of the signal.
 
+DINO uses multi-crop (Caron et al. 2021, Sec. 3.1 / Caron et al. 2020): two global views at
+``data.image_size`` and N local views at ``dino.local_size`` from smaller crops; RGB images use
+lightly's DINOTransform (blur off on small images, as above).
+
 The 8x8 grey digits get their own small set: resized crops, a small rotation and pixel noise.
 Colour jitter, grey-scaling and flips make no sense for them (a flipped 2 is not a 2).
 """
@@ -14,6 +18,7 @@ from collections.abc import Callable
 
 import torch
 from lightly.transforms.byol_transform import BYOLTransform, BYOLView1Transform, BYOLView2Transform
+from lightly.transforms.dino_transform import DINOTransform
 from torchvision import transforms as T
 from torchvision.transforms import v2
 
@@ -27,6 +32,16 @@ def byol_rgb_views(image_size: int, mean: tuple[float, ...], std: tuple[float, .
     v1 = BYOLView1Transform(**kw, **({} if blur is None else {"gaussian_blur": blur}))
     v2_ = BYOLView2Transform(**kw, **({} if blur is None else {"gaussian_blur": blur}))
     return BYOLTransform(view_1_transform=v1, view_2_transform=v2_)
+
+
+def dino_rgb_views(image_size: int, mean: tuple[float, ...], std: tuple[float, ...], *,
+                   local_views: int, local_size: int, global_scale: tuple[float, float],
+                   local_scale: tuple[float, float]) -> Transform:
+    """PIL image -> [global0, global1, local0, ...] with DINO's view distributions."""
+    blur = {"gaussian_blur": (0.0, 0.0, 0.0)} if image_size <= 64 else {}
+    return DINOTransform(global_crop_size=image_size, global_crop_scale=global_scale,
+                         local_crop_size=local_size, local_crop_scale=local_scale,
+                         n_local_views=local_views, normalize={"mean": mean, "std": std}, **blur)
 
 
 def rgb_eval(image_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Transform:
@@ -52,16 +67,38 @@ class AddNoise:
         return x + self.std * torch.randn_like(x)
 
 
-def digits_views(image_size: int, mean: float, std: float) -> Transform:
-    """(1, 8, 8) float tensor in [0, 1] -> two augmented (1, S, S) views."""
-    view = v2.Compose([
-        v2.Resize(image_size, antialias=True),
-        v2.RandomResizedCrop(image_size, scale=(0.5, 1.0), ratio=(0.75, 1.33), antialias=True),
+class MultiCrop:
+    """Two global views, then ``n_local`` local views of the same image."""
+
+    def __init__(self, global_view: Transform, local_view: Transform, n_local: int):
+        self.global_view, self.local_view, self.n_local = global_view, local_view, n_local
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        views = [self.global_view(x), self.global_view(x)]
+        return views + [self.local_view(x) for _ in range(self.n_local)]  # type: ignore[operator]
+
+
+def _digits_view(size: int, scale: tuple[float, float], mean: float, std: float) -> Transform:
+    return v2.Compose([
+        v2.Resize(size, antialias=True),
+        v2.RandomResizedCrop(size, scale=scale, ratio=(0.75, 1.33), antialias=True),
         v2.RandomAffine(degrees=15, shear=10),
         AddNoise(0.1),
         v2.Normalize([mean], [std]),
     ])
-    return TwoViews(view)
+
+
+def digits_views(image_size: int, mean: float, std: float) -> Transform:
+    """(1, 8, 8) float tensor in [0, 1] -> two augmented (1, S, S) views."""
+    return TwoViews(_digits_view(image_size, (0.5, 1.0), mean, std))
+
+
+def digits_multicrop(image_size: int, mean: float, std: float, *, local_views: int,
+                     local_size: int, global_scale: tuple[float, float],
+                     local_scale: tuple[float, float]) -> Transform:
+    """Digits multi-crop: two global (1, S, S) views and ``local_views`` (1, s, s) views."""
+    return MultiCrop(_digits_view(image_size, global_scale, mean, std),
+                     _digits_view(local_size, local_scale, mean, std), local_views)
 
 
 def digits_eval(image_size: int, mean: float, std: float) -> Transform:

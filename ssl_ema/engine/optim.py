@@ -18,8 +18,9 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, objec
     for p in module.parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    # "decay" marks the group whose weight decay follows optim.weight_decay_end's schedule.
+    return [{"params": decay, "weight_decay": weight_decay, "decay": True},
+            {"params": no_decay, "weight_decay": 0.0, "decay": False}]
 
 
 def build_optimizer(module: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:

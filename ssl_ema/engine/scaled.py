@@ -34,9 +34,11 @@ class ScaledHyperparams:
     period: int
     warmup: bool
     reference_batch: int
-    # BatchNorm statistics take one EMA step per forward, on batch / grad_accumulation samples
-    # (summed over processes): the exponent that keeps their horizon in samples (None: unscaled).
-    batchnorm_exponent: float | None
+    # EMAs that step once per forward pass (BatchNorm statistics, DINO's centre) see
+    # batch / grad_accumulation samples per step (over all processes); at the reference that is
+    # the reference batch. This exponent keeps their horizon in samples (1 unless rule "ema").
+    forward_exponent: float
+    scale_batchnorm: bool
 
     def update_momentum(self, momentum: float, samples_seen: int) -> float:
         """Per-step momentum at the reference batch -> momentum of one EMA update now."""
@@ -51,13 +53,14 @@ class ScaledHyperparams:
                 group["betas"] = (opt.betas[0].value, opt.betas[1].value)
             if opt.eps is not None and "eps" in group:
                 group["eps"] = opt.eps.value
-        if self.batchnorm_exponent is not None:
+        if self.scale_batchnorm:
             for module in modules:
-                scale_batchnorm_momentum(module, self.batchnorm_exponent, BATCHNORM_BASE_MOMENTUM)
+                scale_batchnorm_momentum(module, self.forward_exponent, BATCHNORM_BASE_MOMENTUM)
 
     def describe(self) -> dict[str, Any]:
         out: dict[str, Any] = {"batch": self.batch, "kappa": self.kappa,
-                               "ema_exponent": self.ema_exponent, "period": self.period}
+                               "ema_exponent": self.ema_exponent, "period": self.period,
+                               "forward_exponent": self.forward_exponent}
         for v in (self.optimizer.lr, *(self.optimizer.betas or ()),
                   *([self.optimizer.eps] if self.optimizer.eps else [])):
             out[v.name] = {"base": v.base, "effective": v.value}
@@ -73,6 +76,6 @@ def resolve(cfg: Config, batch: int) -> ScaledHyperparams:
         optimizer=scale_optimizer(o.name, k, o.lr, o.betas, o.eps, s.rule),
         ema_exponent=ema_kappa(k, s.rule), period=cfg.ema.period, warmup=cfg.ema.warmup,
         reference_batch=s.reference_batch,
-        batchnorm_exponent=k / cfg.train.grad_accumulation
-        if s.batchnorm and s.rule == "ema" else None,
+        forward_exponent=k / cfg.train.grad_accumulation if s.rule == "ema" else 1.0,
+        scale_batchnorm=s.batchnorm and s.rule == "ema",
     )

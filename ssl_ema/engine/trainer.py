@@ -37,7 +37,7 @@ from ssl_ema.engine.tracking import MetricsLog, device_name, git_sha, versions
 from ssl_ema.eval.features import extract_features
 from ssl_ema.eval.knn import knn_accuracy
 from ssl_ema.methods import TeacherStudentMethod, build_method
-from ssl_ema.schedules import batch_at_epoch, warmup_cosine
+from ssl_ema.schedules import batch_at_epoch, cosine, warmup_cosine
 
 
 @dataclass
@@ -227,21 +227,29 @@ class Trainer:
         return every > 0 and epoch_done % every == 0
 
     # ----------------------------------------------------------------------------- training
-    def _optimizer_step(self, micro_batches: int) -> dict[str, float]:
+    def _optimizer_step(self, micro_batches: int) -> dict[str, Any]:
         """After gradients are synchronised: lr from the schedule, step, then the EMA update."""
         cfg, st, hyper = self.cfg, self.state, self.hyper(self.state.epoch)
         progress = st.samples_seen / self.total_samples
         warmup = cfg.optim.warmup_epochs / cfg.train.epochs
         peak = hyper.optimizer.lr.value
         lr = warmup_cosine(peak, progress, warmup, peak * cfg.optim.min_lr_ratio)
+        wd = cfg.optim.weight_decay if cfg.optim.weight_decay_end is None else \
+            cosine(cfg.optim.weight_decay, cfg.optim.weight_decay_end, progress)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+            if group.get("decay", False):
+                group["weight_decay"] = wd
+        grad_norm = self._clip_gradients()
+        self.accelerator.unwrap_model(self.method).before_optimizer_step()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         # Once per optimizer step (every `period`), on the unwrapped modules: all ranks hold the
         # same student. Momenta are per step at the reference batch -> ** (kappa * period).
         base = self.accelerator.unwrap_model(self.method).momentum(progress)
-        sched = {"lr": lr, "momentum_base": base}
+        sched = {"lr": lr, "weight_decay": wd, "momentum_base": base}
+        if grad_norm is not None:
+            sched["grad_norm"] = grad_norm
         if (st.step + 1) % cfg.ema.period == 0:
             momenta = [hyper.update_momentum(m, st.samples_seen)
                        for m in (base, *cfg.ema.extra_momenta)]
@@ -252,6 +260,14 @@ class Trainer:
         st.samples_seen += images
         return {**sched, "batch": images}
 
+    def _clip_gradients(self) -> torch.Tensor | None:
+        """Clip the student's gradient norm (DINO, Caron et al. 2021); the norm before clipping."""
+        max_norm = self.cfg.optim.clip_grad_norm
+        if max_norm <= 0:
+            return None
+        student = self.accelerator.unwrap_model(self.method).student
+        return self.accelerator.clip_grad_norm_(student.parameters(), max_norm)
+
     def _train_epoch(self, bar: tqdm) -> bool:
         """One pass over the data (resuming mid-epoch if needed); True if the epoch completed."""
         acc, st = self.accelerator, self.state
@@ -261,8 +277,11 @@ class Trainer:
         loader = acc.skip_first_batches(epoch_loader, st.batch_in_epoch) \
             if st.batch_in_epoch else epoch_loader
         micro, t0 = 0, time.perf_counter()
+        unwrapped: TeacherStudentMethod = acc.unwrap_model(self.method)
+        forward_exponent = self.hyper(st.epoch).forward_exponent
         for batch in loader:
             with acc.accumulate(self.method):
+                unwrapped.prepare_step(st.samples_seen / self.total_samples, forward_exponent)
                 out = self.method(batch)
                 acc.backward(out["loss"])
                 micro += 1
@@ -278,12 +297,14 @@ class Trainer:
                 break
         return st.batch_in_epoch == 0
 
-    def _after_step(self, out: dict[str, torch.Tensor], sched: dict[str, float], seconds: float,
+    def _after_step(self, out: dict[str, torch.Tensor], sched: dict[str, Any], seconds: float,
                     bar: tqdm) -> None:
         cfg, st = self.cfg, self.state
         bar.update(1)
         if st.step % cfg.train.log_every == 0 or st.step == self.total_steps:
-            metrics = {k: v.item() for k, v in out.items()}  # host sync only when logging
+            metrics = {k: float(v.detach()) for k, v in out.items()}  # host sync only here
+            sched = {k: float(v.detach()) if torch.is_tensor(v) else float(v)
+                     for k, v in sched.items()}
             self.log.write({"event": "train", "step": st.step, "epoch": st.epoch,
                             "samples_seen": st.samples_seen, **metrics, **sched,
                             "images_per_s": sched["batch"] / max(seconds, 1e-9)})

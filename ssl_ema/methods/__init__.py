@@ -7,8 +7,9 @@ from collections.abc import Callable
 from ssl_ema.config import Config
 from ssl_ema.methods.base import TeacherStudentMethod
 from ssl_ema.methods.byol import BYOL
+from ssl_ema.methods.dino import DINO
 
-METHODS: dict[str, Callable[[Config, int], TeacherStudentMethod]] = {"byol": BYOL}
+METHODS: dict[str, Callable[[Config, int], TeacherStudentMethod]] = {"byol": BYOL, "dino": DINO}
 
 
 def build_method(cfg: Config, in_chans: int) -> TeacherStudentMethod:

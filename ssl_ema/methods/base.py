@@ -54,6 +54,14 @@ class TeacherStudentMethod(nn.Module, ABC):
     def teacher_backbone(self) -> nn.Module:
         return self.teacher["backbone"]
 
+    def prepare_step(self, progress: float, forward_exponent: float) -> None:
+        """Called before each forward: set progress-dependent state (temperatures, centre
+        momentum ** ``forward_exponent``, see `engine.scaled`). Default: nothing."""
+
+    def before_optimizer_step(self) -> None:
+        """Called after gradients are synchronised (and clipped), before the step: e.g. drop
+        gradients of frozen layers. Default: nothing."""
+
     @abstractmethod
     def momentum(self, progress: float) -> float:
         """Teacher momentum at training progress in [0, 1] (fraction of samples seen)."""

@@ -25,16 +25,25 @@ def apply_cifar_stem(model: nn.Module) -> None:
 
 
 def build_backbone(
-    name: str, *, in_chans: int = 3, image_size: int = 224, cifar_stem: bool = False
+    name: str, *, in_chans: int = 3, image_size: int = 224, cifar_stem: bool = False,
+    patch_size: int = 0,
 ) -> nn.Module:
     """A timm model without classifier (``num_classes=0``): ``forward(x) -> (B, num_features)``.
 
     Weights are random: SSL trains from scratch, and tests must not need the internet.
+    Transformers get the image size for their position embeddings, ``dynamic_img_size`` so that
+    multi-crop's smaller local views interpolate them (as DINO does), and ``patch_size`` if set.
     """
     kwargs: dict[str, object] = {"pretrained": False, "num_classes": 0, "in_chans": in_chans}
-    try:  # transformers need the image size for their position embeddings
-        model = timm.create_model(name, img_size=image_size, **kwargs)
+    vit: dict[str, object] = {"img_size": image_size, "dynamic_img_size": True,
+                              **({"patch_size": patch_size} if patch_size else {})}
+    try:
+        model = timm.create_model(name, **vit, **kwargs)
     except TypeError:
+        if patch_size:
+            raise ConfigError(
+                f"model.patch_size: '{name}' has no patch size; set it to 0"
+            ) from None
         model = timm.create_model(name, **kwargs)
     if cifar_stem:
         apply_cifar_stem(model)

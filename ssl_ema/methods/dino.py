@@ -1,0 +1,91 @@
+"""DINO (Caron et al., "Emerging Properties in Self-Supervised Vision Transformers", ICCV 2021).
+
+student: backbone -> DINO head (MLP, bottleneck, weight-normalised last layer); teacher: EMA of
+both, with momentum cosine 0.996 -> 1 (Sec. 3.1). The student's softmax (temperature 0.1) over
+all views regresses the teacher's centred, sharpened softmax (temperature warmed up 0.04 -> t)
+over the two global views, every pair but a view with itself (lightly's DINOLoss, which follows
+the official code). Multi-crop: global views are forwarded together, local views together.
+
+The centre c <- m c + (1 - m) mean(teacher outputs) is an EMA stepped once per forward pass: its
+momentum goes through the EMA Scaling Rule (``prepare_step``), like the teacher's.
+"""
+
+from __future__ import annotations
+
+import torch
+from lightly.loss import DINOLoss
+from lightly.models.modules import DINOProjectionHead
+from torch import nn
+
+from ssl_ema.config import Config
+from ssl_ema.methods.base import TeacherStudentMethod
+from ssl_ema.models.backbones import build_backbone
+from ssl_ema.schedules import cosine
+
+
+class DINO(TeacherStudentMethod):
+    def __init__(self, cfg: Config, in_chans: int):
+        d, m = cfg.dino, cfg.method
+
+        def build() -> dict[str, nn.Module]:
+            backbone = build_backbone(
+                cfg.model.backbone, in_chans=in_chans, image_size=cfg.data.image_size,
+                cifar_stem=cfg.model.cifar_stem, patch_size=cfg.model.patch_size,
+            )
+            head = DINOProjectionHead(backbone.num_features, d.hidden_dim, d.bottleneck_dim,
+                                      d.output_dim, batch_norm=d.head_batch_norm,
+                                      norm_last_layer=d.norm_last_layer)
+            return {"backbone": backbone, "head": head}
+
+        super().__init__(build, teacher_keys=["backbone", "head"],
+                         num_ema_copies=len(cfg.ema.extra_momenta))
+        self.momentum_start, self.momentum_end = m.momentum, m.momentum_end
+        self.warmup_teacher_temp, self.final_teacher_temp = d.warmup_teacher_temp, d.teacher_temp
+        # Warm-ups stated in epochs are fractions of the samples to be seen.
+        self.temp_warmup = min(d.warmup_teacher_temp_epochs / cfg.train.epochs, 1.0)
+        self.freeze_last_layer = d.freeze_last_layer_epochs / cfg.train.epochs
+        self.base_center_momentum = d.center_momentum
+        self.criterion = DINOLoss(output_dim=d.output_dim, teacher_temp=d.teacher_temp,
+                                  student_temp=d.student_temp, center_momentum=d.center_momentum)
+        self.progress, self.teacher_temp = 0.0, d.warmup_teacher_temp
+
+    def momentum(self, progress: float) -> float:
+        return cosine(self.momentum_start, self.momentum_end, progress)
+
+    def teacher_temperature(self, progress: float) -> float:
+        """Linear warm-up from warmup_teacher_temp to teacher_temp, then constant (Sec. 3.1)."""
+        if progress >= self.temp_warmup:
+            return self.final_teacher_temp
+        span = self.final_teacher_temp - self.warmup_teacher_temp
+        return self.warmup_teacher_temp + span * progress / self.temp_warmup
+
+    def prepare_step(self, progress: float, forward_exponent: float) -> None:
+        self.progress = progress
+        self.teacher_temp = self.teacher_temperature(progress)
+        # lightly's DINOLoss steps the centre inside forward with this attribute.
+        self.criterion.center_momentum = self.base_center_momentum**forward_exponent
+
+    def before_optimizer_step(self) -> None:
+        # Early on the last layer gets no update: it stabilises training (official code,
+        # cancel_gradients_last_layer).
+        if self.progress < self.freeze_last_layer:
+            for p in self.student["head"].last_layer.parameters():
+                p.grad = None
+
+    @staticmethod
+    def _forward(modules: nn.ModuleDict, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Views of one resolution in one pass: (V*B, C, H, W) -> V x (B, D)."""
+        out = modules["head"](modules["backbone"](torch.cat(views)))
+        return list(out.chunk(len(views)))
+
+    def forward(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        *views, _labels = batch
+        global_views, local_views = list(views[:2]), list(views[2:])
+        with torch.no_grad():
+            teacher_out = self._forward(self.teacher, global_views)  # 2 x (B, D)
+        student_out = self._forward(self.student, global_views)
+        if local_views:
+            student_out += self._forward(self.student, local_views)  # + N x (B, D)
+        loss = self.criterion(teacher_out, student_out, teacher_temp=self.teacher_temp)
+        return {"loss": loss, "teacher_temp": torch.tensor(self.teacher_temp),
+                "center_norm": self.criterion.center.norm()}
