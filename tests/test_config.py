@@ -89,3 +89,9 @@ def test_train_cli_exits_2_before_building_anything(tmp_path: Path, tools_env) -
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: model.backbone: unknown timm")
     assert not out.exists()  # nothing written
+
+
+@pytest.mark.parametrize("recipe", sorted((ROOT / "recipes").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_recipe_is_valid(recipe: Path) -> None:
+    cfg = load_config(recipe)
+    assert cfg.run.name == recipe.stem

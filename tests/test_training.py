@@ -111,9 +111,11 @@ def test_teacher_follows_momentum(tmp_path: Path) -> None:
         assert torch.equal(t, f)  # the teacher did not
 
 
-def test_resume_continues_the_same_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_resume_continues_the_same_run(tmp_path: Path, method: str) -> None:
     steps = ["train.max_steps=0", "train.epochs=2", "train.batch_size=256",
-             "train.grad_accumulation=1", "train.checkpoint_every=5"]
+             "train.grad_accumulation=1", "train.checkpoint_every=5", f"method.name={method}",
+             *METHOD_TINY[method]]
     full, _ = run(tmp_path / "full", *steps)  # 1437 // 256 = 5 steps per epoch -> 10 steps
     assert full.state.step == 10
     run_dir = tmp_path / "full" / "run"
@@ -126,3 +128,5 @@ def test_resume_continues_the_same_run(tmp_path: Path) -> None:
     b = full.accelerator.unwrap_model(full.method)
     for (name, pa), pb in zip(a.teacher.named_parameters(), b.teacher.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-4, atol=1e-5, msg=name)
+    for (name, ba), bb in zip(a.named_buffers(), b.buffers()):  # BN statistics, DINO's centre
+        torch.testing.assert_close(ba, bb, rtol=1e-4, atol=1e-5, msg=name)
