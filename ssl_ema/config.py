@@ -117,6 +117,9 @@ class EMAConfig:
     # (the paper's 0.968..0.998 every 16 steps are 0.99797..0.99987 per step).
     extra_momenta: tuple[float, ...] = ()
     recompute_bn_batches: int = 0  # >0: recompute EMA copies' BatchNorm stats before evaluation
+    # One compiled kernel for all teachers, reading the student once (ssl_ema/ema.py): for 2+
+    # teachers (extra_momenta); needs torch.compile (Triton on GPU, a C++ compiler on CPU).
+    fused: bool = False
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,12 @@ student and the teacher once and writes the teacher once, instead of a foreach m
 every update (timm ModelEmaV3). Measured against both by ``tools/bench_ema.py``.
 Teachers may be kept in fp32 while the student is bf16/fp16; the student is upcast on the fly.
 
+With several teachers, per-teacher kernels read the student once per teacher: 3K passes where
+1 + 2K suffice (1.36x the floor at K = 5). ``fused=True`` stores the teachers' parameters in flat
+buffers, copies the student into one flat staging buffer, and updates every teacher with one
+``torch.compile``d kernel that reads the student once: (3 + 2K) passes, 1.18x the floor at K = 5.
+It needs torch.compile (Triton on GPU, a C++ compiler on CPU) and pays a one-off compilation.
+
 Buffer policy (BatchNorm running statistics), chosen explicitly:
 - ``own``:     the teacher keeps the statistics its own forward passes accumulate (BYOL, lightly).
 - ``copy``:    the teacher's buffers are copied from the student at every update.
@@ -64,6 +70,49 @@ def update_momentum(momentum: float, *, kappa: float = 1.0, period: int = 1,
     return momentum ** (kappa * period)
 
 
+def _multi_lerp(student: torch.Tensor, teachers: list[torch.Tensor], weights: torch.Tensor) -> None:
+    # Compiled into one kernel: every teacher element reads the same student element once.
+    for i, teacher in enumerate(teachers):
+        teacher.lerp_(student, weights[i])
+
+
+def _flat_views(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    views, offset = [], 0
+    for t in like:
+        views.append(flat[offset:offset + t.numel()].view_as(t))
+        offset += t.numel()
+    return views
+
+
+class _FusedUpdate:
+    """Teachers' parameters re-homed into flat buffers; one compiled kernel updates them all."""
+
+    @torch.no_grad()
+    def __init__(self, student: list[torch.Tensor], teachers: list[list[torch.Tensor]]):
+        first = teachers[0][0]
+        if any(p.dtype != first.dtype or p.device != first.device
+               for params in teachers for p in params):
+            raise ValueError("fused EMA needs all teacher parameters on one device in one dtype")
+        n = sum(p.numel() for p in student)
+        self.student = student
+        # The student is copied (and upcast) into one staging buffer: 2 passes, then 1 read.
+        self.staging = torch.empty(n, dtype=first.dtype, device=first.device)
+        self.staging_views = _flat_views(self.staging, student)
+        self.flats = []
+        for params in teachers:
+            flat = torch.empty(n, dtype=first.dtype, device=first.device)
+            for view, p in zip(_flat_views(flat, params), params):
+                view.copy_(p)
+                p.data = view  # the module keeps its Parameter objects; storage is now flat
+            self.flats.append(flat)
+        self.kernel = torch.compile(_multi_lerp, fullgraph=True, dynamic=False)
+
+    def __call__(self, weights: Sequence[float]) -> None:
+        torch._foreach_copy_(self.staging_views, self.student)
+        w = torch.tensor(list(weights), dtype=self.staging.dtype, device=self.staging.device)
+        self.kernel(self.staging, self.flats, w)
+
+
 def _tensors(module: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     return list(module.parameters()), list(module.buffers())
 
@@ -84,7 +133,7 @@ class EMA:
     """
 
     def __init__(self, student: nn.Module, teachers: Sequence[nn.Module],
-                 buffers: BufferPolicy = "own"):
+                 buffers: BufferPolicy = "own", fused: bool = False):
         if buffers not in BUFFER_POLICIES:
             valid = ", ".join(BUFFER_POLICIES)
             raise ValueError(f"unknown buffer policy '{buffers}'; valid: {valid}")
@@ -105,6 +154,8 @@ class EMA:
                 [b for b in t_buffers if b.is_floating_point()],
                 [b for b in t_buffers if not b.is_floating_point()],
             ))
+        self._fused = _FusedUpdate(s_params, [tt[0] for tt in self._teacher_tensors]) \
+            if fused else None
         self.num_updates = 0
 
     @staticmethod
@@ -124,10 +175,13 @@ class EMA:
             momenta = [float(momenta)] * len(self.teachers)
         if len(momenta) != len(self.teachers):
             raise ValueError(f"got {len(momenta)} momenta for {len(self.teachers)} teachers")
+        if any(not 0.0 <= m <= 1.0 for m in momenta):
+            raise ValueError(f"momentum must lie in [0, 1], got {list(momenta)}")
+        if self._fused is not None:
+            self._fused([1.0 - m for m in momenta])
         for momentum, (t_params, t_float, t_other) in zip(momenta, self._teacher_tensors):
-            if not 0.0 <= momentum <= 1.0:
-                raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
-            self._lerp(t_params, self._student_params, 1.0 - momentum)
+            if self._fused is None:
+                self._lerp(t_params, self._student_params, 1.0 - momentum)
             if self.buffers == "average":
                 self._lerp(t_float, self._float_buffers, 1.0 - momentum)
             if self.buffers in ("average", "copy") and t_other:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from torch import nn
@@ -155,3 +157,27 @@ def test_recompute_batchnorm_matches_data_statistics() -> None:
     recompute_batchnorm(halves[0], iter(batches[:4]), 4, all_reduce_mean=all_reduce_mean)
     torch.testing.assert_close(halves[0][0].running_mean, x.mean(0), rtol=0, atol=1e-5)
     torch.testing.assert_close(halves[0][0].running_var, x.var(0), rtol=0.05, atol=0)
+
+
+@pytest.mark.skipif(shutil.which("cc") is None and shutil.which("gcc") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_fused_update_equals_per_teacher_updates() -> None:
+    momenta = [0.9, 0.99, 0.5]
+    student = net(0)
+    fused_teachers, plain_teachers = [net(1) for _ in momenta], [net(1) for _ in momenta]
+    fused = EMA(student, fused_teachers, buffers="average", fused=True)
+    plain = EMA(student, plain_teachers, buffers="average")
+    # The teachers' parameters now live in flat buffers; loading a state dict writes into them.
+    fused_teachers[2].load_state_dict(net(2).state_dict())
+    plain_teachers[2].load_state_dict(net(2).state_dict())
+    for step in range(3):
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(0.1 * (step + 1))
+        fused.update(momenta)
+        plain.update(momenta)
+    for a, b in zip(fused_teachers, plain_teachers):
+        for (name, pa), pb in zip(a.state_dict().items(), b.state_dict().values()):
+            torch.testing.assert_close(pa, pb, rtol=0, atol=1e-6, msg=name)
+    x = torch.randn(8, 4)
+    torch.testing.assert_close(fused_teachers[0].eval()(x), plain_teachers[0].eval()(x))

@@ -100,7 +100,7 @@ class Trainer:
         self.train_loaders: dict[int, DataLoader] = dict(zip(self.batches, loaders))
         unwrapped: TeacherStudentMethod = self.accelerator.unwrap_model(self.method)
         self.ema = EMA(unwrapped.student_for_ema(), [unwrapped.teacher, *unwrapped.ema_copies],
-                       buffers=cfg.ema.buffers)
+                       buffers=cfg.ema.buffers, fused=cfg.ema.fused)
         self.state = TrainState()
         self.accelerator.register_for_checkpointing(self.state, self.ema)
         self.log = MetricsLog(run_dir / "metrics.jsonl", self.accelerator.is_main_process)
