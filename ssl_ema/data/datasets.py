@@ -7,6 +7,7 @@ training, and plain train/test images for kNN evaluation. Missing data is a :cla
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +46,41 @@ class Transformed(Dataset):
         return out, label
 
 
+class SeededViews(Transformed):
+    """Training views whose randomness is a function of (seed, epoch, index) alone.
+
+    Each sample's augmentation runs under its own seed, so it does not depend on which process or
+    worker loads it, in what order, or whether the run was resumed mid-epoch (a loader that reads
+    one batch ahead, as Accelerate's does, would otherwise leave the checkpointed RNG stream one
+    batch off). This is what makes resume exact and a 2-process run see the same views as a
+    1-process run. The epoch lives in shared memory so that persistent workers see `set_epoch`.
+    """
+
+    def __init__(self, source: Any, transform: Callable[[Any], Any], seed: int):
+        super().__init__(source, transform)
+        self.seed = seed
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch[0] = epoch
+
+    def sample_seed(self, i: int) -> int:
+        return hash((self.seed, int(self._epoch[0]), i)) % 2**63  # hash of ints: deterministic
+
+    def __getitem__(self, i: int) -> tuple[Any, ...]:
+        seed = self.sample_seed(i)
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):  # torch's CPU generator, restored on exit
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            try:
+                return super().__getitem__(i)
+            finally:
+                random.setstate(py_state)
+                np.random.set_state(np_state)
+
+
 class TensorImages(Dataset):
     """In-memory images ``(N, C, H, W)`` float in [0, 1] with integer labels."""
 
@@ -60,7 +96,7 @@ class TensorImages(Dataset):
 
 @dataclass
 class DataBundle:
-    train: Dataset  # (view0, view1, label): what the method trains on
+    train: SeededViews  # (*views, label): what the method trains on
     train_eval: Dataset  # (x, label), un-augmented: the kNN memory bank
     test_eval: Dataset  # (x, label), un-augmented: held-out queries
     num_classes: int
@@ -120,7 +156,7 @@ def build_digits(cfg: Config) -> DataBundle:
     train = TensorImages(images(x_train), torch.from_numpy(y_train))
     test = TensorImages(images(x_test), torch.from_numpy(y_test))
     return DataBundle(
-        train=Transformed(train, _digits_train_views(cfg, mean, std)),
+        train=SeededViews(train, _digits_train_views(cfg, mean, std), cfg.run.seed),
         train_eval=Transformed(train, views.digits_eval(size, mean, std)),
         test_eval=Transformed(test, views.digits_eval(size, mean, std)),
         num_classes=10,
@@ -132,7 +168,7 @@ def _rgb_bundle(train: Any, test: Any, cfg: Config, mean: Sequence[float],
                 std: Sequence[float], num_classes: int) -> DataBundle:
     size, m, s = cfg.data.image_size, tuple(mean), tuple(std)
     return DataBundle(
-        train=Transformed(train, _rgb_train_views(cfg, m, s)),
+        train=SeededViews(train, _rgb_train_views(cfg, m, s), cfg.run.seed),
         train_eval=Transformed(train, views.rgb_eval(size, m, s)),
         test_eval=Transformed(test, views.rgb_eval(size, m, s)),
         num_classes=num_classes,

@@ -273,7 +273,8 @@ class Trainer:
         acc, st = self.accelerator, self.state
         epoch_loader = self.train_loader(st.epoch)
         self.hyper(st.epoch).apply(self.optimizer, [acc.unwrap_model(self.method)])
-        epoch_loader.set_epoch(st.epoch)
+        epoch_loader.set_epoch(st.epoch)  # data order: a function of (seed, epoch)
+        self.data.train.set_epoch(st.epoch)  # augmentations: of (seed, epoch, index)
         loader = acc.skip_first_batches(epoch_loader, st.batch_in_epoch) \
             if st.batch_in_epoch else epoch_loader
         micro, t0 = 0, time.perf_counter()
