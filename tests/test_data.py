@@ -68,3 +68,20 @@ def test_imagefolder_on_the_shared_cifar10_copy(tmp_path: Path) -> None:
     assert data.num_classes == 2 and data.in_chans == 3
     v0, v1, y = data.train[0]
     assert v0.shape == (3, 32, 32) and y == 0
+
+
+def test_training_views_are_a_function_of_seed_epoch_and_index() -> None:
+    data = build_data(load_config(None, ["data.image_size=16"]))
+    ds = data.train
+    torch.manual_seed(123)
+    first = ds[7]
+    torch.manual_seed(999)  # the global stream does not matter ...
+    torch.rand(10)
+    again = ds[7]
+    assert all(torch.equal(a, b) for a, b in zip(first[:-1], again[:-1]))
+    assert not torch.equal(first[0], first[1])  # ... the two views still differ
+    state = torch.get_rng_state()
+    ds[8]
+    assert torch.equal(state, torch.get_rng_state())  # and it is left untouched
+    ds.set_epoch(1)
+    assert not torch.equal(ds[7][0], first[0])  # a new epoch draws new views
