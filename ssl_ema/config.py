@@ -136,6 +136,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10  # optimizer steps
     max_steps: int = 0  # >0: stop after this many optimizer steps (smoke runs, benchmarks)
+    # A NaN/inf loss: "fail" stops (naming the step and the last good checkpoint) before anything
+    # is written; "skip" drops that optimizer step (no update, no EMA) and counts it.
+    nonfinite: Literal["fail", "skip"] = "fail"
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ import argparse
 import sys
 
 from ssl_ema.config import ConfigError
+from ssl_ema.engine.guard import NonFiniteLoss
 from ssl_ema.engine.run import prepare_run
 
 
@@ -39,7 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except NonFiniteLoss as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if trainer.accelerator.is_main_process:
         from ssl_ema.engine.report import knn_table
 

@@ -29,7 +29,8 @@ from tqdm.auto import tqdm
 from ssl_ema.config import Config, ConfigError, dump_yaml
 from ssl_ema.data import DataBundle, build_data
 from ssl_ema.ema import EMA, recompute_batchnorm
-from ssl_ema.engine.checkpoint import save_checkpoint
+from ssl_ema.engine.checkpoint import checkpoints, save_checkpoint
+from ssl_ema.engine.guard import NonFiniteGuard, NonFiniteLoss
 from ssl_ema.engine.optim import build_optimizer
 from ssl_ema.engine.run import cpu_processes
 from ssl_ema.engine.scaled import ScaledHyperparams, resolve
@@ -49,6 +50,7 @@ class TrainState:
     epoch: int = 0
     batch_in_epoch: int = 0  # micro-batches consumed in the current epoch
     knn_random: float = -1.0  # kNN accuracy of the randomly initialised backbone
+    skipped_steps: int = 0  # optimizer steps dropped for a non-finite loss (train.nonfinite)
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -104,6 +106,10 @@ class Trainer:
         self.state = TrainState()
         self.accelerator.register_for_checkpointing(self.state, self.ema)
         self.log = MetricsLog(run_dir / "metrics.jsonl", self.accelerator.is_main_process)
+        gather = self.accelerator.gather
+        self.guard = NonFiniteGuard(
+            (lambda x: gather(x[None]).min()) if self.accelerator.num_processes > 1 else None
+        )
 
     # ----------------------------------------------------------------------------- set-up
     def _loaders(self) -> tuple[list[DataLoader], DataLoader, DataLoader]:
@@ -260,6 +266,28 @@ class Trainer:
         st.samples_seen += images
         return {**sched, "batch": images}
 
+    def _nonfinite_step(self, micro_batches: int) -> dict[str, Any]:
+        """A NaN/inf loss in this optimizer step: stop cleanly, or drop the step (by config)."""
+        st = self.state
+        if self.cfg.train.nonfinite == "fail":
+            saved = checkpoints(self.run_dir)
+            where = f"resume from {saved[-1]}" if saved else "no checkpoint was written yet"
+            raise NonFiniteLoss(
+                f"non-finite loss at step {st.step + 1} (epoch {st.epoch}); nothing was written "
+                f"after it; {where} with a lower optim.lr, or set train.nonfinite=skip"
+            )
+        self.optimizer.zero_grad(set_to_none=True)  # no update, no EMA step
+        images = micro_batches * self.per_device[self.batch_size(st.epoch)] \
+            * self.accelerator.num_processes
+        progress = st.samples_seen / self.total_samples
+        st.step, st.samples_seen, st.skipped_steps = (st.step + 1, st.samples_seen + images,
+                                                      st.skipped_steps + 1)
+        self.log.write({"event": "skipped", "step": st.step, "epoch": st.epoch,
+                        "skipped_steps": st.skipped_steps})
+        momentum = self.accelerator.unwrap_model(self.method).momentum(progress)
+        return {"lr": self.optimizer.param_groups[0]["lr"], "momentum_base": momentum,
+                "batch": images}
+
     def _clip_gradients(self) -> torch.Tensor | None:
         """Clip the student's gradient norm (DINO, Caron et al. 2021); the norm before clipping."""
         max_norm = self.cfg.optim.clip_grad_norm
@@ -284,12 +312,16 @@ class Trainer:
             with acc.accumulate(self.method):
                 unwrapped.prepare_step(st.samples_seen / self.total_samples, forward_exponent)
                 out = self.method(batch)
+                self.guard.observe(out["loss"])
                 acc.backward(out["loss"])
                 micro += 1
                 st.batch_in_epoch += 1
                 if not acc.sync_gradients:
                     continue
-                sched = self._optimizer_step(micro)
+                if self.guard.all_finite():
+                    sched = self._optimizer_step(micro)
+                else:
+                    sched = self._nonfinite_step(micro)
             if st.batch_in_epoch == len(epoch_loader):
                 st.epoch, st.batch_in_epoch = st.epoch + 1, 0
             self._after_step(out, sched, time.perf_counter() - t0, bar)

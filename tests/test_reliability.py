@@ -1,0 +1,82 @@
+"""Failures must not lose work: non-finite losses, a process killed while saving."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from ssl_ema.config import load_config
+from ssl_ema.engine.checkpoint import checkpoints
+from ssl_ema.engine.guard import NonFiniteLoss
+from ssl_ema.engine.trainer import Trainer
+from ssl_ema.methods.byol import BYOL
+from tests.conftest import ROOT, python
+from tests.test_training import TINY, run
+
+STEPS = ["train.grad_accumulation=1", "train.max_steps=4", "train.checkpoint_every=1",
+         "train.keep_checkpoints=5"]
+
+
+@pytest.fixture
+def nan_on_third_forward(monkeypatch: pytest.MonkeyPatch) -> None:
+    forward, calls = BYOL.forward, [0]
+
+    def poisoned(self: BYOL, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
+        out = forward(self, batch)
+        calls[0] += 1
+        if calls[0] == 3:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(BYOL, "forward", poisoned)
+
+
+@pytest.mark.usefixtures("nan_on_third_forward")
+def test_nonfinite_loss_stops_before_writing(tmp_path: Path) -> None:
+    with pytest.raises(NonFiniteLoss, match=r"step 3 \(epoch 0\).*step_00000002"):
+        run(tmp_path, *STEPS)
+    run_dir = tmp_path / "run"
+    assert [c.name for c in checkpoints(run_dir)] == ["step_00000001", "step_00000002"]
+    assert not (run_dir / "results.json").exists()
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["event"] == "train"] == [1, 2]
+
+
+@pytest.mark.usefixtures("nan_on_third_forward")
+def test_nonfinite_loss_skips_the_step_when_asked(tmp_path: Path) -> None:
+    trainer, _ = run(tmp_path, *STEPS, "train.nonfinite=skip")
+    assert (trainer.state.step, trainer.state.skipped_steps, trainer.ema.num_updates) == (4, 1, 3)
+    model = trainer.accelerator.unwrap_model(trainer.method)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_kill_during_save_keeps_the_previous_checkpoint(
+    tmp_path: Path, tools_env: dict[str, str]
+) -> None:
+    cmd = [python(), str(ROOT / "tests" / "kill_worker.py"), str(tmp_path), *TINY, *STEPS]
+    proc = subprocess.Popen(cmd, env=tools_env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "saving").exists():
+            assert proc.poll() is None, "the worker exited before its second save"
+            assert time.monotonic() < deadline, "the worker never reached its second save"
+            time.sleep(0.2)
+    finally:
+        proc.kill()  # SIGKILL: no handler, no cleanup, mid-save
+        proc.wait()
+    run_dir = tmp_path / "run"
+    assert (run_dir / "checkpoints" / ".tmp-step_00000002").is_dir()  # the interrupted save
+    assert [c.name for c in checkpoints(run_dir)] == ["step_00000001"]  # ignored
+    # The previous checkpoint loads and the run finishes from it.
+    cfg = load_config(None, [f"run.output_dir={tmp_path}", *TINY, *STEPS])
+    resumed = Trainer(cfg, run_dir, checkpoints(run_dir)[0])
+    resumed.fit()
+    assert resumed.state.step == 4
+    assert [c.name for c in checkpoints(run_dir)][-1] == "step_00000004"
+    assert not (run_dir / "checkpoints" / ".tmp-step_00000002").exists()  # replaced on re-save
