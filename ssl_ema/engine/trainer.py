@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from ssl_ema.config import Config, ConfigError, dump_yaml
 from ssl_ema.data import DataBundle, build_data
 from ssl_ema.ema import EMA, recompute_batchnorm
-from ssl_ema.engine.checkpoint import checkpoints, save_checkpoint
+from ssl_ema.engine.checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from ssl_ema.engine.guard import NonFiniteGuard, NonFiniteLoss
 from ssl_ema.engine.optim import build_optimizer
 from ssl_ema.engine.run import cpu_processes
@@ -104,7 +104,6 @@ class Trainer:
         self.ema = EMA(unwrapped.student_for_ema(), [unwrapped.teacher, *unwrapped.ema_copies],
                        buffers=cfg.ema.buffers, fused=cfg.ema.fused)
         self.state = TrainState()
-        self.accelerator.register_for_checkpointing(self.state, self.ema)
         self.log = MetricsLog(run_dir / "metrics.jsonl", self.accelerator.is_main_process)
         gather = self.accelerator.gather
         self.guard = NonFiniteGuard(
@@ -345,7 +344,12 @@ class Trainer:
                             momentum=f"{sched['momentum_base']:.4f}", refresh=False)
         every = cfg.train.checkpoint_every
         if every and st.step % every == 0 and st.step < self.total_steps:
-            save_checkpoint(self.accelerator, self.run_dir, st.step, cfg.train.keep_checkpoints)
+            self._save()
+
+    def _save(self) -> None:
+        save_checkpoint(self.accelerator, self.run_dir, self.state.step,
+                        self.cfg.train.keep_checkpoints,
+                        {"train": self.state.state_dict(), "ema": self.ema.state_dict()})
 
     def _log_eval(self) -> dict[str, float]:
         result = self.evaluate()
@@ -358,7 +362,9 @@ class Trainer:
         """Train to the end (or max_steps), evaluate, checkpoint; return the final metrics."""
         acc, st = self.accelerator, self.state
         if self.resume_from is not None:
-            acc.load_state(str(self.resume_from))
+            counters = load_checkpoint(acc, self.resume_from)
+            st.load_state_dict(counters["train"])
+            self.ema.load_state_dict(counters["ema"])
         self._write_header()
         if st.step == 0 and st.knn_random < 0:
             st.knn_random = self._log_eval()["knn_student"]  # student == teacher == random init
@@ -373,7 +379,7 @@ class Trainer:
                 self._log_eval()
         bar.close()
         result = self._log_eval()  # the final evaluation, always
-        save_checkpoint(acc, self.run_dir, st.step, self.cfg.train.keep_checkpoints)
+        self._save()
         final = {"knn_random": st.knn_random, **result, "step": st.step,
                  "samples_seen": st.samples_seen}
         if acc.is_main_process:
