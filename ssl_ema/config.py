@@ -37,6 +37,10 @@ class DataConfig:
     image_size: int = 32  # side of the training views
     num_workers: int = 4
     eval_subset: int = 0  # >0: use only this many train/test images for kNN (fast checks)
+    # imagefolder: files that are not readable images (checked at start-up, before any work;
+    # ~6 s for CIFAR-10's 60k files): "fail" names the first one and stops; "skip" leaves them
+    # out and reports how many; "trust" does not check (huge folders known to be clean).
+    corrupt: Literal["fail", "skip", "trust"] = "fail"
 
 
 @dataclass(frozen=True)

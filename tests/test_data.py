@@ -85,3 +85,34 @@ def test_training_views_are_a_function_of_seed_epoch_and_index() -> None:
     assert torch.equal(state, torch.get_rng_state())  # and it is left untouched
     ds.set_epoch(1)
     assert not torch.equal(ds[7][0], first[0])  # a new epoch draws new views
+
+
+def tiny_imagefolder(root: Path) -> Path:
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c, colour in enumerate(("red", "blue")):
+            folder = root / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (8, 8), colour).save(folder / f"{i}.png")
+    (root / "train" / "class1" / "broken.png").write_bytes(b"not an image at all")
+    return root
+
+
+def test_unreadable_image_fails_or_is_skipped(tmp_path: Path) -> None:
+    root = tiny_imagefolder(tmp_path / "imgs")
+    base = ["data.dataset=imagefolder", f"data.root={root}", "data.image_size=8"]
+    with pytest.raises(DataError, match=r"broken.png' is not a readable image \(1 such files\)"
+                                        r".*data.corrupt=skip"):
+        build_data(load_config(None, base))
+    data = build_data(load_config(None, [*base, "data.corrupt=skip"]))
+    assert data.skipped_files == 1 and len(data.train) == 6 and len(data.test_eval) == 6
+    assert len(data.train[5]) == 3  # two views and a label: the survivors still load
+
+
+def test_empty_data_root_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    (tmp_path / "empty" / "test").mkdir()
+    with pytest.raises(DataError, match="no images found under"):
+        build_data(load_config(None, ["data.dataset=imagefolder", f"data.root={tmp_path}/empty"]))

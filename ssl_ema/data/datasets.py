@@ -101,6 +101,35 @@ class DataBundle:
     test_eval: Dataset  # (x, label), un-augmented: held-out queries
     num_classes: int
     in_chans: int
+    skipped_files: int = 0  # unreadable images left out (data.corrupt=skip)
+
+
+def _unreadable(paths: Sequence[str]) -> list[str]:
+    """Files PIL cannot identify or whose header does not verify (no full decode: fast)."""
+    from PIL import Image, UnidentifiedImageError
+
+    bad = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image.verify()
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+            bad.append(path)
+    return bad
+
+
+def _drop_unreadable(folder: Any, policy: str) -> int:
+    """Check every file of an ImageFolder; fail on the first bad one or drop them all."""
+    if policy == "trust":
+        return 0
+    bad = set(_unreadable([path for path, _ in folder.samples]))
+    if bad and policy == "fail":
+        first = sorted(bad)[0]
+        raise DataError(f"'{first}' is not a readable image ({len(bad)} such files); remove "
+                        "them or set data.corrupt=skip to leave them out")
+    folder.samples = [s for s in folder.samples if s[0] not in bad]
+    folder.imgs, folder.targets = folder.samples, [y for _, y in folder.samples]
+    return len(bad)
 
 
 def _subset(ds: Dataset, n: int, seed: int) -> Dataset:
@@ -212,6 +241,7 @@ def build_imagefolder(cfg: Config) -> DataBundle:
             splits[split] = ImageFolder(str(folder))
         except (FileNotFoundError, RuntimeError) as e:
             raise DataError(f"no images found under '{folder}': {str(e).splitlines()[0]}") from e
+    skipped = sum(_drop_unreadable(splits[s], cfg.data.corrupt) for s in ("train", "test"))
     if splits["train"].classes != splits["test"].classes:
         raise DataError(f"class folders of '{root}/train' and '{root}/test' differ; "
                         "they must match")
@@ -219,8 +249,10 @@ def build_imagefolder(cfg: Config) -> DataBundle:
         mean, std = CIFAR10_MEAN, CIFAR10_STD
     else:
         mean, std = IMAGENET_MEAN, IMAGENET_STD
-    return _rgb_bundle(splits["train"], splits["test"], cfg, mean, std,
-                       len(splits["train"].classes))
+    bundle = _rgb_bundle(splits["train"], splits["test"], cfg, mean, std,
+                         len(splits["train"].classes))
+    bundle.skipped_files = skipped
+    return bundle
 
 
 BUILDERS: dict[str, Callable[[Config], DataBundle]] = {

@@ -170,6 +170,7 @@ class Trainer:
             "ema": {"period": cfg.ema.period, "warmup": cfg.ema.warmup,
                     "buffers": cfg.ema.buffers, "extra_momenta": list(cfg.ema.extra_momenta)},
             "student_parameters": n_params, "train_images": len(self.data.train),  # type: ignore[arg-type]
+            "skipped_unreadable_files": self.data.skipped_files,
             "steps": self.total_steps, "samples": self.total_samples,
         }
 
@@ -188,6 +189,9 @@ class Trainer:
                     f"{h['reference_batch']}, kappa {s.kappa:g}, rule {h['scaling_rule']}: "
                     f"momentum ** {s.ema_exponent * s.period:g})")
                 lines.append("  " + "; ".join(s.optimizer.describe()) + f" ({h['optimizer']})")
+            if self.data.skipped_files:
+                lines.append(f"left out {self.data.skipped_files} unreadable image files "
+                             "(data.corrupt=skip)")
             lines.append(f"{h['steps']} optimizer steps, {h['samples']} samples | "
                          f"run dir: {self.run_dir}")
             print("\n".join(lines))
