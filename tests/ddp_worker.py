@@ -19,7 +19,8 @@ from ssl_ema.engine.trainer import Trainer
 def checksums(tensors: list[torch.Tensor]) -> torch.Tensor:
     """(2 * tensors,) float64: sum and sum of squares of every tensor."""
     rows = [t.detach().double() for t in tensors]
-    return torch.stack([f(t) for t in rows for f in (torch.sum, lambda x: (x * x).sum())])
+    sums = [f(t) for t in rows for f in (torch.sum, lambda x: (x * x).sum())]
+    return torch.stack(sums) if sums else torch.zeros(1, dtype=torch.float64)
 
 
 def main(out: Path, overrides: list[str]) -> None:
@@ -43,6 +44,9 @@ def main(out: Path, overrides: list[str]) -> None:
             "buffer_rank_difference": (every_b - every_b[0]).abs().max().item(),
         }
         (out / "ranks.json").write_text(json.dumps(result))
+        for role in ("teacher", "student"):
+            state = getattr(model, role).state_dict()
+            torch.save({k: v.cpu() for k, v in state.items()}, out / f"{role}.pt")
 
 
 if __name__ == "__main__":

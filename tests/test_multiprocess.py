@@ -8,9 +8,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import ROOT, python
-from tests.test_training import TINY
+from tests.test_training import TINY, run
 
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
@@ -30,3 +31,35 @@ def test_two_processes_train_one_model(tmp_path: Path, tools_env: dict[str, str]
     # recomputed statistics all-reduced) before evaluation: the ranks stay bit-identical.
     assert r["parameter_rank_difference"] == 0.0
     assert r["buffer_rank_difference"] == 0.0
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_two_processes_match_one_process(tmp_path: Path, tools_env: dict[str, str]) -> None:
+    """Same global batch on 1 or 2 processes -> the same teacher, within float tolerance.
+
+    A BatchNorm-free model (ViT + DINO head without BN), since BatchNorm statistics are per
+    process by design; DINO's centre is all-reduced. Views are seeded per sample, so both runs
+    see the same augmentations, and Accelerate hands rank r the r-th per-device slice of the same
+    global order.
+    """
+    overrides = [*TINY, "method.name=dino", "model.backbone=vit_tiny_patch16_224",
+                 "model.patch_size=4", "model.cifar_stem=false", "dino.output_dim=64",
+                 "dino.hidden_dim=32", "dino.bottleneck_dim=16", "dino.local_views=2",
+                 "dino.local_size=4", "train.max_steps=3"]
+    cmd = [python(), "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path / "two"), *overrides]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=tools_env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "ranks.json").read_text())["world_size"] == 2
+    one_trainer, _ = run(tmp_path / "one", *overrides)
+    model = one_trainer.accelerator.unwrap_model(one_trainer.method)
+    for role in ("student", "teacher"):
+        one = getattr(model, role).state_dict()
+        two = torch.load(tmp_path / "two" / f"{role}.pt", weights_only=True)
+        assert one.keys() == two.keys()
+        for name, value in one.items():
+            torch.testing.assert_close(value, two[name], rtol=1e-4, atol=1e-5, msg=name)
+    # Not trivially equal: three steps moved the student away from the teacher.
+    s, t = model.student["backbone"].state_dict(), model.teacher["backbone"].state_dict()
+    assert max((s[k] - t[k]).abs().max().item() for k in s) > 1e-3
