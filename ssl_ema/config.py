@@ -143,6 +143,8 @@ class TrainConfig:
     # A NaN/inf loss: "fail" stops (naming the step and the last good checkpoint) before anything
     # is written; "skip" drops that optimizer step (no update, no EMA) and counts it.
     nonfinite: Literal["fail", "skip"] = "fail"
+    # Several GPUs: BatchNorm statistics over the global batch (student and teachers).
+    sync_batchnorm: bool = False
 
 
 @dataclass(frozen=True)

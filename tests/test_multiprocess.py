@@ -16,7 +16,9 @@ from tests.test_training import TINY, run
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_two_processes_train_one_model(tmp_path: Path, tools_env: dict[str, str]) -> None:
-    overrides = [*TINY, "train.batch_size=32", "train.max_steps=4", "ema.extra_momenta=[0.9]",
+    # Progressive scaling too: batch 256 in epoch 0, 512 in epoch 1.
+    overrides = [*TINY, "train.batch_size=256", "train.max_steps=0", "train.epochs=2",
+                 "train.batch_schedule=[[1, 512]]", "ema.extra_momenta=[0.9]",
                  "ema.buffers=average", "ema.period=2", "ema.recompute_bn_batches=1"]
     cmd = [python(), "-m", "torch.distributed.run", "--nproc_per_node", "2",
            str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path), *overrides]
@@ -24,9 +26,12 @@ def test_two_processes_train_one_model(tmp_path: Path, tools_env: dict[str, str]
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.loads((tmp_path / "ranks.json").read_text())
-    # 2 processes x 8 per device x 2 accumulation = 32: the effective batch is kept.
-    assert (r["world_size"], r["per_device_batch"]) == (2, 8)
-    assert (r["step"], r["samples_seen"], r["ema_updates"]) == (4, 4 * 32, 2)
+    # 2 processes x 64 per device x 2 accumulation = 256: the effective batch is kept.
+    assert (r["world_size"], r["per_device_batch"]) == (2, 64)
+    # 1437 images: epoch 0 is 11 micro-batches of 128 (6 steps, the last one a single micro-
+    # batch: Accelerate syncs at the end of the data), epoch 1 is 5 of 256 (3 steps), exactly
+    # as in one process; the EMA every 2nd step.
+    assert (r["step"], r["samples_seen"], r["ema_updates"]) == (9, 11 * 128 + 5 * 256, 4)
     # The EMA runs on each rank's unwrapped modules, BatchNorm statistics are synchronised (and
     # recomputed statistics all-reduced) before evaluation: the ranks stay bit-identical.
     assert r["parameter_rank_difference"] == 0.0

@@ -93,6 +93,11 @@ class Trainer:
         self.per_device = {b: per_device_batch(cfg, world, b) for b in self.batches}
         self.data: DataBundle = build_data(cfg)  # data errors surface before any model is built
         method = build_method(cfg, self.data.in_chans)
+        if cfg.train.sync_batchnorm and world > 1:
+            if self.accelerator.device.type != "cuda":
+                raise ConfigError("train.sync_batchnorm needs CUDA devices (NCCL); set it to "
+                                  "false on CPU")
+            method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
         self.scaled: dict[int, ScaledHyperparams] = {b: resolve(cfg, b) for b in self.batches}
         optimizer = build_optimizer(method.student, cfg.optim, self.hyper(0).optimizer.lr.value)
         train_loaders, bank, query = self._loaders()
