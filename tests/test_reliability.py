@@ -80,3 +80,21 @@ def test_kill_during_save_keeps_the_previous_checkpoint(
     assert resumed.state.step == 4
     assert [c.name for c in checkpoints(run_dir)][-1] == "step_00000004"
     assert not (run_dir / "checkpoints" / ".tmp-step_00000002").exists()  # replaced on re-save
+
+
+def test_resume_with_another_recipe_is_refused_untouched(
+    tmp_path: Path, tools_env: dict[str, str]
+) -> None:
+    run(tmp_path, *STEPS)
+    run_dir = tmp_path / "run"
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    train = [python(), str(ROOT / "tools" / "train.py")]
+    for args, message in [
+        (["--resume", str(run_dir), "optim.lr=0.1"], "the recipe differs from the run's config"),
+        (["--resume", str(tmp_path / "nowhere")], "no checkpoint under"),
+    ]:
+        proc = subprocess.run([*train, *args], env=tools_env, capture_output=True, text=True)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before  # nothing written
