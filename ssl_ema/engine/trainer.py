@@ -28,15 +28,14 @@ from tqdm.auto import tqdm
 
 from ssl_ema.config import Config, ConfigError, dump_yaml
 from ssl_ema.data import DataBundle, build_data
-from ssl_ema.ema import EMA, recompute_batchnorm
+from ssl_ema.ema import EMA
 from ssl_ema.engine.checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from ssl_ema.engine.guard import NonFiniteGuard, NonFiniteLoss
 from ssl_ema.engine.optim import build_optimizer
 from ssl_ema.engine.run import cpu_processes
 from ssl_ema.engine.scaled import ScaledHyperparams, resolve
 from ssl_ema.engine.tracking import MetricsLog, device_name, git_sha, versions
-from ssl_ema.eval.features import extract_features
-from ssl_ema.eval.knn import knn_accuracy
+from ssl_ema.eval.teacher_student import knn_evaluate
 from ssl_ema.methods import TeacherStudentMethod, build_method
 from ssl_ema.schedules import batch_at_epoch, cosine, warmup_cosine
 
@@ -203,38 +202,11 @@ class Trainer:
         self.log.write({"event": "header", **h})
 
     # ----------------------------------------------------------------------------- evaluation
-    def _sync_buffers(self) -> None:
-        """Give every rank rank 0's BatchNorm statistics, as DDP does before each forward.
-
-        Each rank's last forward updated its statistics on its own shard (and teachers that
-        average buffers follow them); evaluation extracts features on every rank, so all ranks
-        must hold the same models.
-        """
-        if self.accelerator.num_processes == 1:
-            return
-        for buf in self.accelerator.unwrap_model(self.method).buffers():
-            torch.distributed.broadcast(buf, src=0)
-
     def evaluate(self) -> dict[str, float]:
-        """Weighted kNN top-1 of the teacher's and the student's backbone on held-out data."""
-        self._sync_buffers()
-        model: TeacherStudentMethod = self.accelerator.unwrap_model(self.method)
-        e, out = self.cfg.eval, {}
-        roles = [("teacher", model.teacher_backbone), ("student", model.student_backbone),
-                 *((f"ema_{m:g}", copy["backbone"])
-                   for m, copy in zip(self.cfg.ema.extra_momenta, model.ema_copies))]
-        batches = self.cfg.ema.recompute_bn_batches
-        for role, backbone in roles:
-            if batches and role != "student":  # EMA models: their own statistics (ema.py)
-                recompute_batchnorm(backbone, self.bank_loader, batches, self.accelerator.device,
-                                    lambda x: self.accelerator.reduce(x, "mean"))
-        with self.accelerator.autocast():
-            for role, backbone in roles:
-                bank, bank_y = extract_features(backbone, self.bank_loader, self.accelerator)
-                query, query_y = extract_features(backbone, self.query_loader, self.accelerator)
-                out[f"knn_{role}"] = knn_accuracy(bank, bank_y, query, query_y,
-                                                  self.data.num_classes, e.knn_k, e.knn_temperature)
-        return out
+        """Weighted kNN top-1 of teacher, student and EMA copies on held-out data."""
+        return knn_evaluate(self.accelerator.unwrap_model(self.method), self.cfg,
+                            self.accelerator, self.bank_loader, self.query_loader,
+                            self.data.num_classes)
 
     def _eval_due(self, epoch_done: int) -> bool:
         every = self.cfg.eval.every_epochs

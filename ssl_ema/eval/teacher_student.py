@@ -1,0 +1,56 @@
+"""kNN evaluation of every model a teacher-student run holds: teacher, student, EMA copies.
+
+Runs on every process (features are gathered), so all ranks must hold the same models first:
+BatchNorm statistics are taken from rank 0, as DDP does before each forward. EMA models can have
+their BatchNorm statistics recomputed on training images first (Morales-Brotons et al. 2024).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ssl_ema.config import Config
+from ssl_ema.ema import recompute_batchnorm
+from ssl_ema.eval.features import extract_features
+from ssl_ema.eval.knn import knn_accuracy
+from ssl_ema.methods import TeacherStudentMethod
+
+
+def sync_buffers(module: nn.Module, accelerator: Accelerator) -> None:
+    """Give every rank rank 0's buffers (each rank's last forward saw only its own shard)."""
+    if accelerator.num_processes > 1:
+        for buf in module.buffers():
+            torch.distributed.broadcast(buf, src=0)
+
+
+def backbones(model: TeacherStudentMethod, extra_momenta: Sequence[float]
+              ) -> list[tuple[str, nn.Module]]:
+    """(role, backbone) for the teacher, the student and each EMA copy (``ema_<momentum>``)."""
+    return [("teacher", model.teacher_backbone), ("student", model.student_backbone),
+            *((f"ema_{m:g}", copy["backbone"]) for m, copy in zip(extra_momenta, model.ema_copies))]
+
+
+def knn_evaluate(model: TeacherStudentMethod, cfg: Config, accelerator: Accelerator,
+                 bank_loader: DataLoader, query_loader: DataLoader, num_classes: int
+                 ) -> dict[str, float]:
+    """Weighted kNN top-1 of every backbone: ``{"knn_teacher": ..., "knn_student": ...}``."""
+    sync_buffers(model, accelerator)
+    roles = backbones(model, cfg.ema.extra_momenta)
+    batches = cfg.ema.recompute_bn_batches
+    for role, backbone in roles:
+        if batches and role != "student":  # EMA models get their own statistics (ema.py)
+            recompute_batchnorm(backbone, bank_loader, batches, accelerator.device,
+                                lambda x: accelerator.reduce(x, "mean"))
+    out, e = {}, cfg.eval
+    with accelerator.autocast():
+        for role, backbone in roles:
+            bank, bank_y = extract_features(backbone, bank_loader, accelerator)
+            query, query_y = extract_features(backbone, query_loader, accelerator)
+            out[f"knn_{role}"] = knn_accuracy(bank, bank_y, query, query_y, num_classes,
+                                              e.knn_k, e.knn_temperature)
+    return out
