@@ -154,16 +154,19 @@ class EMA:
                 [b for b in t_buffers if b.is_floating_point()],
                 [b for b in t_buffers if not b.is_floating_point()],
             ))
+        # Dtypes are fixed once built: decide here, not on every update (the hot path).
+        self._upcast = [any(t.dtype != s.dtype for t, s in zip(tt[0], s_params))
+                        for tt in self._teacher_tensors]
         self._fused = _FusedUpdate(s_params, [tt[0] for tt in self._teacher_tensors]) \
             if fused else None
         self.num_updates = 0
 
     @staticmethod
-    def _lerp(teacher: list[torch.Tensor], student: list[torch.Tensor], weight: float) -> None:
+    def _lerp(teacher: list[torch.Tensor], student: list[torch.Tensor], weight: float,
+              upcast: bool) -> None:
         if not teacher:
             return
-        if any(t.dtype != s.dtype for t, s in zip(teacher, student)):
-            # fp32 teacher of a low-precision student: upcast the student on the fly.
+        if upcast:  # fp32 teacher of a low-precision student: upcast the student on the fly
             student = [s.to(t.dtype) for t, s in zip(teacher, student)]
         # lerp_(s, w) computes t + w (s - t) = momentum t + (1 - momentum) s.
         torch._foreach_lerp_(teacher, student, weight)
@@ -179,11 +182,12 @@ class EMA:
             raise ValueError(f"momentum must lie in [0, 1], got {list(momenta)}")
         if self._fused is not None:
             self._fused([1.0 - m for m in momenta])
-        for momentum, (t_params, t_float, t_other) in zip(momenta, self._teacher_tensors):
+        for momentum, upcast, (t_params, t_float, t_other) in zip(momenta, self._upcast,
+                                                                  self._teacher_tensors):
             if self._fused is None:
-                self._lerp(t_params, self._student_params, 1.0 - momentum)
+                self._lerp(t_params, self._student_params, 1.0 - momentum, upcast)
             if self.buffers == "average":
-                self._lerp(t_float, self._float_buffers, 1.0 - momentum)
+                self._lerp(t_float, self._float_buffers, 1.0 - momentum, upcast)
             if self.buffers in ("average", "copy") and t_other:
                 torch._foreach_copy_(t_other, self._other_buffers)
             if self.buffers == "copy" and t_float:

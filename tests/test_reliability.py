@@ -98,3 +98,20 @@ def test_resume_with_another_recipe_is_refused_untouched(
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
     assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before  # nothing written
+
+
+def test_checkpoint_files_load_without_unrestricted_unpickling(tmp_path: Path) -> None:
+    """Model in safetensors, counters in JSON; every pickle-format file loads with
+    ``weights_only=True`` (Accelerate's loader, which allow-lists NumPy's RNG-state types)."""
+    from accelerate.utils import load
+
+    run(tmp_path, *STEPS)
+    ckpt = checkpoints(tmp_path / "run")[-1]
+    names = sorted(p.name for p in ckpt.iterdir())
+    assert "model.safetensors" in names and "counters.json" in names
+    assert not [n for n in names if n.startswith("custom_checkpoint")]  # no pickled objects
+    for path in ckpt.iterdir():
+        if path.suffix in (".bin", ".pkl"):
+            load(path, weights_only=True)  # raises on anything outside the allow-list
+    counters = json.loads((ckpt / "counters.json").read_text())
+    assert counters["train"]["step"] == 4 and counters["ema"]["num_updates"] == 4

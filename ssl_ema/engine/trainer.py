@@ -104,8 +104,9 @@ class Trainer:
             self.accelerator.prepare(method, optimizer, bank, query, *train_loaders)
         )
         self.train_loaders: dict[int, DataLoader] = dict(zip(self.batches, loaders))
-        unwrapped: TeacherStudentMethod = self.accelerator.unwrap_model(self.method)
-        self.ema = EMA(unwrapped.student_for_ema(), [unwrapped.teacher, *unwrapped.ema_copies],
+        # The unwrapped method, looked up once: the EMA and the method hooks use it every step.
+        self.model: TeacherStudentMethod = self.accelerator.unwrap_model(self.method)
+        self.ema = EMA(self.model.student_for_ema(), [self.model.teacher, *self.model.ema_copies],
                        buffers=cfg.ema.buffers, fused=cfg.ema.fused)
         self.state = TrainState()
         self.log = MetricsLog(run_dir / "metrics.jsonl", self.accelerator.is_main_process)
@@ -160,7 +161,7 @@ class Trainer:
 
     def header(self) -> dict[str, Any]:
         acc, cfg = self.accelerator, self.cfg
-        n_params = sum(p.numel() for p in acc.unwrap_model(self.method).student.parameters())
+        n_params = sum(p.numel() for p in self.model.student.parameters())
         first = self.hyper(0)
         return {
             "git": git_sha(), "versions": versions(), "device": device_name(acc.device),
@@ -204,7 +205,7 @@ class Trainer:
     # ----------------------------------------------------------------------------- evaluation
     def evaluate(self) -> dict[str, float]:
         """Weighted kNN top-1 of teacher, student and EMA copies on held-out data."""
-        return knn_evaluate(self.accelerator.unwrap_model(self.method), self.cfg,
+        return knn_evaluate(self.model, self.cfg,
                             self.accelerator, self.bank_loader, self.query_loader,
                             self.data.num_classes)
 
@@ -227,12 +228,12 @@ class Trainer:
             if group.get("decay", False):
                 group["weight_decay"] = wd
         grad_norm = self._clip_gradients()
-        self.accelerator.unwrap_model(self.method).before_optimizer_step()
+        self.model.before_optimizer_step()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         # Once per optimizer step (every `period`), on the unwrapped modules: all ranks hold the
         # same student. Momenta are per step at the reference batch -> ** (kappa * period).
-        base = self.accelerator.unwrap_model(self.method).momentum(progress)
+        base = self.model.momentum(progress)
         sched = {"lr": lr, "weight_decay": wd, "momentum_base": base}
         if grad_norm is not None:
             sched["grad_norm"] = grad_norm
@@ -242,9 +243,14 @@ class Trainer:
             self.ema.update(momenta)
             sched["momentum"] = momenta[0]
         st.step += 1
-        images = micro_batches * self.per_device[hyper.batch] * self.accelerator.num_processes
+        images = self._images(micro_batches)
         st.samples_seen += images
         return {**sched, "batch": images}
+
+    def _images(self, micro_batches: int) -> int:
+        """Images in an optimizer step of ``micro_batches`` micro-batches, over all processes."""
+        per_device = self.per_device[self.batch_size(self.state.epoch)]
+        return micro_batches * per_device * self.accelerator.num_processes
 
     def _nonfinite_step(self, micro_batches: int) -> dict[str, Any]:
         """A NaN/inf loss in this optimizer step: stop cleanly, or drop the step (by config)."""
@@ -257,14 +263,13 @@ class Trainer:
                 f"after it; {where} with a lower optim.lr, or set train.nonfinite=skip"
             )
         self.optimizer.zero_grad(set_to_none=True)  # no update, no EMA step
-        images = micro_batches * self.per_device[self.batch_size(st.epoch)] \
-            * self.accelerator.num_processes
+        images = self._images(micro_batches)
         progress = st.samples_seen / self.total_samples
         st.step, st.samples_seen, st.skipped_steps = (st.step + 1, st.samples_seen + images,
                                                       st.skipped_steps + 1)
         self.log.write({"event": "skipped", "step": st.step, "epoch": st.epoch,
                         "skipped_steps": st.skipped_steps})
-        momentum = self.accelerator.unwrap_model(self.method).momentum(progress)
+        momentum = self.model.momentum(progress)
         return {"lr": self.optimizer.param_groups[0]["lr"], "momentum_base": momentum,
                 "batch": images}
 
@@ -273,24 +278,22 @@ class Trainer:
         max_norm = self.cfg.optim.clip_grad_norm
         if max_norm <= 0:
             return None
-        student = self.accelerator.unwrap_model(self.method).student
-        return self.accelerator.clip_grad_norm_(student.parameters(), max_norm)
+        return self.accelerator.clip_grad_norm_(self.model.student.parameters(), max_norm)
 
     def _train_epoch(self, bar: tqdm) -> bool:
         """One pass over the data (resuming mid-epoch if needed); True if the epoch completed."""
         acc, st = self.accelerator, self.state
         epoch_loader = self.train_loader(st.epoch)
-        self.hyper(st.epoch).apply(self.optimizer, [acc.unwrap_model(self.method)])
+        self.hyper(st.epoch).apply(self.optimizer, [self.model])
         epoch_loader.set_epoch(st.epoch)  # data order: a function of (seed, epoch)
         self.data.train.set_epoch(st.epoch)  # augmentations: of (seed, epoch, index)
         loader = acc.skip_first_batches(epoch_loader, st.batch_in_epoch) \
             if st.batch_in_epoch else epoch_loader
         micro, t0 = 0, time.perf_counter()
-        unwrapped: TeacherStudentMethod = acc.unwrap_model(self.method)
         forward_exponent = self.hyper(st.epoch).forward_exponent
         for batch in loader:
             with acc.accumulate(self.method):
-                unwrapped.prepare_step(st.samples_seen / self.total_samples, forward_exponent)
+                self.model.prepare_step(st.samples_seen / self.total_samples, forward_exponent)
                 out = self.method(batch)
                 self.guard.observe(out["loss"])
                 acc.backward(out["loss"])
