@@ -102,6 +102,8 @@ class DataBundle:
     num_classes: int
     in_chans: int
     skipped_files: int = 0  # unreadable images left out (data.corrupt=skip)
+    mean: tuple[float, ...] = ()  # the normalisation of every view (device pipeline)
+    std: tuple[float, ...] = ()
 
 
 def _unreadable(paths: Sequence[str]) -> list[str]:
@@ -202,6 +204,8 @@ def _rgb_bundle(train: Any, test: Any, cfg: Config, mean: Sequence[float],
         test_eval=Transformed(test, views.rgb_eval(size, m, s)),
         num_classes=num_classes,
         in_chans=3,
+        mean=m,
+        std=s,
     )
 
 

@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 
 from ssl_ema.config import Config, ConfigError, dump_yaml
 from ssl_ema.data import DataBundle, build_data
+from ssl_ema.data.device import DeviceEvalStream, DeviceTrainStream, device_streams
 from ssl_ema.ema import EMA
 from ssl_ema.engine.checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from ssl_ema.engine.guard import NonFiniteGuard, NonFiniteLoss
@@ -58,6 +60,10 @@ class TrainState:
         self.__dict__.update(state)
 
 
+TrainBatches = DataLoader | DeviceTrainStream
+EvalBatches = DataLoader | DeviceEvalStream
+
+
 def per_device_batch(cfg: Config, world_size: int, batch: int | None = None) -> int:
     """Split an effective batch over processes and accumulation; error if it does not divide."""
     batch = cfg.train.batch_size if batch is None else batch
@@ -82,6 +88,10 @@ class Trainer:
             dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
         )
         set_seed(cfg.run.seed)
+        if self.accelerator.device.type == "cuda":
+            # Fixed shapes: let cuDNN pick its fastest kernels; TF32 for the fp32 matmuls.
+            torch.backends.cudnn.benchmark = True
+            torch.set_float32_matmul_precision("high")
         if self.accelerator.device.type == "cpu":
             # `accelerate launch` sets OMP_NUM_THREADS=1; share this machine's cores instead.
             local = int(os.environ.get("LOCAL_WORLD_SIZE", self.accelerator.num_processes))
@@ -97,13 +107,26 @@ class Trainer:
                 raise ConfigError("train.sync_batchnorm needs CUDA devices (NCCL); set it to "
                                   "false on CPU")
             method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+        if cfg.train.channels_last:
+            method = method.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
         self.scaled: dict[int, ScaledHyperparams] = {b: resolve(cfg, b) for b in self.batches}
         optimizer = build_optimizer(method.student, cfg.optim, self.hyper(0).optimizer.lr.value)
-        train_loaders, bank, query = self._loaders()
-        self.method, self.optimizer, self.bank_loader, self.query_loader, *loaders = (
-            self.accelerator.prepare(method, optimizer, bank, query, *train_loaders)
-        )
-        self.train_loaders: dict[int, DataLoader] = dict(zip(self.batches, loaders))
+        self.on_device = cfg.data.pipeline == "device"
+        self.train_loaders: Mapping[int, TrainBatches]
+        if self.on_device:  # already on the device and sharded: nothing for Accelerate to wrap
+            self.method, self.optimizer = self.accelerator.prepare(method, optimizer)
+            acc = self.accelerator
+            self.train_loaders, self.bank_loader, self.query_loader = device_streams(
+                self.data, cfg, self.per_device, acc.device, acc.process_index, world)
+        else:
+            train_loaders, bank, query = self._loaders()
+            self.method, self.optimizer, self.bank_loader, self.query_loader, *loaders = (
+                self.accelerator.prepare(method, optimizer, bank, query, *train_loaders)
+            )
+            self.train_loaders = dict(zip(self.batches, loaders))
+        # torch.compile wraps the prepared (DDP) module for the forward only, so checkpoints,
+        # `accumulate` and the EMA see the plain modules.
+        self.forward = torch.compile(self.method) if cfg.train.compile else self.method
         # The unwrapped method, looked up once: the EMA and the method hooks use it every step.
         self.model: TeacherStudentMethod = self.accelerator.unwrap_model(self.method)
         self.ema = EMA(self.model.student_for_ema(), [self.model.teacher, *self.model.ema_copies],
@@ -112,7 +135,8 @@ class Trainer:
         self.log = MetricsLog(run_dir / "metrics.jsonl", self.accelerator.is_main_process)
         gather = self.accelerator.gather
         self.guard = NonFiniteGuard(
-            (lambda x: gather(x[None]).min()) if self.accelerator.num_processes > 1 else None
+            cfg.train.nonfinite == "fail",
+            (lambda x: gather(x[None]).min()) if self.accelerator.num_processes > 1 else None,
         )
 
     # ----------------------------------------------------------------------------- set-up
@@ -141,7 +165,7 @@ class Trainer:
     def hyper(self, epoch: int) -> ScaledHyperparams:
         return self.scaled[self.batch_size(epoch)]
 
-    def train_loader(self, epoch: int) -> DataLoader:
+    def train_loader(self, epoch: int) -> TrainBatches:
         return self.train_loaders[self.batch_size(epoch)]
 
     def _epoch_samples(self, epoch: int) -> int:
@@ -207,7 +231,7 @@ class Trainer:
         """Weighted kNN top-1 of teacher, student and EMA copies on held-out data."""
         return knn_evaluate(self.model, self.cfg,
                             self.accelerator, self.bank_loader, self.query_loader,
-                            self.data.num_classes)
+                            self.data.num_classes, gather=not self.on_device)
 
     def _eval_due(self, epoch_done: int) -> bool:
         every = self.cfg.eval.every_epochs
@@ -252,16 +276,21 @@ class Trainer:
         per_device = self.per_device[self.batch_size(self.state.epoch)]
         return micro_batches * per_device * self.accelerator.num_processes
 
+    def _check_finite(self) -> None:
+        """Before anything is written: stop if a loss was NaN/inf (train.nonfinite=fail)."""
+        bad = self.guard.first_nonfinite()
+        if bad is None:
+            return
+        saved = checkpoints(self.run_dir)
+        where = f"resume from {saved[-1]}" if saved else "no checkpoint was written yet"
+        raise NonFiniteLoss(
+            f"non-finite loss at step {bad[0]} (epoch {bad[1]}); nothing was written after it; "
+            f"{where} with a lower optim.lr, or set train.nonfinite=skip"
+        )
+
     def _nonfinite_step(self, micro_batches: int) -> dict[str, Any]:
-        """A NaN/inf loss in this optimizer step: stop cleanly, or drop the step (by config)."""
+        """A NaN/inf loss in this optimizer step under train.nonfinite=skip: drop the step."""
         st = self.state
-        if self.cfg.train.nonfinite == "fail":
-            saved = checkpoints(self.run_dir)
-            where = f"resume from {saved[-1]}" if saved else "no checkpoint was written yet"
-            raise NonFiniteLoss(
-                f"non-finite loss at step {st.step + 1} (epoch {st.epoch}); nothing was written "
-                f"after it; {where} with a lower optim.lr, or set train.nonfinite=skip"
-            )
         self.optimizer.zero_grad(set_to_none=True)  # no update, no EMA step
         images = self._images(micro_batches)
         progress = st.samples_seen / self.total_samples
@@ -287,15 +316,19 @@ class Trainer:
         self.hyper(st.epoch).apply(self.optimizer, [self.model])
         epoch_loader.set_epoch(st.epoch)  # data order: a function of (seed, epoch)
         self.data.train.set_epoch(st.epoch)  # augmentations: of (seed, epoch, index)
-        loader = acc.skip_first_batches(epoch_loader, st.batch_in_epoch) \
-            if st.batch_in_epoch else epoch_loader
-        micro, t0 = 0, time.perf_counter()
+        if isinstance(epoch_loader, DeviceTrainStream):
+            loader: Iterable[Any] = epoch_loader.iter_from(st.batch_in_epoch)
+        elif st.batch_in_epoch:
+            loader = acc.skip_first_batches(epoch_loader, st.batch_in_epoch)
+        else:
+            loader = epoch_loader
+        micro = 0
         forward_exponent = self.hyper(st.epoch).forward_exponent
         for batch in loader:
             with acc.accumulate(self.method):
                 self.model.prepare_step(st.samples_seen / self.total_samples, forward_exponent)
-                out = self.method(batch)
-                self.guard.observe(out["loss"])
+                out = self.forward(batch)
+                self.guard.observe(out["loss"], st.step + 1, st.epoch)
                 acc.backward(out["loss"])
                 micro += 1
                 st.batch_in_epoch += 1
@@ -307,39 +340,49 @@ class Trainer:
                     sched = self._nonfinite_step(micro)
             if st.batch_in_epoch == len(epoch_loader):
                 st.epoch, st.batch_in_epoch = st.epoch + 1, 0
-            self._after_step(out, sched, time.perf_counter() - t0, bar)
-            micro, t0 = 0, time.perf_counter()
+            self._after_step(out, sched, bar)
+            micro = 0
             if st.step >= self.total_steps:
                 break
         return st.batch_in_epoch == 0
 
-    def _after_step(self, out: dict[str, torch.Tensor], sched: dict[str, Any], seconds: float,
-                    bar: tqdm) -> None:
+    def _after_step(self, out: dict[str, torch.Tensor], sched: dict[str, Any], bar: tqdm) -> None:
         cfg, st = self.cfg, self.state
         bar.update(1)
         if st.step % cfg.train.log_every == 0 or st.step == self.total_steps:
+            self._check_finite()
             metrics = {k: float(v.detach()) for k, v in out.items()}  # host sync only here
             sched = {k: float(v.detach()) if torch.is_tensor(v) else float(v)
                      for k, v in sched.items()}
+            # Throughput since the last log line: the step itself runs ahead of the host.
+            (t, seen), now = self._log_mark, time.perf_counter()
             self.log.write({"event": "train", "step": st.step, "epoch": st.epoch,
                             "samples_seen": st.samples_seen, **metrics, **sched,
-                            "images_per_s": sched["batch"] / max(seconds, 1e-9)})
+                            "images_per_s": (st.samples_seen - seen) / max(now - t, 1e-9)})
+            self._mark()
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{sched['lr']:.3g}",
                             momentum=f"{sched['momentum_base']:.4f}", refresh=False)
         every = cfg.train.checkpoint_every
         if every and st.step % every == 0 and st.step < self.total_steps:
             self._save()
 
+    def _mark(self) -> None:
+        self._log_mark = (time.perf_counter(), self.state.samples_seen)
+
     def _save(self) -> None:
+        self._check_finite()
         save_checkpoint(self.accelerator, self.run_dir, self.state.step,
                         self.cfg.train.keep_checkpoints,
                         {"train": self.state.state_dict(), "ema": self.ema.state_dict()})
+        self._mark()
 
     def _log_eval(self) -> dict[str, float]:
+        self._check_finite()
         result = self.evaluate()
         st = self.state
         self.log.write({"event": "eval", "step": st.step, "epoch": st.epoch,
                         "samples_seen": st.samples_seen, **result})
+        self._mark()
         return result
 
     def fit(self) -> dict[str, float]:
@@ -350,6 +393,7 @@ class Trainer:
             st.load_state_dict(counters["train"])
             self.ema.load_state_dict(counters["ema"])
         self._write_header()
+        self._mark()
         if st.step == 0 and st.knn_random < 0:
             st.knn_random = self._log_eval()["knn_student"]  # student == teacher == random init
         self.method.train()

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
-from torch.utils.data import DataLoader
 
 
 @torch.no_grad()
 def extract_features(
-    backbone: nn.Module, loader: DataLoader, accelerator: Accelerator | None = None
+    backbone: nn.Module, loader: Iterable[Any], accelerator: Accelerator | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised features ``(N, D)`` and labels ``(N,)`` of every item of ``loader``.
 

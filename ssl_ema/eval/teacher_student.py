@@ -7,12 +7,12 @@ their BatchNorm statistics recomputed on training images first (Morales-Brotons 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import torch
 from accelerate import Accelerator
 from torch import nn
-from torch.utils.data import DataLoader
 
 from ssl_ema.config import Config
 from ssl_ema.ema import recompute_batchnorm
@@ -36,9 +36,13 @@ def backbones(model: TeacherStudentMethod, extra_momenta: Sequence[float]
 
 
 def knn_evaluate(model: TeacherStudentMethod, cfg: Config, accelerator: Accelerator,
-                 bank_loader: DataLoader, query_loader: DataLoader, num_classes: int
-                 ) -> dict[str, float]:
-    """Weighted kNN top-1 of every backbone: ``{"knn_teacher": ..., "knn_student": ...}``."""
+                 bank_loader: Iterable[Any], query_loader: Iterable[Any], num_classes: int,
+                 gather: bool = True) -> dict[str, float]:
+    """Weighted kNN top-1 of every backbone: ``{"knn_teacher": ..., "knn_student": ...}``.
+
+    ``gather``: the loaders are sharded across processes (prepared DataLoaders); False when
+    every process holds all the images (the device pipeline).
+    """
     sync_buffers(model, accelerator)
     roles = backbones(model, cfg.ema.extra_momenta)
     batches = cfg.ema.recompute_bn_batches
@@ -49,8 +53,9 @@ def knn_evaluate(model: TeacherStudentMethod, cfg: Config, accelerator: Accelera
     out, e = {}, cfg.eval
     with accelerator.autocast():
         for role, backbone in roles:
-            bank, bank_y = extract_features(backbone, bank_loader, accelerator)
-            query, query_y = extract_features(backbone, query_loader, accelerator)
+            bank, bank_y = extract_features(backbone, bank_loader, accelerator if gather else None)
+            query, query_y = extract_features(backbone, query_loader,
+                                              accelerator if gather else None)
             out[f"knn_{role}"] = knn_accuracy(bank, bank_y, query, query_y, num_classes,
                                               e.knn_k, e.knn_temperature)
     return out

@@ -1,0 +1,180 @@
+"""The data set held on the accelerator as uint8, views made there (``data.pipeline=device``).
+
+CIFAR-10 is 150 MB as uint8: decoded once and kept in GPU memory, a training batch is an index
+gather plus the batched ops of `gpu_augment`, with no loader workers, no host-to-device copy and
+no host sync. The loader pipeline (``data.pipeline=loader``: DataLoader workers running lightly's
+transforms) stays for data sets that do not fit or whose images differ in size.
+
+Order and views are functions of (seed, epoch, sample index), as in the loader pipeline: the
+epoch's permutation and every sample's view parameters are drawn at `set_epoch`. Under several
+processes, step s of an epoch covers the same samples as with one process at the same effective
+batch; rank r takes the r-th chunk of it. Evaluation images are small and held whole on every
+process (no gather).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision.transforms.v2 import functional as TF
+
+from ssl_ema.config import Config
+from ssl_ema.data import gpu_augment
+from ssl_ema.data.datasets import DataBundle, DataError, Transformed
+from ssl_ema.data.gpu_augment import ViewParams, ViewSpec
+
+
+def _pil_to_uint8(image: Any) -> Tensor:
+    return TF.pil_to_tensor(image.convert("RGB"))  # (3, H, W) uint8
+
+
+def decode_uint8(source: Any, num_workers: int) -> tuple[Tensor, Tensor]:
+    """Every image of an ``(image, label)`` source as one uint8 tensor (N, C, H, W) + labels."""
+    data = getattr(source, "data", None)
+    if isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 4:
+        # torchvision's CIFAR keeps (N, H, W, C) uint8 in memory: no decoding at all.
+        return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(
+            source.targets, dtype=torch.int64)
+    loader = DataLoader(Transformed(source, _pil_to_uint8), batch_size=500,
+                        num_workers=num_workers)
+    try:
+        batches = list(loader)
+    except RuntimeError as e:
+        if "stack expects each tensor to be equal size" not in str(e):
+            raise
+        raise DataError(
+            "data.pipeline=device keeps the data set as one tensor, but its images differ in "
+            "size; resize them to one size or use data.pipeline=loader") from e
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+
+def view_specs(cfg: Config) -> tuple[ViewSpec, ...]:
+    """The method's view distributions, as the loader pipeline's lightly transforms."""
+    size = cfg.data.image_size
+    if cfg.method.name == "dino":
+        d = cfg.dino
+        return gpu_augment.dino_specs(size, d.local_size, d.local_views, d.global_scale,
+                                      d.local_scale)
+    return gpu_augment.byol_specs(size)
+
+
+class DeviceTrainStream:
+    """Training batches ``(*views, labels)`` made on the device from uint8 images."""
+
+    def __init__(self, images: Tensor, labels: Tensor, specs: Sequence[ViewSpec],
+                 mean: Sequence[float], std: Sequence[float], batch: int, *, seed: int,
+                 rank: int = 0, world: int = 1, channels_last: bool = False,
+                 compile: bool = False):
+        self.images, self.labels, self.specs = images, labels, tuple(specs)
+        self.batch, self.seed, self.rank, self.world = batch, seed, rank, world
+        self.mean = torch.tensor(mean, device=images.device)
+        self.std = torch.tensor(std, device=images.device)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        # torch.compile fuses the ~100 elementwise colour kernels of a view into a few.
+        self._colour = torch.compile(gpu_augment.colour, dynamic=False) if compile \
+            else gpu_augment.colour
+        self._order: Tensor | None = None
+        self._params: list[ViewParams] = []
+
+    def __len__(self) -> int:
+        return len(self.images) // (self.batch * self.world)  # drop the last partial batch
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the epoch's order and every sample's view parameters (CPU generator)."""
+        g = torch.Generator().manual_seed(hash((self.seed, epoch)) % 2**63)
+        n, _, h, w = self.images.shape
+        device = self.images.device
+        self._order = torch.randperm(n, generator=g).to(device)
+        self._params = [gpu_augment.draw_params(s, n, h, w, g).to(device) for s in self.specs]
+
+    def iter_from(self, start: int) -> Iterator[tuple[Tensor, ...]]:
+        """Batches ``start``, ``start + 1``, ... of the epoch set by `set_epoch`."""
+        if self._order is None:
+            raise RuntimeError("call set_epoch before iterating")
+        for step in range(start, len(self)):
+            lo = (step * self.world + self.rank) * self.batch
+            index = self._order[lo:lo + self.batch]  # (B,) on the device: no host sync
+            x = self.images[index]  # (B, C, H, W) uint8
+            views = []
+            for spec, params in zip(self.specs, self._params):
+                p = params.take(index)
+                v = gpu_augment.resized_crop(x, p.box, spec.size)
+                views.append(self._colour(v, p, spec, self.mean, self.std)
+                             .contiguous(memory_format=self.memory_format))
+            yield (*views, self.labels[index])
+
+    def __iter__(self) -> Iterator[tuple[Tensor, ...]]:
+        return self.iter_from(0)
+
+
+class DeviceEvalStream:
+    """Un-augmented ``(x, labels)`` batches: resize + centre crop + normalise, on the device."""
+
+    def __init__(self, images: Tensor, labels: Tensor, size: int, mean: Sequence[float],
+                 std: Sequence[float], batch: int = 1024, channels_last: bool = False):
+        self.images, self.labels, self.size, self.batch = images, labels, size, batch
+        self.mean = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+
+    def __len__(self) -> int:
+        return -(-len(self.images) // self.batch)
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        for lo in range(0, len(self.images), self.batch):
+            x = self.images[lo:lo + self.batch]
+            if x.shape[-2:] != (self.size, self.size):  # as the loader's Resize + CenterCrop
+                x = TF.center_crop(TF.resize(x, [self.size], antialias=True), [self.size])
+            x = (x.float() / 255.0 - self.mean) / self.std
+            yield x.contiguous(memory_format=self.memory_format), self.labels[lo:lo + self.batch]
+
+
+def _source(ds: Dataset) -> tuple[Any, list[int] | None]:
+    """The ``(image, label)`` source under an eval set, and the subset's indices if any."""
+    if isinstance(ds, Subset):
+        return ds.dataset.source, list(ds.indices)  # type: ignore[attr-defined]
+    return ds.source, None  # type: ignore[attr-defined]
+
+
+def _check_fits(images: Tensor, device: torch.device) -> None:
+    if device.type != "cuda":
+        return
+    free, _ = torch.cuda.mem_get_info(device)
+    if images.numel() > free // 2:
+        raise DataError(
+            f"the data set needs {images.numel() / 2**30:.1f} GiB as uint8 but only "
+            f"{free / 2**30:.1f} GiB of device memory is free; use data.pipeline=loader")
+
+
+def device_streams(bundle: DataBundle, cfg: Config, per_device: dict[int, int],
+                   device: torch.device, rank: int, world: int
+                   ) -> tuple[dict[int, DeviceTrainStream], DeviceEvalStream, DeviceEvalStream]:
+    """Decode the bundle's images once, move them to ``device``, and build the streams."""
+    workers = cfg.data.num_workers
+    train_source, _ = _source(bundle.train)  # type: ignore[arg-type]
+    train_x, train_y = decode_uint8(train_source, workers)
+    _check_fits(train_x, device)
+    train_x, train_y = train_x.to(device), train_y.to(device)
+    test_source, test_index = _source(bundle.test_eval)
+    test_x, test_y = decode_uint8(test_source, workers)
+    mean, std, flags = bundle.mean, bundle.std, cfg.train
+    train = {b: DeviceTrainStream(train_x, train_y, view_specs(cfg), mean, std, per,
+                                  seed=cfg.run.seed, rank=rank, world=world,
+                                  channels_last=flags.channels_last, compile=flags.compile)
+             for b, per in per_device.items()}
+
+    def eval_stream(x: Tensor, y: Tensor, index: list[int] | None) -> DeviceEvalStream:
+        if index is not None:
+            pick = torch.as_tensor(index, device=x.device)
+            x, y = x[pick], y[pick]
+        return DeviceEvalStream(x.to(device), y.to(device), cfg.data.image_size, mean, std,
+                                channels_last=flags.channels_last)
+
+    _, bank_index = _source(bundle.train_eval)
+    return (train, eval_stream(train_x, train_y, bank_index),
+            eval_stream(test_x, test_y, test_index))
