@@ -40,6 +40,12 @@ from ssl_ema.engine.tracking import read_metrics
 from ssl_ema.engine.trainer import Trainer
 
 
+def record(result: dict[str, Any], key: str, value: Any) -> None:
+    """Store and print at once: a later phase that fails does not lose the earlier numbers."""
+    result[key] = value
+    print(f"{key}: {value}", file=sys.stderr, flush=True)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -121,7 +127,8 @@ def host_syncs_per_step(tr: Trainer, stream: DeviceTrainStream, steps: int = 5) 
                 tr._optimizer_step(1)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    syncs = [w for w in caught
+             if "synchroniz" in str(w.message) and "prototype" not in str(w.message)]
     for w in syncs[:3]:
         print(f"host sync: {w.filename}:{w.lineno}: {w.message}", file=sys.stderr)
     return len(syncs) / steps
@@ -161,8 +168,9 @@ def lightly_loader(cfg: Config, tr: Trainer, steps: int, workers: int) -> dict[s
 
     def fed() -> None:
         v0, v1, y = next(batches)
-        step(tuple(v.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-                   for v in (v0, v1, y)))
+        views = (v.to(device, non_blocking=True).contiguous(memory_format=memory_format)
+                 for v in (v0, v1))
+        step((*views, y.to(device, non_blocking=True)))
 
     return {"loader_alone": alone, "loader_and_step": timed(device, steps, fed, batch)}
 
@@ -203,20 +211,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   "overrides": args.overrides}
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        result["ours"] = ours(tr, args.warmup, args.steps)
+        record(result, "ours", ours(tr, args.warmup, args.steps))
         if device.type == "cuda":
-            result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            record(result, "peak_memory_gib", torch.cuda.max_memory_allocated(device) / 2**30)
         stream = tr.train_loader(0)
         assert isinstance(stream, DeviceTrainStream)
         stream.set_epoch(1)
-        result["phases_ms"] = phases(tr, stream, min(args.steps, 30))
+        record(result, "phases_ms", phases(tr, stream, min(args.steps, 30)))
         fixed = next(stream.iter_from(0))
         step = step_fn(tr)
-        result["compute_bound"] = timed(device, args.steps, lambda: step(fixed), batch)
+        record(result, "compute_bound", timed(device, args.steps, lambda: step(fixed), batch))
         if device.type == "cuda":
-            result["host_syncs_per_step"] = host_syncs_per_step(tr, stream)
-        result["augment_alone"] = timed(device, args.steps, lambda: next(stream.iter_from(0)),
-                                        batch)
+            record(result, "host_syncs_per_step", host_syncs_per_step(tr, stream))
+        record(result, "augment_alone",
+               timed(device, args.steps, lambda: next(stream.iter_from(0)), batch))
         if not args.skip_lightly:
             result.update(lightly_loader(cfg, tr, min(args.steps, 50), args.workers))
     result["ours_vs_compute_bound"] = result["ours"] / result["compute_bound"]

@@ -110,6 +110,7 @@ class Trainer:
         if cfg.train.channels_last:
             method = method.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
         self.scaled: dict[int, ScaledHyperparams] = {b: resolve(cfg, b) for b in self.batches}
+        method.to(self.accelerator.device)  # before the optimizer: fused kernels need it there
         optimizer = build_optimizer(method.student, cfg.optim, self.hyper(0).optimizer.lr.value)
         self.on_device = cfg.data.pipeline == "device"
         self.train_loaders: Mapping[int, TrainBatches]
