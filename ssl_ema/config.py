@@ -189,6 +189,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against annotation ``tp``; convert int -> float and list -> tuple."""
     origin = typing.get_origin(tp)
     if origin is Literal:
+        if value is False and "no" in typing.get_args(tp):
+            value = "no"  # YAML 1.1 reads a bare `no` as false: mixed_precision: no
         if value not in typing.get_args(tp):
             valid = ", ".join(map(str, typing.get_args(tp)))
             raise ConfigError(f"{key}: invalid value {value!r}; valid: {valid}")

@@ -95,3 +95,8 @@ def test_train_cli_exits_2_before_building_anything(tmp_path: Path, tools_env) -
 def test_every_recipe_is_valid(recipe: Path) -> None:
     cfg = load_config(recipe)
     assert cfg.run.name == recipe.stem
+
+
+def test_yaml_no_is_the_string_no_where_a_choice_is_expected() -> None:
+    # YAML 1.1 reads a bare `no` as false; `mixed_precision: no` must still mean "no".
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"

@@ -50,12 +50,13 @@ def knn_evaluate(model: TeacherStudentMethod, cfg: Config, accelerator: Accelera
         if batches and role != "student":  # EMA models get their own statistics (ema.py)
             recompute_batchnorm(backbone, bank_loader, batches, accelerator.device,
                                 lambda x: accelerator.reduce(x, "mean"))
+    # Features in fp32, whatever the training precision: bf16 features cost a random-init
+    # ResNet-18 8.5 kNN points on CIFAR-10 (0.228 vs 0.313, H100, docs/RESULTS.md).
     out, e = {}, cfg.eval
-    with accelerator.autocast():
-        for role, backbone in roles:
-            bank, bank_y = extract_features(backbone, bank_loader, accelerator if gather else None)
-            query, query_y = extract_features(backbone, query_loader,
-                                              accelerator if gather else None)
-            out[f"knn_{role}"] = knn_accuracy(bank, bank_y, query, query_y, num_classes,
-                                              e.knn_k, e.knn_temperature)
+    for role, backbone in roles:
+        bank, bank_y = extract_features(backbone, bank_loader, accelerator if gather else None)
+        query, query_y = extract_features(backbone, query_loader,
+                                          accelerator if gather else None)
+        out[f"knn_{role}"] = knn_accuracy(bank, bank_y, query, query_y, num_classes,
+                                          e.knn_k, e.knn_temperature)
     return out
