@@ -27,7 +27,7 @@ def build_optimizer(module: nn.Module, cfg: OptimConfig, lr: float) -> torch.opt
     """Optimizer over the trainable parameters of ``module`` at the (already scaled) ``lr``."""
     groups = param_groups(module, cfg.weight_decay)
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     if cfg.name == "lars":
         return LARS(groups, lr=lr, momentum=cfg.momentum)
     # Adam's betas and eps are set per batch size by `ScaledHyperparams.apply` (square-root rule).
