@@ -36,7 +36,7 @@ class DataConfig:
     download: bool = True  # CIFAR only; offline -> clear error asking for data.root
     image_size: int = 32  # side of the training views
     num_workers: int = 4
-    eval_subset: int = 0  # >0: use only this many train/test images for kNN (fast checks)
+    eval_subset: int = 0  # >0: use only this many train/val/test images to evaluate (fast checks)
     # imagefolder: files that are not readable images (checked at start-up, before any work;
     # ~6 s for CIFAR-10's 60k files): "fail" names the first one and stops; "skip" leaves them
     # out and reports how many; "trust" does not check (huge folders known to be clean).

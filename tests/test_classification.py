@@ -57,7 +57,8 @@ def train(tmp_path: Path, recipe: str, *overrides: str) -> tuple[dict[str, Any],
 
 def test_supervised_ema_smoke_and_ema_early_stopping(tmp_path: Path, capsys: Any) -> None:
     r, run_dir = train(tmp_path, "supervised_ema_digits.yaml", "train.epochs=4",
-                       "ema.extra_momenta=[0.9]", "ema.recompute_bn_batches=1")
+                       "ema.extra_momenta=[0.9]", "ema.recompute_bn_batches=1",
+                       "eval.every_epochs=1")
     out = capsys.readouterr().out
     assert "last iterate (student)" in out and "best EMA on validation" in out
     assert r["step"] == 4 * (1150 // 64) and r["random_init_test"] < 0.3
@@ -115,6 +116,23 @@ def test_pseudo_label_resume_is_bitwise_exact(tmp_path: Path) -> None:
     b = full.accelerator.unwrap_model(full.method).state_dict()
     for name in b:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_evaluation_with_batchnorm_recomputation_leaves_the_run_unchanged(tmp_path: Path
+                                                                          ) -> None:
+    cfg = load_config(ROOT / "recipes" / "supervised_ema_digits.yaml",
+                      [*SMALL, "train.max_steps=3", "eval.every_epochs=0",
+                       "ema.recompute_bn_batches=1", f"run.output_dir={tmp_path}"])
+    trainer = Trainer(cfg, tmp_path / "run")
+    trainer.fit()
+    model = trainer.accelerator.unwrap_model(trainer.method)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = trainer.evaluate()
+    assert result["acc_ema_0.5_val"] != result["acc_ema_0.5_val_bn"] or \
+        result["acc_student_test"] != result["acc_student_test_bn"]  # recomputation did act
+    after = model.state_dict()
+    for k, v in before.items():
+        assert torch.equal(v, after[k]), k  # averaged BatchNorm statistics restored
 
 
 def test_init_from_loads_the_backbone_strictly(tmp_path: Path) -> None:

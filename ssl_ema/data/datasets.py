@@ -282,4 +282,6 @@ def build_data(cfg: Config) -> DataBundle:
     n, seed = cfg.data.eval_subset, cfg.run.seed
     bundle.train_eval = _subset(bundle.train_eval, n, seed)
     bundle.test_eval = _subset(bundle.test_eval, n, seed + 1)
+    if bundle.val_eval is not None:
+        bundle.val_eval = _subset(bundle.val_eval, n, seed + 2)
     return bundle

@@ -38,9 +38,11 @@ def pseudo_label_rates(sums: dict[str, torch.Tensor]) -> dict[str, float]:
     if not sums or float(sums["pl_seen"]) == 0:
         return {}
     seen, masked = float(sums["pl_seen"]), float(sums["pl_masked"])
-    return {"mask_rate": masked / seen,
-            "pseudo_label_accuracy": float(sums["pl_correct_masked"]) / max(masked, 1.0),
-            "pseudo_label_accuracy_all": float(sums["pl_correct"]) / seen}
+    out = {"mask_rate": masked / seen,
+           "pseudo_label_accuracy_all": float(sums["pl_correct"]) / seen}
+    if masked:  # the accuracy of the pseudo-labels used: undefined while none passes tau
+        out["pseudo_label_accuracy"] = float(sums["pl_correct_masked"]) / masked
+    return out
 
 
 class ClassifierEvaluation:

@@ -46,8 +46,9 @@ def classification_table(result: dict[str, Any], evaluation: ClassifierEvaluatio
         lines.append(f"  {_label(name, evaluation):<36}"
                      + "".join(f" {v:>8.4f}" for v in row if v is not None))
     if "mask_rate" in result:
+        masked = result.get("pseudo_label_accuracy", float("nan"))
         lines.append(f"pseudo-labels in the last epoch: mask rate {result['mask_rate']:.3f}, "
-                     f"accuracy {result['pseudo_label_accuracy']:.4f} (masked), "
+                     f"accuracy {masked:.4f} (above tau), "
                      f"{result['pseudo_label_accuracy_all']:.4f} (all)")
     for kind in ("ema", "student"):
         if f"best_{kind}" in result:

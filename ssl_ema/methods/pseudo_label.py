@@ -59,5 +59,4 @@ class PseudoLabel(Supervised):
             [correct_masked, masked, correct, seen]).double()  # no host sync
         return {"loss": loss_l + self.unlabelled_weight * loss_u,
                 "loss_labelled": loss_l.detach(), "loss_unlabelled": loss_u.detach(),
-                "mask_rate": targets.mask_rate,
-                "pseudo_label_accuracy": correct_masked / masked.clamp(min=1.0)}
+                "mask_rate": targets.mask_rate}  # accuracy: per epoch (eval/classify.py)
