@@ -123,7 +123,7 @@ def test_evaluation_with_batchnorm_recomputation_leaves_the_run_unchanged(tmp_pa
     cfg = load_config(ROOT / "recipes" / "supervised_ema_digits.yaml",
                       [*SMALL, "train.max_steps=3", "eval.every_epochs=0",
                        "ema.extra_momenta=[0.5]", "ema.recompute_bn_batches=1",
-                       f"run.output_dir={tmp_path}"])
+                       "data.eval_subset=128", f"run.output_dir={tmp_path}"])
     trainer = Trainer(cfg, tmp_path / "run")
     trainer.fit()
     model = trainer.accelerator.unwrap_model(trainer.method)
