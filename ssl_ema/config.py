@@ -36,7 +36,7 @@ class DataConfig:
     download: bool = True  # CIFAR only; offline -> clear error asking for data.root
     image_size: int = 32  # side of the training views
     num_workers: int = 4
-    eval_subset: int = 0  # >0: use only this many train/test images for kNN (fast checks)
+    eval_subset: int = 0  # >0: use only this many train/val/test images to evaluate (fast checks)
     # imagefolder: files that are not readable images (checked at start-up, before any work;
     # ~6 s for CIFAR-10's 60k files): "fail" names the first one and stops; "skip" leaves them
     # out and reports how many; "trust" does not check (huge folders known to be clean).
@@ -52,6 +52,11 @@ class ModelConfig:
     backbone: str = "resnet18"  # any timm model name
     cifar_stem: bool = True  # ResNets: 3x3 stride-1 first conv, no max-pool (small images)
     patch_size: int = 0  # ViTs: >0 overrides the model's patch size (e.g. 4 on 32 px images)
+    # supervised / pseudo_label: start the student (and so the teacher) backbone from this state
+    # dict (.safetensors or torch file), keys under init_prefix (e.g. "teacher.backbone." for a
+    # checkpoint's model.safetensors). Fine-tuning a pretrained teacher is the supervised recipe.
+    init_from: str = ""
+    init_prefix: str = ""
 
 
 @dataclass(frozen=True)
@@ -101,6 +106,7 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
     weight_decay_end: float | None = None  # cosine from weight_decay to this (DINO: 0.04 -> 0.4)
     clip_grad_norm: float = 0.0  # >0: clip the student's gradient norm (DINO: 3.0)
+    nesterov: bool = False  # SGD only (FixMatch; Morales-Brotons et al. 2024)
 
 
 @dataclass(frozen=True)
@@ -163,6 +169,39 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class LabelsConfig:
+    """Which training labels the classification methods (supervised, pseudo_label) see."""
+
+    # >0: a labelled subset of this many images per class, chosen with run.seed; the other
+    # training images are the unlabelled set (pseudo_label). 400 = CIFAR-10 with 4,000 labels.
+    per_class: int = 0
+    # CIFAR-10N human labels (Wei et al. 2022) attached by original index: clean | aggre |
+    # random1 | random2 | random3 | worse; read from noisy_file (CIFAR-10_human.pt).
+    noisy: Literal["clean", "aggre", "random1", "random2", "random3", "worse"] = "clean"
+    noisy_file: str = ""
+    # >0: hold out this fraction of the training images, stratified and seeded, for choosing the
+    # best EMA and epoch (EMA early stopping; Morales-Brotons et al. 2024 use 0.2).
+    val_fraction: float = 0.0
+
+
+@dataclass(frozen=True)
+class SupervisedConfig:
+    label_smoothing: float = 0.0
+
+
+@dataclass(frozen=True)
+class PseudoLabelConfig:
+    """FixMatch-style pseudo-labelling with an EMA teacher (Sohn et al. 2020; Busbridge et al.
+    2023, Sec. 3.3); the defaults are FixMatch's CIFAR-10 values."""
+
+    threshold: float = 0.95  # tau: keep pseudo-labels whose teacher confidence is >= tau
+    mu: int = 7  # unlabelled images per labelled image in a batch
+    unlabelled_weight: float = 1.0  # lambda_u
+    randaugment_ops: int = 2  # strong views: torchvision RandAugment(ops, magnitude) + erasing
+    randaugment_magnitude: int = 10
+
+
+@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -174,13 +213,16 @@ class Config:
     ema: EMAConfig = field(default_factory=EMAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    labels: LabelsConfig = field(default_factory=LabelsConfig)
+    supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
+    pseudo_label: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
 
 
 # Valid choices for string fields that name a registered component. Backbones are checked
 # against timm's registry in `validate`.
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": ("digits", "cifar10", "cifar100", "imagefolder"),
-    "method.name": ("byol", "dino"),
+    "method.name": ("byol", "dino", "supervised", "pseudo_label"),
     "optim.name": ("sgd", "lars", "adam", "adamw"),
 }
 
@@ -332,6 +374,9 @@ def validate(cfg: Config) -> None:
     if cfg.data.pipeline == "device" and cfg.data.dataset == "digits":
         raise ConfigError("data.pipeline=device makes RGB views (BYOL/DINO colour ops); the grey "
                           "digits use data.pipeline=loader")
+    if cfg.data.pipeline == "device" and cfg.method.name not in ("byol", "dino"):
+        raise ConfigError(f"data.pipeline=device makes BYOL/DINO views; method.name="
+                          f"{cfg.method.name} uses data.pipeline=loader (RandAugment views)")
     positive = {
         "train.epochs": cfg.train.epochs,
         "train.batch_size": cfg.train.batch_size,
@@ -358,11 +403,52 @@ def validate(cfg: Config) -> None:
     for key, value in momenta.items():
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{key}: a momentum must lie in [0, 1], got {value}")
+    if cfg.optim.nesterov and cfg.optim.name != "sgd":
+        raise ConfigError(f"optim.nesterov: applies to optim.name=sgd, not {cfg.optim.name}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr: must be positive, got {cfg.optim.lr}")
     if cfg.eval.knn_temperature <= 0:
         raise ConfigError(f"eval.knn_temperature: must be positive, got {cfg.eval.knn_temperature}")
     _validate_batches(cfg)
+    _validate_labels(cfg)
+
+
+# Methods that train a classifier on labels (ssl_ema.methods.CLASSIFIERS).
+CLASSIFICATION_METHODS = ("supervised", "pseudo_label")
+
+
+def _validate_labels(cfg: Config) -> None:
+    lab, pl, name = cfg.labels, cfg.pseudo_label, cfg.method.name
+    classify = name in CLASSIFICATION_METHODS
+    if not classify and (lab.per_class or lab.noisy != "clean" or lab.val_fraction
+                         or cfg.model.init_from):
+        raise ConfigError(f"labels.* and model.init_from apply to the methods "
+                          f"{', '.join(CLASSIFICATION_METHODS)}; method '{name}' trains on none")
+    if name == "pseudo_label" and lab.per_class <= 0:
+        raise ConfigError("labels.per_class: pseudo_label needs a labelled subset; set it > 0 "
+                          "(e.g. 400 for CIFAR-10 with 4,000 labels)")
+    if lab.per_class < 0:
+        raise ConfigError(f"labels.per_class: must be >= 0, got {lab.per_class}")
+    if not 0.0 <= lab.val_fraction < 1.0:
+        raise ConfigError(f"labels.val_fraction: must lie in [0, 1), got {lab.val_fraction}")
+    if lab.noisy != "clean":
+        if cfg.data.dataset not in ("cifar10", "imagefolder"):
+            raise ConfigError(f"labels.noisy={lab.noisy}: CIFAR-10N labels fit CIFAR-10 only; "
+                              "use data.dataset=cifar10 or imagefolder (the CIFAR-10 JPEG copy)")
+        if not Path(lab.noisy_file).is_file():
+            raise ConfigError(f"labels.noisy_file: '{lab.noisy_file}' is not a file; point it at "
+                              "CIFAR-10_human.pt (e.g. ../shared/data/cifar10n/CIFAR-10_human.pt)")
+    if cfg.model.init_from and not Path(cfg.model.init_from).is_file():
+        raise ConfigError(f"model.init_from: '{cfg.model.init_from}' is not a file; pass a "
+                          ".safetensors or torch state dict of the backbone")
+    if not 0.0 <= pl.threshold <= 1.0:
+        raise ConfigError(f"pseudo_label.threshold: must lie in [0, 1], got {pl.threshold}")
+    if pl.mu < 1 or pl.unlabelled_weight < 0:
+        raise ConfigError(f"pseudo_label.mu must be >= 1 and pseudo_label.unlabelled_weight "
+                          f">= 0, got {pl.mu} and {pl.unlabelled_weight}")
+    if not 0.0 <= cfg.supervised.label_smoothing < 1.0:
+        raise ConfigError("supervised.label_smoothing: must lie in [0, 1), got "
+                          f"{cfg.supervised.label_smoothing}")
 
 
 def _validate_batches(cfg: Config) -> None:

@@ -46,9 +46,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if trainer.accelerator.is_main_process:
-        from ssl_ema.engine.report import knn_table
-
-        print(knn_table(result, trainer))
+        print(trainer.evaluation.table(result))
     return 0
 
 

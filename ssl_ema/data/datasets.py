@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from ssl_ema.config import Config, ConfigError
-from ssl_ema.data import views
+from ssl_ema.config import CLASSIFICATION_METHODS, Config, ConfigError
+from ssl_ema.data import classify_views, views
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -104,6 +104,7 @@ class DataBundle:
     skipped_files: int = 0  # unreadable images left out (data.corrupt=skip)
     mean: tuple[float, ...] = ()  # the normalisation of every view (device pipeline)
     std: tuple[float, ...] = ()
+    val_eval: Dataset | None = None  # (x, label), un-augmented: labels.val_fraction held out
 
 
 def _unreadable(paths: Sequence[str]) -> list[str]:
@@ -163,7 +164,11 @@ def _multicrop(cfg: Config) -> dict[str, Any]:
 
 
 def _digits_train_views(cfg: Config, mean: float, std: float) -> views.Transform:
-    """The method's views: a BYOL pair, or DINO's multi-crop."""
+    """The method's views: a BYOL pair, DINO's multi-crop, or a classifier's weak/strong."""
+    if cfg.method.name in CLASSIFICATION_METHODS:
+        pl = cfg.pseudo_label
+        return classify_views.digits_weak_strong(cfg.data.image_size, mean, std,
+                                                 pl.randaugment_ops, pl.randaugment_magnitude)
     if cfg.method.name == "dino":
         return views.digits_multicrop(cfg.data.image_size, mean, std, **_multicrop(cfg))
     return views.digits_views(cfg.data.image_size, mean, std)
@@ -171,6 +176,10 @@ def _digits_train_views(cfg: Config, mean: float, std: float) -> views.Transform
 
 def _rgb_train_views(cfg: Config, mean: tuple[float, ...], std: tuple[float, ...]
                      ) -> views.Transform:
+    if cfg.method.name in CLASSIFICATION_METHODS:
+        pl = cfg.pseudo_label
+        return classify_views.rgb_weak_strong(cfg.data.image_size, mean, std,
+                                              pl.randaugment_ops, pl.randaugment_magnitude)
     if cfg.method.name == "dino":
         return views.dino_rgb_views(cfg.data.image_size, mean, std, **_multicrop(cfg))
     return views.byol_rgb_views(cfg.data.image_size, mean, std)
@@ -270,7 +279,13 @@ BUILDERS: dict[str, Callable[[Config], DataBundle]] = {
 def build_data(cfg: Config) -> DataBundle:
     """Build the data a recipe names; raises DataError with the fix when it is missing."""
     bundle = BUILDERS[cfg.data.dataset](cfg)
+    if cfg.method.name in CLASSIFICATION_METHODS:  # splits, noisy labels, labelled subset
+        from ssl_ema.data.labels import apply_labels
+
+        bundle = apply_labels(bundle, cfg)
     n, seed = cfg.data.eval_subset, cfg.run.seed
     bundle.train_eval = _subset(bundle.train_eval, n, seed)
     bundle.test_eval = _subset(bundle.test_eval, n, seed + 1)
+    if bundle.val_eval is not None:
+        bundle.val_eval = _subset(bundle.val_eval, n, seed + 2)
     return bundle

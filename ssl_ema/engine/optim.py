@@ -30,7 +30,8 @@ def build_optimizer(module: nn.Module, cfg: OptimConfig, lr: float) -> torch.opt
     # ResNet-18 BYOL step on an H100, see docs/RESULTS.md); elsewhere the foreach default.
     fused = {"fused": True} if all(p.is_cuda for p in module.parameters()) else {}
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, **fused)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                               **fused)
     if cfg.name == "lars":
         return LARS(groups, lr=lr, momentum=cfg.momentum)
     # Adam's betas and eps are set per batch size by `ScaledHyperparams.apply` (square-root rule).

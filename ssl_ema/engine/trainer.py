@@ -37,7 +37,7 @@ from ssl_ema.engine.optim import build_optimizer
 from ssl_ema.engine.run import cpu_processes
 from ssl_ema.engine.scaled import ScaledHyperparams, resolve
 from ssl_ema.engine.tracking import MetricsLog, device_name, git_sha, versions
-from ssl_ema.eval.teacher_student import knn_evaluate
+from ssl_ema.eval.evaluations import Evaluation, build_evaluation
 from ssl_ema.methods import TeacherStudentMethod, build_method
 from ssl_ema.schedules import batch_at_epoch, cosine, warmup_cosine
 
@@ -50,7 +50,7 @@ class TrainState:
     samples_seen: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0  # micro-batches consumed in the current epoch
-    knn_random: float = -1.0  # kNN accuracy of the randomly initialised backbone
+    knn_random: float = -1.0  # baseline: the random-init student's score (kNN or top-1)
     skipped_steps: int = 0  # optimizer steps dropped for a non-finite loss (train.nonfinite)
 
     def state_dict(self) -> dict[str, Any]:
@@ -101,7 +101,7 @@ class Trainer:
                                for e in range(cfg.train.epochs)})
         self.per_device = {b: per_device_batch(cfg, world, b) for b in self.batches}
         self.data: DataBundle = build_data(cfg)  # data errors surface before any model is built
-        method = build_method(cfg, self.data.in_chans)
+        method = build_method(cfg, self.data.in_chans, self.data.num_classes)
         if cfg.train.sync_batchnorm and world > 1:
             if self.accelerator.device.type != "cuda":
                 raise ConfigError("train.sync_batchnorm needs CUDA devices (NCCL); set it to "
@@ -132,6 +132,8 @@ class Trainer:
         self.model: TeacherStudentMethod = self.accelerator.unwrap_model(self.method)
         self.ema = EMA(self.model.student_for_ema(), [self.model.teacher, *self.model.ema_copies],
                        buffers=cfg.ema.buffers, fused=cfg.ema.fused)
+        # The method names its evaluation (kNN of features, or top-1 of its classifier).
+        self.evaluation: Evaluation = build_evaluation(self)
         self.state = TrainState()
         self.log = MetricsLog(run_dir / "metrics.jsonl", self.accelerator.is_main_process)
         gather = self.accelerator.gather
@@ -229,10 +231,8 @@ class Trainer:
 
     # ----------------------------------------------------------------------------- evaluation
     def evaluate(self) -> dict[str, float]:
-        """Weighted kNN top-1 of teacher, student and EMA copies on held-out data."""
-        return knn_evaluate(self.model, self.cfg,
-                            self.accelerator, self.bank_loader, self.query_loader,
-                            self.data.num_classes, gather=not self.on_device)
+        """The method's evaluation of teacher, student and EMA copies on held-out data."""
+        return self.evaluation.evaluate(self.state.epoch)
 
     def _eval_due(self, epoch_done: int) -> bool:
         every = self.cfg.eval.every_epochs
@@ -374,7 +374,8 @@ class Trainer:
         self._check_finite()
         save_checkpoint(self.accelerator, self.run_dir, self.state.step,
                         self.cfg.train.keep_checkpoints,
-                        {"train": self.state.state_dict(), "ema": self.ema.state_dict()})
+                        {"train": self.state.state_dict(), "ema": self.ema.state_dict(),
+                         "evaluation": self.evaluation.state_dict()})
         self._mark()
 
     def _log_eval(self) -> dict[str, float]:
@@ -393,10 +394,12 @@ class Trainer:
             counters = load_checkpoint(acc, self.resume_from)
             st.load_state_dict(counters["train"])
             self.ema.load_state_dict(counters["ema"])
+            self.evaluation.load_state_dict(counters.get("evaluation", {}))
         self._write_header()
         self._mark()
         if st.step == 0 and st.knn_random < 0:
-            st.knn_random = self._log_eval()["knn_student"]  # student == teacher == random init
+            # student == teacher == random init
+            st.knn_random = self._log_eval()[self.evaluation.baseline_key]
         self.method.train()
         bar = tqdm(total=self.total_steps, initial=st.step, disable=not acc.is_main_process,
                    desc="train", dynamic_ncols=True,
@@ -409,8 +412,8 @@ class Trainer:
         bar.close()
         result = self._log_eval()  # the final evaluation, always
         self._save()
-        final = {"knn_random": st.knn_random, **result, "step": st.step,
-                 "samples_seen": st.samples_seen}
+        final = {self.evaluation.baseline_name: st.knn_random, **result, "step": st.step,
+                 "samples_seen": st.samples_seen, **self.evaluation.summary()}
         if acc.is_main_process:
             (self.run_dir / "results.json").write_text(json.dumps(final, indent=2) + "\n")
         return final

@@ -13,9 +13,11 @@ from torch import nn
 
 @torch.no_grad()
 def extract_features(
-    backbone: nn.Module, loader: Iterable[Any], accelerator: Accelerator | None = None
+    backbone: nn.Module, loader: Iterable[Any], accelerator: Accelerator | None = None,
+    normalize: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """L2-normalised features ``(N, D)`` and labels ``(N,)`` of every item of ``loader``.
+    """L2-normalised features ``(N, D)`` and labels ``(N,)`` of every item of ``loader``
+    (``normalize=False``: the outputs as they are, e.g. a classifier's logits).
 
     The backbone runs in eval mode (BatchNorm running statistics) and is restored to its previous
     mode. With a prepared loader each process embeds its shard; `gather_for_metrics` drops the
@@ -28,7 +30,8 @@ def extract_features(
         if accelerator is None:
             device = next(backbone.parameters()).device
             x, y = x.to(device), y.to(device)
-        f = F.normalize(backbone(x).float(), dim=1)  # (B, D)
+        f = backbone(x).float()  # (B, D)
+        f = F.normalize(f, dim=1) if normalize else f
         if accelerator is not None:
             f, y = accelerator.gather_for_metrics((f, y))
         feats.append(f)

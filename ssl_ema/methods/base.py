@@ -26,6 +26,9 @@ class TeacherStudentMethod(nn.Module, ABC):
     student: nn.ModuleDict
     teacher: nn.ModuleDict
     ema_copies: nn.ModuleList
+    # How the engine evaluates this method (`ssl_ema.eval.evaluations.EVALUATIONS`): "knn" on
+    # frozen backbone features, or "classify" (top-1 of the method's own classifier).
+    evaluation: str = "knn"
 
     def __init__(self, build_modules: Callable[[], dict[str, nn.Module]], teacher_keys: list[str],
                  num_ema_copies: int = 0):
@@ -61,6 +64,11 @@ class TeacherStudentMethod(nn.Module, ABC):
     def before_optimizer_step(self) -> None:
         """Called after gradients are synchronised (and clipped), before the step: e.g. drop
         gradients of frozen layers. Default: nothing."""
+
+    def epoch_metrics(self) -> dict[str, torch.Tensor]:
+        """Sums accumulated since the last call (then reset), reported with each evaluation and
+        summed over processes, e.g. pseudo-label counts. Default: none."""
+        return {}
 
     @abstractmethod
     def momentum(self, progress: float) -> float:

@@ -1,0 +1,118 @@
+"""Top-1 accuracy of every model a classification run holds, for the supervised and
+pseudo-labelling methods: the student (last iterate), the teacher and each EMA copy, on the
+validation split (if any) and the test set, each with the BatchNorm statistics it has and with
+statistics recomputed on training images (Morales-Brotons et al. 2024, Sec. 5: an EMA of weights
+is a different network from any iterate; recomputing helps and rescues the slowest EMAs).
+
+Recomputation is done on the side: the statistics a model trains on are restored afterwards, so
+an evaluation never changes the run (resume stays exact). The pseudo-labelling epoch metrics
+(mask rate, pseudo-label accuracy against the hidden true labels) are reported alongside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ssl_ema.ema import recompute_batchnorm
+from ssl_ema.eval.early_stopping import BestModel, Choice
+from ssl_ema.eval.features import extract_features
+from ssl_ema.eval.teacher_student import sync_buffers
+
+if TYPE_CHECKING:
+    from ssl_ema.engine.trainer import Trainer
+
+
+@torch.no_grad()
+def top1(model: nn.Module, loader: DataLoader, accelerator: Any) -> float:
+    logits, labels = extract_features(model, loader, accelerator, normalize=False)  # (N, K)
+    return (logits.argmax(dim=1) == labels).float().mean().item()
+
+
+def pseudo_label_rates(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mask rate and pseudo-label accuracy (of the masked, and of all) from summed counts."""
+    if not sums or float(sums["pl_seen"]) == 0:
+        return {}
+    seen, masked = float(sums["pl_seen"]), float(sums["pl_masked"])
+    out = {"mask_rate": masked / seen,
+           "pseudo_label_accuracy_all": float(sums["pl_correct"]) / seen}
+    if masked:  # the accuracy of the pseudo-labels used: undefined while none passes tau
+        out["pseudo_label_accuracy"] = float(sums["pl_correct_masked"]) / masked
+    return out
+
+
+class ClassifierEvaluation:
+    """Keys ``acc_<model>_<split>[_bn]``; tracks the best EMA and epoch on validation."""
+
+    baseline_key, baseline_name = "acc_student_test", "random_init_test"
+
+    def __init__(self, trainer: Trainer):
+        self.trainer, acc = trainer, trainer.accelerator
+        self.splits: dict[str, DataLoader] = {}
+        if trainer.data.val_eval is not None:
+            val = DataLoader(trainer.data.val_eval, batch_size=256,
+                             num_workers=trainer.cfg.data.num_workers)
+            self.splits["val"] = acc.prepare(val)
+        self.splits["test"] = trainer.query_loader
+        self.best = BestModel(trainer.run_dir, acc.is_main_process) if "val" in self.splits \
+            else None
+
+    def models(self) -> list[tuple[str, nn.ModuleDict]]:
+        m, momenta = self.trainer.model, self.trainer.cfg.ema.extra_momenta
+        return [("student", m.student), ("teacher", m.teacher),
+                *((f"ema_{x:g}", copy) for x, copy in zip(momenta, m.ema_copies))]
+
+    def _scores(self, net: nn.Module) -> dict[str, float]:
+        acc = self.trainer.accelerator
+        with acc.autocast():
+            return {split: top1(net, loader, acc) for split, loader in self.splits.items()}
+
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        t, acc = self.trainer, self.trainer.accelerator
+        sums = {k: acc.reduce(v.to(acc.device), "sum")
+                for k, v in t.model.epoch_metrics().items()}
+        out: dict[str, float] = pseudo_label_rates(sums)
+        sync_buffers(t.model, acc)
+        batches = t.cfg.ema.recompute_bn_batches
+        for name, modules in self.models():
+            net = nn.Sequential(modules["backbone"], modules["classifier"])
+            self._record(out, name, False, self._scores(net), modules, epoch)
+            if batches:
+                saved = {k: b.clone() for k, b in net.named_buffers()}
+                recompute_batchnorm(net, t.bank_loader, batches, acc.device,
+                                    lambda x: acc.reduce(x, "mean"))
+                self._record(out, name, True, self._scores(net), modules, epoch)
+                for k, b in net.named_buffers():
+                    b.copy_(saved[k])
+        return out
+
+    def _record(self, out: dict[str, float], name: str, bn: bool, scores: dict[str, float],
+                modules: nn.ModuleDict, epoch: int) -> None:
+        suffix = "_bn" if bn else ""
+        for split, value in scores.items():
+            out[f"acc_{name}_{split}{suffix}"] = value
+        if self.best is not None:
+            choice = Choice(name, bn, epoch, self.trainer.state.step, scores["val"],
+                            scores["test"])
+            self.best.offer(choice, modules.state_dict())
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.best.state_dict() if self.best is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.best is not None:
+            self.best.load_state_dict(state)
+
+    def summary(self) -> dict[str, Any]:
+        if self.best is None:
+            return {}
+        return {f"best_{kind}": asdict(c) for kind, c in self.best.best.items()}
+
+    def table(self, result: dict[str, Any]) -> str:
+        from ssl_ema.eval.classify_report import classification_table
+
+        return classification_table(result, self)

@@ -1,0 +1,70 @@
+"""How the engine evaluates a method: the method names its evaluation, the trainer runs it.
+
+- ``knn``: weighted kNN on frozen backbone features of teacher, student and EMA copies (the
+  self-supervised methods; `eval.teacher_student`).
+- ``classify``: top-1 of the method's own classifier for every model, with and without
+  BatchNorm recomputation, and EMA early stopping on a validation split (`eval.classify`).
+
+An evaluation has ``evaluate(epoch) -> metrics``, a baseline (the score of the random-init
+student before training), JSON state for checkpoints, extra ``summary()`` for results.json, and
+the end-of-run ``table``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ssl_ema.eval.classify import ClassifierEvaluation
+from ssl_ema.eval.teacher_student import knn_evaluate
+
+if TYPE_CHECKING:
+    from ssl_ema.engine.trainer import Trainer
+
+
+class Evaluation(Protocol):
+    baseline_key: str  # the metric of the random-init student, logged before training ...
+    baseline_name: str  # ... and written to results.json under this name
+
+    def evaluate(self, epoch: int) -> dict[str, float]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def summary(self) -> dict[str, Any]: ...
+
+    def table(self, result: dict[str, Any]) -> str: ...
+
+
+class KNNEvaluation:
+    baseline_key, baseline_name = "knn_student", "knn_random"
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+
+    def evaluate(self, epoch: int) -> dict[str, float]:
+        t = self.trainer
+        return knn_evaluate(t.model, t.cfg, t.accelerator, t.bank_loader, t.query_loader,
+                            t.data.num_classes, gather=not t.on_device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def summary(self) -> dict[str, Any]:
+        return {}
+
+    def table(self, result: dict[str, Any]) -> str:
+        from ssl_ema.engine.report import knn_table
+
+        return knn_table(result, self.trainer)
+
+
+EVALUATIONS: dict[str, type[Evaluation]] = {"knn": KNNEvaluation,  # type: ignore[dict-item]
+                                            "classify": ClassifierEvaluation}
+
+
+def build_evaluation(trainer: Trainer) -> Evaluation:
+    return EVALUATIONS[trainer.model.evaluation](trainer)

@@ -1,0 +1,1 @@
+"""Loss functions that lightly does not provide (pure functions of tensors)."""

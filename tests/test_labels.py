@@ -1,0 +1,96 @@
+"""Labelled subsets, validation splits and CIFAR-10N noisy labels (ssl_ema/data/labels.py)."""
+
+from __future__ import annotations
+
+import re
+import tarfile
+
+import numpy as np
+import pytest
+
+from ssl_ema.config import load_config
+from ssl_ema.data import build_data
+from ssl_ema.data.datasets import digits_split
+from ssl_ema.data.labels import per_class_subset, stratified_split
+from ssl_ema.data.noisy_labels import (
+    attach_noisy_labels,
+    imagefolder_original_index,
+    load_cifar10n,
+)
+from tests.conftest import SHARED_DATA
+
+CIFAR10N = SHARED_DATA / "cifar10n" / "CIFAR-10_human.pt"
+CIFAR10_JPG = SHARED_DATA / "cifar10-jpg.tar.gz"
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
+           "truck"]
+
+
+def test_labelled_subset_is_by_count_per_class_and_seeded() -> None:
+    y = digits_split()[2]  # the 1,437 training labels
+    a = per_class_subset(y, 10, seed=0)
+    assert np.bincount(y[a]).tolist() == [10] * 10
+    assert np.array_equal(a, per_class_subset(y, 10, seed=0))  # reproducible ...
+    assert not np.array_equal(a, per_class_subset(y, 10, seed=1))  # ... and a function of seed
+    assert len(np.unique(a)) == 100
+    with pytest.raises(ValueError, match="class 0 has only"):
+        per_class_subset(y, 1000, seed=0)
+
+
+def test_pseudo_label_bundle_splits_labelled_and_unlabelled() -> None:
+    cfg = load_config(None, ["method.name=pseudo_label", "labels.per_class=4",
+                             "pseudo_label.mu=3", "labels.val_fraction=0.2"])
+    data = build_data(cfg)
+    items = data.train.source
+    y = digits_split()[2]
+    val = np.asarray(data.val_eval.source.indices)
+    assert np.bincount(y[items.labelled]).tolist() == [4] * 10
+    # unlabelled = training images that are neither labelled nor held out for validation
+    assert set(items.unlabelled) | set(items.labelled) | set(val) == set(range(len(y)))
+    assert not set(items.unlabelled) & set(items.labelled)
+    assert not set(val) & (set(items.unlabelled) | set(items.labelled))
+    assert len(data.train) == len(items.unlabelled) // 3
+    x, u_weak, u_strong, labels = data.train[5]
+    assert u_weak.shape == u_strong.shape == (3, *x.shape) and labels.shape == (4,)
+    group = items.unlabelled[15:18]
+    assert labels[1:].tolist() == y[group].tolist()  # hidden true labels of the unlabelled
+    again = data.train[5]  # the same (seed, epoch, index) -> the same views
+    assert all((a == b).all() for a, b in zip(again, (x, u_weak, u_strong, labels)))
+
+
+def test_validation_split_is_stratified_disjoint_and_seeded() -> None:
+    y = digits_split()[2]
+    train, val = stratified_split(y, 0.2, seed=0)
+    assert not set(train) & set(val) and len(train) + len(val) == len(y)
+    per_class = np.bincount(y)
+    assert np.all(np.abs(np.bincount(y[val]) - 0.2 * per_class) <= 0.5)
+    assert np.array_equal(val, stratified_split(y, 0.2, seed=0)[1])
+    assert not np.array_equal(val, stratified_split(y, 0.2, seed=1)[1])
+
+
+@pytest.mark.skipif(not CIFAR10N.is_file() or not CIFAR10_JPG.is_file(),
+                    reason="needs ../shared/data (CIFAR-10N labels and the CIFAR-10 JPEG copy); "
+                           "absent in a fresh clone")
+def test_cifar10n_labels_line_up_with_the_jpeg_copy_at_the_published_rates() -> None:
+    """Attach CIFAR-10N to the JPEG copy's train files by name (the archive is listed, not
+    unpacked): the folder classes must equal the clean labels exactly, and each noisy set must
+    disagree with them at the rate Wei et al. (2022) publish."""
+    pattern = re.compile(r"train/(\w+)/(\d+)\.jpg$")
+    with tarfile.open(CIFAR10_JPG) as tar:
+        names = sorted(m.group(0) for n in tar.getnames() if (m := pattern.search(n)))
+    samples = [(n, CLASSES.index(n.split("/")[1])) for n in names]
+    assert len(samples) == 50_000
+    sets = load_cifar10n(CIFAR10N)
+    index = imagefolder_original_index(samples, sets["clean"])
+    assert sorted(index.tolist()) == list(range(50_000))  # a bijection onto the original order
+    folder = np.array([c for _, c in samples])
+    rates = {name: float((attach_noisy_labels(folder, index, sets, name) != folder).mean())
+             for name in ("clean", "aggre", "random1", "random2", "random3", "worse")}
+    assert rates["clean"] == 0.0
+    assert rates["aggre"] == pytest.approx(0.0901, abs=1e-4)
+    assert rates["worse"] == pytest.approx(0.4021, abs=1e-4)
+    for name in ("random1", "random2", "random3"):
+        assert 0.17 <= rates[name] <= 0.182
+    shuffled = folder.copy()
+    shuffled[:10] = (shuffled[:10] + 1) % 10  # images that do not match are refused
+    with pytest.raises(ValueError, match="10 of 50000 images disagree"):
+        attach_noisy_labels(shuffled, index, sets, "aggre")
