@@ -37,6 +37,7 @@ class LinearProbe:
     bias: torch.Tensor  # (C,)
     weight_decay: float
     val_accuracy: dict[float, float]  # the sweep: weight decay -> validation accuracy
+    val_nll: dict[float, float]  # ... and validation NLL (breaks ties in accuracy)
 
     @torch.no_grad()
     def logits(self, features: torch.Tensor) -> torch.Tensor:
@@ -100,8 +101,9 @@ def _cpu_threads_for(x: torch.Tensor) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def _accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
-    return (logits.argmax(1) == y).double().mean().item()
+def _scores(logits: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
+    """(accuracy, negative NLL) on validation: larger is better for both."""
+    return (logits.argmax(1) == y).double().mean().item(), -F.cross_entropy(logits, y).item()
 
 
 def train_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
@@ -110,8 +112,9 @@ def train_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes
                        ) -> tuple[LinearProbe, torch.Tensor]:
     """Fit on the training part of ``features (N, D)``; pick wd by validation accuracy.
 
-    Returns the probe and the validation indices (for temperature scaling). Ties in accuracy go
-    to the larger weight decay (the simpler model). Runs in float64 on the features' device:
+    Returns the probe and the validation indices (for temperature scaling). Ties in accuracy
+    (frequent: a validation split of a few hundred images moves in steps of 1/n) go to the
+    lower validation NLL. Runs in float64 on the features' device:
     L-BFGS's stopping tests are then not limited by rounding. ``max_iter`` L-BFGS iterations per
     weight decay: warm-started, the strong ones converge well within it; on separable features
     the weakest ones would need thousands to approach their (huge-norm) optimum, and their
@@ -123,15 +126,17 @@ def train_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes
     mean = x[train_idx].mean(0)
     std = x[train_idx].std(0).clamp_min(1e-6)  # constant features (dead ReLUs) stay at 0
     z = (x - mean) / std
-    sweep: dict[float, float] = {}
+    sweep: dict[float, tuple[float, float]] = {}
     params: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
     init = None
     for wd in sorted(weight_decays, reverse=True):  # strong -> weak: each warm-starts the next
         with _cpu_threads_for(z):
             init = fit_logistic(z[train_idx], y[train_idx], num_classes, wd, init, max_iter)
         params[wd] = init
-        sweep[wd] = _accuracy(z[val_idx] @ init[0].t() + init[1], y[val_idx])
-    best = max(sorted(sweep, reverse=True), key=lambda wd: sweep[wd])  # first max: largest wd
+        sweep[wd] = _scores(z[val_idx] @ init[0].t() + init[1], y[val_idx])
+    best = max(sweep, key=lambda wd: sweep[wd])
     w, b = params[best]
-    probe = LinearProbe(mean, std, w, b, best, dict(sorted(sweep.items())))
+    ordered = sorted(sweep.items())
+    probe = LinearProbe(mean, std, w, b, best, {wd: acc for wd, (acc, _) in ordered},
+                        {wd: -neg_nll for wd, (_, neg_nll) in ordered})
     return probe, val_idx

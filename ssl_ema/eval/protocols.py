@@ -89,6 +89,7 @@ def linear_protocol(f: FrozenFeatures, val_fraction: float = 0.1) -> ProbeResult
                                                  val_labels)
     metrics["weight_decay"] = probe.weight_decay
     metrics["val_accuracy"] = {f"{wd:g}": a for wd, a in probe.val_accuracy.items()}
+    metrics["val_nll"] = {f"{wd:g}": v for wd, v in probe.val_nll.items()}
     return ProbeResult(metrics, test_logits.softmax(1).cpu(), f.test_labels.cpu())
 
 
