@@ -67,6 +67,12 @@ def evaluate_checkpoint(path: str, args: argparse.Namespace, device: torch.devic
     return out
 
 
+def probs(r: ProbeResult) -> torch.Tensor:
+    if r.test_probs is None:
+        raise ValueError("this protocol gives no probabilities; use --protocol linear")
+    return r.test_probs
+
+
 def consistency(results: dict[str, dict[str, ProbeResult]]) -> dict[str, Any]:
     """Churn and JS divergence: teacher vs student in each run, and each role across runs."""
     from ssl_ema.eval.consistency import pairwise_consistency
@@ -74,13 +80,11 @@ def consistency(results: dict[str, dict[str, ProbeResult]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for ckpt, roles in results.items():
         if len(roles) > 1:
-            out[f"roles in {ckpt}"] = pairwise_consistency(
-                {r: p.test_probs for r, p in roles.items() if p.test_probs is not None})
+            out[f"roles in {ckpt}"] = pairwise_consistency({r: probs(p) for r, p in roles.items()})
     if len(results) > 1:
         for role in next(iter(results.values())):
             out[f"{role} across runs"] = pairwise_consistency(
-                {c: roles[role].test_probs for c, roles in results.items()
-                 if roles[role].test_probs is not None})
+                {c: probs(roles[role]) for c, roles in results.items()})
     return out
 
 
@@ -116,9 +120,10 @@ def write_outputs(args: argparse.Namespace, results: dict[str, dict[str, ProbeRe
         from ssl_ema.eval.calibration import reliability_diagram
 
         several = len(results) > 1  # curves named "#<position on the command line> <role>"
-        curves = {(f"#{i + 1} {r}" if several else r): p.test_probs
+        curves = {(f"#{i + 1} {r}" if several else r): probs(p)
                   for i, roles in enumerate(results.values()) for r, p in roles.items()}
         labels = next(iter(next(iter(results.values())).values())).test_labels
+        assert labels is not None  # the linear protocol returns them with its probabilities
         reliability_diagram(curves, labels, out.with_name(f"{out.stem}-reliability.png"),
                             title="linear probes, 15 equal-mass bins")
     return out

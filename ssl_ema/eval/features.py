@@ -51,7 +51,7 @@ def cached_features(backbone: nn.Module, loader: DataLoader, cache: Path | None
     from safetensors.torch import load_file, save_file
 
     if cache is not None and cache.is_file():
-        saved = load_file(str(cache))
+        saved = load_file(str(cache), device=str(next(backbone.parameters()).device))
         return saved["features"], saved["labels"]
     feats, labels = extract_features(backbone, loader, normalize=False)
     if cache is not None:

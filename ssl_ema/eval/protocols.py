@@ -62,13 +62,13 @@ def embed(backbone: nn.Module, train: Dataset, test: Dataset, num_classes: int,
           cache_prefix: Path | None, batch_size: int = 256, num_workers: int = 0
           ) -> FrozenFeatures:
     """Features of both splits (cached as ``<prefix>-{train,test}.safetensors`` if a prefix)."""
-    out = []
+    out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for split, ds in (("train", train), ("test", test)):
         loader = DataLoader(ds, batch_size=batch_size, num_workers=num_workers)
         cache = None if cache_prefix is None else \
             cache_prefix.with_name(f"{cache_prefix.name}-{split}.safetensors")
-        out.extend(cached_features(backbone, loader, cache))
-    return FrozenFeatures(*out, num_classes=num_classes)
+        out[split] = cached_features(backbone, loader, cache)
+    return FrozenFeatures(*out["train"], *out["test"], num_classes=num_classes)
 
 
 def knn_protocol(f: FrozenFeatures, k: int = 200, temperature: float = 0.1) -> ProbeResult:

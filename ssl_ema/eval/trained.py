@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 from safetensors.torch import load_file
 from torch import nn
@@ -38,7 +39,7 @@ class TrainedRun:
         available = {"teacher": self.method.teacher_backbone,
                      "student": self.method.student_backbone}
         for m, copy in zip(self.cfg.ema.extra_momenta, self.method.ema_copies):
-            available[f"ema_{m:g}"] = copy["backbone"]
+            available[f"ema_{m:g}"] = cast(nn.ModuleDict, copy)["backbone"]
         unknown = [r for r in roles if r not in available]
         if unknown:
             raise ConfigError(f"role '{unknown[0]}' is not in this run; valid: "

@@ -57,7 +57,7 @@ def _fashion_mnist(root: Path | None) -> Downstream:
         images, labels = load_fashion_mnist(root, split)
         splits.append(TensorImages(torch.from_numpy(images).unsqueeze(1),  # (N, 1, 28, 28) uint8
                                    torch.from_numpy(labels)))
-    return Downstream("fashion_mnist", *splits, num_classes=10)
+    return Downstream("fashion_mnist", splits[0], splits[1], num_classes=10)
 
 
 def _imagefolder(root: Path | None, name: str = "imagefolder") -> Downstream:
