@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -89,9 +90,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     backbone = backbone.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     size = args.image_size or size
-    results = {d.name: transfer_evaluate(backbone, d, args.protocols, in_chans=in_chans,
-                                         image_size=size, subset=args.subset, k=args.k,
-                                         temperature=args.temperature) for d in data}
+    results = {}
+    for d in data:
+        start = time.perf_counter()
+        results[d.name] = transfer_evaluate(backbone, d, args.protocols, in_chans=in_chans,
+                                            image_size=size, subset=args.subset, k=args.k,
+                                            temperature=args.temperature)
+        results[d.name]["seconds"] = round(time.perf_counter() - start, 1)
+        print(f"{d.name}: done in {results[d.name]['seconds']} s", flush=True)
     print(f"transfer of {args.backbone} ({args.role}) at {size} px:")
     print(table(results, args.protocols))
     out = args.out or default_out

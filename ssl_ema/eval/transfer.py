@@ -14,6 +14,7 @@ JPEG copy of CIFAR-10), ``imagefolder=<root>`` (``root/{train,test}/<class>/*``)
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,9 +155,13 @@ def transfer_evaluate(backbone: nn.Module, data: Downstream, protocols: list[str
     """``{protocol: metrics}`` of ``backbone`` on ``data`` (``subset``: cap both splits)."""
     train_raw, test_raw = _subset(data.train, subset, 0), _subset(data.test, subset, 1)
     transform, train = backbone_input(train_raw, in_chans, image_size)
+    start = time.perf_counter()
     feats = embed(backbone, train, Transformed(test_raw, transform), data.num_classes, None,
                   batch_size)
-    out: dict[str, Any] = {"train_images": len(train), "test_images": len(test_raw)}  # type: ignore[arg-type]
+    out: dict[str, Any] = {"train_images": len(train), "test_images": len(test_raw),  # type: ignore[arg-type]
+                           "embed_seconds": round(time.perf_counter() - start, 1)}
     for protocol in protocols:
+        start = time.perf_counter()
         out[protocol] = run_protocol(protocol, feats, k, temperature).metrics
+        out[protocol]["seconds"] = round(time.perf_counter() - start, 1)
     return out
