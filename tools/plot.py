@@ -29,8 +29,10 @@ def main(argv: list[str] | None = None) -> int:
     from ssl_ema.engine.tracking import read_metrics
     from ssl_ema.eval.curves import plot_training_curves
 
-    names = [r.name if [x.name for x in args.runs].count(r.name) == 1 else str(r)
-             for r in args.runs]
+    # a run is named by its recipe (run dirs are <output>/<run.name>/<timestamp>) when that is
+    # unique among the runs given, else by its path
+    recipes = [r.resolve().parent.name for r in args.runs]
+    names = [n if recipes.count(n) == 1 else str(r) for n, r in zip(recipes, args.runs)]
     runs = {n: read_metrics(r / "metrics.jsonl") for n, r in zip(names, args.runs)}
     out = args.out or args.runs[0] / "curves.png"
     plot_training_curves(runs, out)

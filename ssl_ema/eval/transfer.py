@@ -135,17 +135,30 @@ class MatchChannels:
                         "backbone")
 
 
-def backbone_input(ds: Dataset, in_chans: int, image_size: int, stats_items: int = 512
-                   ) -> tuple[v2.Compose, Transformed]:
-    """The transform to the backbone's input and ``ds`` through it, standardised per channel
-    with the mean/std of (a fixed subset of) ``ds``'s images."""
-    base = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
-                       MatchChannels(in_chans), v2.Resize(image_size, antialias=True),
-                       v2.CenterCrop(image_size)])
-    sample = _subset(Transformed(ds, base), stats_items, seed=0)
-    pixels = torch.stack([sample[i][0] for i in range(len(sample))])  # type: ignore[arg-type]
-    mean, std = pixels.mean((0, 2, 3)), pixels.std((0, 2, 3)).clamp_min(1e-6)
-    full = v2.Compose([base, v2.Normalize(mean.tolist(), std.tolist())])
+def pixel_statistics(ds: Dataset, to_tensor: v2.Compose, items: int = 2048
+                     ) -> tuple[list[float], list[float]]:
+    """Per-channel mean and (population) std of the native-resolution pixels of a fixed subset
+    of ``ds``, as published normalisation constants are computed (and digits' own, in
+    ``data/datasets.py``): before resizing, which would smooth the std down. Images of
+    different sizes are fine: per-image sums are accumulated."""
+    sample = _subset(Transformed(ds, to_tensor), items, seed=0)
+    count = total = squares = torch.zeros((), dtype=torch.float64)
+    for i in range(len(sample)):  # type: ignore[arg-type]
+        x = sample[i][0].double().flatten(1)  # (C, H*W)
+        count, total, squares = count + x.shape[1], total + x.sum(1), squares + x.pow(2).sum(1)
+    mean = total / count  # (C,)
+    std = (squares / count - mean**2).clamp_min(1e-12).sqrt()
+    return mean.tolist(), std.tolist()
+
+
+def backbone_input(ds: Dataset, in_chans: int, image_size: int) -> tuple[v2.Compose, Transformed]:
+    """The transform to the backbone's input, standardised per channel with ``ds``'s pixel
+    statistics, and ``ds`` through it."""
+    to_tensor = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
+                            MatchChannels(in_chans)])
+    mean, std = pixel_statistics(ds, to_tensor)
+    full = v2.Compose([to_tensor, v2.Resize(image_size, antialias=True),
+                       v2.CenterCrop(image_size), v2.Normalize(mean, std)])
     return full, Transformed(ds, full)
 
 
