@@ -81,7 +81,9 @@ def consistency(results: dict[str, dict[str, ProbeResult]]) -> dict[str, Any]:
     for ckpt, roles in results.items():
         if len(roles) > 1:
             out[f"roles in {ckpt}"] = pairwise_consistency({r: probs(p) for r, p in roles.items()})
-    if len(results) > 1:
+    labels = [next(iter(roles.values())).test_labels for roles in results.values()]
+    same_inputs = all(y is not None and torch.equal(y, labels[0]) for y in labels)  # type: ignore[arg-type]
+    if len(results) > 1 and same_inputs:  # runs on other test data: nothing to compare
         for role in next(iter(results.values())):
             out[f"{role} across runs"] = pairwise_consistency(
                 {c: probs(roles[role]) for c, roles in results.items()})
