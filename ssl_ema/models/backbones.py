@@ -24,27 +24,38 @@ def apply_cifar_stem(model: nn.Module) -> None:
     model.maxpool = nn.Identity()
 
 
-def build_backbone(
-    name: str, *, in_chans: int = 3, image_size: int = 224, cifar_stem: bool = False,
-    patch_size: int = 0,
-) -> nn.Module:
-    """A timm model without classifier (``num_classes=0``): ``forward(x) -> (B, num_features)``.
+def create_timm_backbone(
+    name: str, *, in_chans: int = 3, image_size: int = 224, patch_size: int = 0,
+) -> tuple[nn.Module, dict[str, object]]:
+    """The timm model without classifier and the ``timm.create_model`` kwargs that built it.
 
     Weights are random: SSL trains from scratch, and tests must not need the internet.
     Transformers get the image size for their position embeddings, ``dynamic_img_size`` so that
     multi-crop's smaller local views interpolate them (as DINO does), and ``patch_size`` if set.
+    The kwargs are returned so an exported backbone can record how to rebuild it
+    (``models/export.py``).
     """
-    kwargs: dict[str, object] = {"pretrained": False, "num_classes": 0, "in_chans": in_chans}
+    kwargs: dict[str, object] = {"num_classes": 0, "in_chans": in_chans}
     vit: dict[str, object] = {"img_size": image_size, "dynamic_img_size": True,
                               **({"patch_size": patch_size} if patch_size else {})}
     try:
-        model = timm.create_model(name, **vit, **kwargs)
+        return timm.create_model(name, pretrained=False, **vit, **kwargs), {**vit, **kwargs}
     except TypeError:
         if patch_size:
             raise ConfigError(
                 f"model.patch_size: '{name}' has no patch size; set it to 0"
             ) from None
-        model = timm.create_model(name, **kwargs)
+        return timm.create_model(name, pretrained=False, **kwargs), kwargs
+
+
+def build_backbone(
+    name: str, *, in_chans: int = 3, image_size: int = 224, cifar_stem: bool = False,
+    patch_size: int = 0,
+) -> nn.Module:
+    """A timm model without classifier (``num_classes=0``): ``forward(x) -> (B, num_features)``,
+    with the CIFAR stem if asked (see `create_timm_backbone`)."""
+    model, _ = create_timm_backbone(name, in_chans=in_chans, image_size=image_size,
+                                    patch_size=patch_size)
     if cifar_stem:
         apply_cifar_stem(model)
     return model

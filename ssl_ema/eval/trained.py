@@ -1,0 +1,93 @@
+"""The models of a finished (or interrupted) run, loaded from one of its checkpoints.
+
+A checkpoint is an Accelerate folder (``engine/checkpoint.py``) whose ``model.safetensors`` holds
+the method's whole state dict (``student.*``, ``teacher.*``, ``ema_copies.<i>.*``); the run's
+resolved ``config.yaml`` two levels up says how to rebuild the method. We rebuild it and load the
+file strictly, through safetensors (no unpickling), so a checkpoint that does not match the code
+is an error, never a silently half-loaded model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import cast
+
+from safetensors.torch import load_file
+from torch import nn
+
+from ssl_ema.config import Config, ConfigError, load_config
+from ssl_ema.engine.checkpoint import PREFIX, checkpoints
+from ssl_ema.methods import TeacherStudentMethod, build_method
+
+MODEL_FILE = "model.safetensors"
+
+
+@dataclass
+class TrainedRun:
+    """A run's config and the method restored from one checkpoint."""
+
+    cfg: Config
+    run_dir: Path
+    checkpoint: Path
+    method: TeacherStudentMethod
+    in_chans: int
+
+    def backbones(self, roles: Sequence[str]) -> dict[str, nn.Module]:
+        """Backbones by role: ``teacher``, ``student``, ``ema_<momentum>`` (extra momenta)."""
+        available = {"teacher": self.method.teacher_backbone,
+                     "student": self.method.student_backbone}
+        for m, copy in zip(self.cfg.ema.extra_momenta, self.method.ema_copies):
+            available[f"ema_{m:g}"] = cast(nn.ModuleDict, copy)["backbone"]
+        unknown = [r for r in roles if r not in available]
+        if unknown:
+            raise ConfigError(f"role '{unknown[0]}' is not in this run; valid: "
+                              f"{', '.join(available)}")
+        return {r: available[r] for r in roles}
+
+
+def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """(run dir, checkpoint dir) from a run directory (its newest checkpoint) or a checkpoint."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"checkpoint '{path}' does not exist; pass a run directory written by "
+                          "tools/train.py or one of its checkpoints/step_* folders")
+    if path.name.startswith(PREFIX) and path.parent.name == "checkpoints":
+        run_dir, ckpt = path.parent.parent, path
+    else:
+        found = checkpoints(path)
+        if not found:
+            raise ConfigError(f"no checkpoint under '{path}/checkpoints'; pass a run directory "
+                              "written by tools/train.py or one of its checkpoints/step_* folders")
+        run_dir, ckpt = path, found[-1]
+    for needed in (run_dir / "config.yaml", ckpt / MODEL_FILE):
+        if not needed.is_file():
+            raise ConfigError(f"'{needed}' is missing; the run directory is incomplete "
+                              "(pass a run written by tools/train.py)")
+    return run_dir, ckpt
+
+
+def _input_channels(cfg: Config, state: dict) -> int:
+    """Channels of the first convolution/patch embedding, read off the saved weights."""
+    probe = build_method(cfg, in_chans=3).student_backbone
+    for name, p in probe.named_parameters():
+        if p.dim() == 4:
+            return int(state[f"student.backbone.{name}"].shape[1])
+    return 3
+
+
+def load_run(path: str | Path, overrides: Sequence[str] = ()) -> TrainedRun:
+    """Rebuild the method of the run at ``path`` and load a checkpoint into it (strict).
+
+    ``overrides`` (``key.sub=value``) may change what does not touch the weights, e.g.
+    ``data.root`` when the data moved, or ``data.eval_subset``.
+    """
+    run_dir, ckpt = resolve_checkpoint(path)
+    cfg = load_config(run_dir / "config.yaml", overrides)
+    state = load_file(str(ckpt / MODEL_FILE))
+    in_chans = _input_channels(cfg, state)
+    method = build_method(cfg, in_chans)
+    method.load_state_dict(state, strict=True)
+    method.eval().requires_grad_(False)
+    return TrainedRun(cfg, run_dir, ckpt, method, in_chans)
