@@ -100,3 +100,8 @@ def test_every_recipe_is_valid(recipe: Path) -> None:
 def test_yaml_no_is_the_string_no_where_a_choice_is_expected() -> None:
     # YAML 1.1 reads a bare `no` as false; `mixed_precision: no` must still mean "no".
     assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+
+
+def test_exponent_floats_without_a_dot_are_numbers() -> None:
+    # YAML 1.1 reads `1e-3` as a string; a float field must still take it.
+    assert load_config(None, ["optim.lr=1e-3"]).optim.lr == 1e-3

@@ -10,7 +10,7 @@ is an error, never a silently half-loaded model.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import cast
 
@@ -20,6 +20,7 @@ from torch import nn
 from ssl_ema.config import Config, ConfigError, load_config
 from ssl_ema.engine.checkpoint import PREFIX, checkpoints
 from ssl_ema.methods import TeacherStudentMethod, build_method
+from ssl_ema.models.backbones import build_backbone
 
 MODEL_FILE = "model.safetensors"
 
@@ -70,7 +71,9 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
 
 def _input_channels(cfg: Config, state: dict) -> int:
     """Channels of the first convolution/patch embedding, read off the saved weights."""
-    probe = build_method(cfg, in_chans=3).student_backbone
+    m = cfg.model
+    probe = build_backbone(m.backbone, in_chans=3, image_size=cfg.data.image_size,
+                           cifar_stem=m.cifar_stem, patch_size=m.patch_size)
     for name, p in probe.named_parameters():
         if p.dim() == 4:
             return int(state[f"student.backbone.{name}"].shape[1])
@@ -85,9 +88,12 @@ def load_run(path: str | Path, overrides: Sequence[str] = ()) -> TrainedRun:
     """
     run_dir, ckpt = resolve_checkpoint(path)
     cfg = load_config(run_dir / "config.yaml", overrides)
+    # The checkpoint holds every weight: a fine-tuning run's model.init_from is not re-read.
+    cfg = replace(cfg, model=replace(cfg.model, init_from=""))
     state = load_file(str(ckpt / MODEL_FILE))
     in_chans = _input_channels(cfg, state)
-    method = build_method(cfg, in_chans)
+    classifier = state.get("student.classifier.weight")  # classification methods
+    method = build_method(cfg, in_chans, 0 if classifier is None else int(classifier.shape[0]))
     method.load_state_dict(state, strict=True)
     method.eval().requires_grad_(False)
     return TrainedRun(cfg, run_dir, ckpt, method, in_chans)
