@@ -1,0 +1,121 @@
+"""Checks of a whole `Config` that its field types cannot express: registered choices, timm model
+names, value ranges, labels and their files, batch divisibility. `config.from_dict` runs them, so
+every bad recipe or override fails as one `ConfigError` line before any work.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ssl_ema.config import CHOICES, CLASSIFICATION_METHODS, Config, ConfigError
+
+
+def validate(cfg: Config) -> None:
+    """Check choices and cross-field constraints that the types alone cannot express."""
+    for dotted, valid in CHOICES.items():
+        section, key = dotted.split(".")
+        value = getattr(getattr(cfg, section), key)
+        if value not in valid:
+            raise ConfigError(f"{dotted}: unknown value '{value}'; valid: {', '.join(valid)}")
+    import timm  # deferred: importing timm takes a second
+
+    if not timm.is_model(cfg.model.backbone):
+        close = timm.list_models(f"*{cfg.model.backbone.split('_')[0]}*")[:8]
+        hint = f"; similar: {', '.join(close)}" if close else "; see timm.list_models()"
+        raise ConfigError(f"model.backbone: unknown timm model '{cfg.model.backbone}'{hint}")
+    if cfg.data.pipeline == "device" and cfg.data.dataset == "digits":
+        raise ConfigError("data.pipeline=device makes RGB views (BYOL/DINO colour ops); the grey "
+                          "digits use data.pipeline=loader")
+    if cfg.data.pipeline == "device" and cfg.method.name not in ("byol", "dino"):
+        raise ConfigError(f"data.pipeline=device makes BYOL/DINO views; method.name="
+                          f"{cfg.method.name} uses data.pipeline=loader (RandAugment views)")
+    positive = {
+        "train.epochs": cfg.train.epochs,
+        "train.batch_size": cfg.train.batch_size,
+        "train.grad_accumulation": cfg.train.grad_accumulation,
+        "train.keep_checkpoints": cfg.train.keep_checkpoints,
+        "train.log_every": cfg.train.log_every,
+        "data.image_size": cfg.data.image_size,
+        "dino.output_dim": cfg.dino.output_dim,
+        "dino.local_size": cfg.dino.local_size,
+        "dino.student_temp": cfg.dino.student_temp,
+        "dino.teacher_temp": cfg.dino.teacher_temp,
+        "dino.warmup_teacher_temp": cfg.dino.warmup_teacher_temp,
+        "scaling.reference_batch": cfg.scaling.reference_batch,
+        "ema.period": cfg.ema.period,
+        "eval.knn_k": cfg.eval.knn_k,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key}: must be positive, got {value}")
+    momenta = {"method.momentum": cfg.method.momentum,
+               "method.momentum_end": cfg.method.momentum_end,
+               "dino.center_momentum": cfg.dino.center_momentum,
+               **{f"ema.extra_momenta[{i}]": m for i, m in enumerate(cfg.ema.extra_momenta)}}
+    for key, value in momenta.items():
+        if not 0.0 <= value <= 1.0:
+            raise ConfigError(f"{key}: a momentum must lie in [0, 1], got {value}")
+    if cfg.optim.nesterov and cfg.optim.name != "sgd":
+        raise ConfigError(f"optim.nesterov: applies to optim.name=sgd, not {cfg.optim.name}")
+    if cfg.optim.lr <= 0:
+        raise ConfigError(f"optim.lr: must be positive, got {cfg.optim.lr}")
+    if cfg.eval.knn_temperature <= 0:
+        raise ConfigError(f"eval.knn_temperature: must be positive, got {cfg.eval.knn_temperature}")
+    _validate_batches(cfg)
+    _validate_labels(cfg)
+
+
+
+
+def _validate_labels(cfg: Config) -> None:
+    lab, pl, name = cfg.labels, cfg.pseudo_label, cfg.method.name
+    classify = name in CLASSIFICATION_METHODS
+    if not classify and (lab.per_class or lab.noisy != "clean" or lab.val_fraction
+                         or cfg.model.init_from):
+        raise ConfigError(f"labels.* and model.init_from apply to the methods "
+                          f"{', '.join(CLASSIFICATION_METHODS)}; method '{name}' trains on none")
+    if name == "pseudo_label" and lab.per_class <= 0:
+        raise ConfigError("labels.per_class: pseudo_label needs a labelled subset; set it > 0 "
+                          "(e.g. 400 for CIFAR-10 with 4,000 labels)")
+    if lab.per_class < 0:
+        raise ConfigError(f"labels.per_class: must be >= 0, got {lab.per_class}")
+    if not 0.0 <= lab.val_fraction < 1.0:
+        raise ConfigError(f"labels.val_fraction: must lie in [0, 1), got {lab.val_fraction}")
+    if lab.noisy != "clean":
+        if cfg.data.dataset not in ("cifar10", "imagefolder"):
+            raise ConfigError(f"labels.noisy={lab.noisy}: CIFAR-10N labels fit CIFAR-10 only; "
+                              "use data.dataset=cifar10 or imagefolder (the CIFAR-10 JPEG copy)")
+        if not Path(lab.noisy_file).is_file():
+            raise ConfigError(f"labels.noisy_file: '{lab.noisy_file}' is not a file; point it at "
+                              "CIFAR-10_human.pt (e.g. ../shared/data/cifar10n/CIFAR-10_human.pt)")
+    if cfg.model.init_from and not Path(cfg.model.init_from).is_file():
+        raise ConfigError(f"model.init_from: '{cfg.model.init_from}' is not a file; pass a "
+                          ".safetensors or torch state dict of the backbone")
+    if not 0.0 <= pl.threshold <= 1.0:
+        raise ConfigError(f"pseudo_label.threshold: must lie in [0, 1], got {pl.threshold}")
+    if pl.mu < 1 or pl.unlabelled_weight < 0:
+        raise ConfigError(f"pseudo_label.mu must be >= 1 and pseudo_label.unlabelled_weight "
+                          f">= 0, got {pl.mu} and {pl.unlabelled_weight}")
+    if not 0.0 <= cfg.supervised.label_smoothing < 1.0:
+        raise ConfigError("supervised.label_smoothing: must lie in [0, 1), got "
+                          f"{cfg.supervised.label_smoothing}")
+
+
+def _validate_batches(cfg: Config) -> None:
+    acc, last_epoch = cfg.train.grad_accumulation, 0
+    for i, (epoch, batch) in enumerate(cfg.train.batch_schedule):
+        key = f"train.batch_schedule[{i}]"
+        if not last_epoch < epoch < cfg.train.epochs:
+            raise ConfigError(f"{key}: epoch {epoch} must be after {last_epoch} and before "
+                              f"train.epochs {cfg.train.epochs}; list [epoch, batch] in order")
+        if batch <= 0:
+            raise ConfigError(f"{key}: batch must be positive, got {batch}")
+        last_epoch = epoch
+    for key, batch in [("train.batch_size", cfg.train.batch_size),
+                       *((f"train.batch_schedule[{i}]", b)
+                         for i, (_, b) in enumerate(cfg.train.batch_schedule))]:
+        if batch % acc:
+            raise ConfigError(f"{key}: batch {batch} is not divisible by train.grad_accumulation "
+                              f"{acc}; pick a multiple")
+
+
