@@ -8,6 +8,7 @@ valid choices, raised before any model or data is built.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -43,7 +44,8 @@ class DataConfig:
     corrupt: Literal["fail", "skip", "trust"] = "fail"
     # "loader": DataLoader workers run lightly's transforms on the CPU (any data set).
     # "device": the data set is decoded once to uint8 on the accelerator and the views are made
-    # there in batched ops (data/gpu_augment.py): ~5x lightly's images/s on CIFAR-10 (RGB only).
+    # there in batched ops (data/gpu_augment.py): 4.5x a lightly-style loader's images/s on
+    # CIFAR-10 on an H100 (RGB only; docs/RESULTS.md).
     pipeline: Literal["loader", "device"] = "loader"
 
 
@@ -271,9 +273,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
             try:
-                value = float(value)
+                number = float(value)
             except ValueError:
-                pass
+                number = math.nan
+            if math.isfinite(number):  # but "nan" / "inf" stay strings: an error below
+                value = number
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

@@ -105,3 +105,8 @@ def test_yaml_no_is_the_string_no_where_a_choice_is_expected() -> None:
 def test_exponent_floats_without_a_dot_are_numbers() -> None:
     # YAML 1.1 reads `1e-3` as a string; a float field must still take it.
     assert load_config(None, ["optim.lr=1e-3"]).optim.lr == 1e-3
+
+
+def test_a_nan_string_is_not_a_number() -> None:
+    with pytest.raises(ConfigError, match="optim.lr: expected a number, got 'nan'"):
+        load_config(None, ["optim.lr=nan"])

@@ -53,7 +53,7 @@ def test_finetuning_learns(export: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("extra", "message"), [
     (["method.name=byol"], "model.init_from apply to the methods supervised, pseudo_label"),
-    (["data.dataset=cifar10", "data.root=/nonexistent"], ""),
+    (["data.dataset=cifar10", "data.root=/nonexistent"], "CIFAR-10 not found"),
 ])
 def test_bad_input_is_one_line_and_exit_2(export: Path, tmp_path: Path, extra: list[str],
                                           message: str, capsys: pytest.CaptureFixture[str]

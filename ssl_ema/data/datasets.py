@@ -163,26 +163,25 @@ def _multicrop(cfg: Config) -> dict[str, Any]:
             "global_scale": d.global_scale, "local_scale": d.local_scale}
 
 
-def _digits_train_views(cfg: Config, mean: float, std: float) -> views.Transform:
-    """The method's views: a BYOL pair, DINO's multi-crop, or a classifier's weak/strong."""
-    if cfg.method.name in CLASSIFICATION_METHODS:
-        pl = cfg.pseudo_label
-        return classify_views.digits_weak_strong(cfg.data.image_size, mean, std,
-                                                 pl.randaugment_ops, pl.randaugment_magnitude)
-    if cfg.method.name == "dino":
-        return views.digits_multicrop(cfg.data.image_size, mean, std, **_multicrop(cfg))
-    return views.digits_views(cfg.data.image_size, mean, std)
+# The views each method trains on, per image family: (classifier weak/strong, DINO multi-crop,
+# BYOL pair).
+TRAIN_VIEWS = {
+    "digits": (classify_views.digits_weak_strong, views.digits_multicrop, views.digits_views),
+    "rgb": (classify_views.rgb_weak_strong, views.dino_rgb_views, views.byol_rgb_views),
+}
 
 
-def _rgb_train_views(cfg: Config, mean: tuple[float, ...], std: tuple[float, ...]
-                     ) -> views.Transform:
+def _train_views(cfg: Config, family: str, mean: Any, std: Any) -> views.Transform:
+    """The method's views for the image family: a BYOL pair, DINO's multi-crop, or a
+    classifier's weak/strong pair."""
+    weak_strong, multicrop, pair = TRAIN_VIEWS[family]
+    size = cfg.data.image_size
     if cfg.method.name in CLASSIFICATION_METHODS:
         pl = cfg.pseudo_label
-        return classify_views.rgb_weak_strong(cfg.data.image_size, mean, std,
-                                              pl.randaugment_ops, pl.randaugment_magnitude)
+        return weak_strong(size, mean, std, pl.randaugment_ops, pl.randaugment_magnitude)
     if cfg.method.name == "dino":
-        return views.dino_rgb_views(cfg.data.image_size, mean, std, **_multicrop(cfg))
-    return views.byol_rgb_views(cfg.data.image_size, mean, std)
+        return multicrop(size, mean, std, **_multicrop(cfg))
+    return pair(size, mean, std)
 
 
 def build_digits(cfg: Config) -> DataBundle:
@@ -196,7 +195,7 @@ def build_digits(cfg: Config) -> DataBundle:
     train = TensorImages(images(x_train), torch.from_numpy(y_train))
     test = TensorImages(images(x_test), torch.from_numpy(y_test))
     return DataBundle(
-        train=SeededViews(train, _digits_train_views(cfg, mean, std), cfg.run.seed),
+        train=SeededViews(train, _train_views(cfg, "digits", mean, std), cfg.run.seed),
         train_eval=Transformed(train, views.digits_eval(size, mean, std)),
         test_eval=Transformed(test, views.digits_eval(size, mean, std)),
         num_classes=10,
@@ -208,7 +207,7 @@ def _rgb_bundle(train: Any, test: Any, cfg: Config, mean: Sequence[float],
                 std: Sequence[float], num_classes: int) -> DataBundle:
     size, m, s = cfg.data.image_size, tuple(mean), tuple(std)
     return DataBundle(
-        train=SeededViews(train, _rgb_train_views(cfg, m, s), cfg.run.seed),
+        train=SeededViews(train, _train_views(cfg, "rgb", m, s), cfg.run.seed),
         train_eval=Transformed(train, views.rgb_eval(size, m, s)),
         test_eval=Transformed(test, views.rgb_eval(size, m, s)),
         num_classes=num_classes,

@@ -26,8 +26,9 @@ def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, objec
 def build_optimizer(module: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     """Optimizer over the trainable parameters of ``module`` at the (already scaled) ``lr``."""
     groups = param_groups(module, cfg.weight_decay)
-    # CUDA: torch's fused kernels update every parameter in one launch (1.7 ms -> less per
-    # ResNet-18 BYOL step on an H100, see docs/RESULTS.md); elsewhere the foreach default.
+    # CUDA: torch's fused kernels update all parameters in a few launches where foreach took
+    # 1.7 ms per ResNet-18 BYOL step on an H100 (docs/RESULTS.md; fused not benched separately).
+    # Elsewhere torch's foreach default.
     fused = {"fused": True} if all(p.is_cuda for p in module.parameters()) else {}
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ssl_ema.config import Config, ConfigError, dump_yaml
 from ssl_ema.data import DataBundle, build_data
-from ssl_ema.data.device import DeviceEvalStream, DeviceTrainStream, device_streams
+from ssl_ema.data.device import DeviceTrainStream, device_streams
 from ssl_ema.ema import EMA
 from ssl_ema.engine.checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from ssl_ema.engine.guard import NonFiniteGuard, NonFiniteLoss
@@ -61,7 +61,6 @@ class TrainState:
 
 
 TrainBatches = DataLoader | DeviceTrainStream
-EvalBatches = DataLoader | DeviceEvalStream
 
 
 def per_device_batch(cfg: Config, world_size: int, batch: int | None = None) -> int:
