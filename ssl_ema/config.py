@@ -54,6 +54,11 @@ class ModelConfig:
     backbone: str = "resnet18"  # any timm model name
     cifar_stem: bool = True  # ResNets: 3x3 stride-1 first conv, no max-pool (small images)
     patch_size: int = 0  # ViTs: >0 overrides the model's patch size (e.g. 4 on 32 px images)
+    # Layer initialisation. timm: timm's own (ResNets: Kaiming-normal fan-out convs, last BN of
+    # each block zeroed). torch: PyTorch's layer defaults (Kaiming-uniform a=sqrt(5), BN 1/0), as
+    # lightly's ResNetGenerator behind its CIFAR-10 benchmarks; see docs/RESULTS.md for what this
+    # does to BYOL on CIFAR-10.
+    init: Literal["timm", "torch"] = "timm"
     # supervised / pseudo_label: start the student (and so the teacher) backbone from this state
     # dict (.safetensors or torch file), keys under init_prefix (e.g. "teacher.backbone." for a
     # checkpoint's model.safetensors). Fine-tuning a pretrained teacher is the supervised recipe.
@@ -109,6 +114,9 @@ class OptimConfig:
     weight_decay_end: float | None = None  # cosine from weight_decay to this (DINO: 0.04 -> 0.4)
     clip_grad_norm: float = 0.0  # >0: clip the student's gradient norm (DINO: 3.0)
     nesterov: bool = False  # SGD only (FixMatch; Morales-Brotons et al. 2024)
+    # false: biases and norm weights (1-D tensors) get no weight decay (BYOL App. J, SimCLR);
+    # true: every parameter is decayed, as in lightly's CIFAR-10 benchmarks.
+    decay_norm_bias: bool = False
 
 
 @dataclass(frozen=True)

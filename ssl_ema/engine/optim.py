@@ -1,7 +1,8 @@
 """Optimizers for the student, with batch-size-scaled learning rate.
 
 Biases and normalisation parameters (1-D tensors) get no weight decay, as in BYOL (Grill et al.
-2020, App. J) and SimCLR; LARS comes from lightly.
+2020, App. J) and SimCLR, unless ``optim.decay_norm_bias`` (lightly's CIFAR-10 benchmarks decay
+every parameter); LARS comes from lightly.
 """
 
 from __future__ import annotations
@@ -13,19 +14,21 @@ from torch import nn
 from ssl_ema.config import OptimConfig
 
 
-def param_groups(module: nn.Module, weight_decay: float) -> list[dict[str, object]]:
+def param_groups(module: nn.Module, weight_decay: float,
+                 decay_norm_bias: bool = False) -> list[dict[str, object]]:
     decay, no_decay = [], []
     for p in module.parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
+            (no_decay if p.ndim <= 1 and not decay_norm_bias else decay).append(p)
     # "decay" marks the group whose weight decay follows optim.weight_decay_end's schedule.
-    return [{"params": decay, "weight_decay": weight_decay, "decay": True},
-            {"params": no_decay, "weight_decay": 0.0, "decay": False}]
+    groups = [{"params": decay, "weight_decay": weight_decay, "decay": True},
+              {"params": no_decay, "weight_decay": 0.0, "decay": False}]
+    return [g for g in groups if g["params"]]
 
 
 def build_optimizer(module: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     """Optimizer over the trainable parameters of ``module`` at the (already scaled) ``lr``."""
-    groups = param_groups(module, cfg.weight_decay)
+    groups = param_groups(module, cfg.weight_decay, cfg.decay_norm_bias)
     # CUDA: torch's fused kernels update all parameters in a few launches where foreach took
     # 1.7 ms per ResNet-18 BYOL step on an H100 (docs/RESULTS.md; fused not benched separately).
     # Elsewhere torch's foreach default.

@@ -28,6 +28,7 @@ class BYOL(TeacherStudentMethod):
                 in_chans=in_chans,
                 image_size=cfg.data.image_size,
                 cifar_stem=cfg.model.cifar_stem,
+                init=cfg.model.init,
             )
             dim = backbone.num_features
             return {

@@ -31,6 +31,7 @@ class DINO(TeacherStudentMethod):
             backbone = build_backbone(
                 cfg.model.backbone, in_chans=in_chans, image_size=cfg.data.image_size,
                 cifar_stem=cfg.model.cifar_stem, patch_size=cfg.model.patch_size,
+                init=cfg.model.init,
             )
             head = DINOProjectionHead(backbone.num_features, d.hidden_dim, d.bottleneck_dim,
                                       d.output_dim, batch_norm=d.head_batch_norm,
