@@ -40,7 +40,7 @@ def test_torch_init_is_pytorch_layer_defaults() -> None:
     conv = model.layer3[1].conv1
     fan_in = 256 * 9
     assert conv_std(conv) == pytest.approx(1 / math.sqrt(3 * fan_in), rel=0.01)
-    assert float(conv.weight.abs().max()) <= 1 / math.sqrt(fan_in)
+    assert float(conv.weight.detach().abs().max()) <= 1 / math.sqrt(fan_in)
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     assert norms and all(torch.all(m.weight == 1) and torch.all(m.bias == 0) for m in norms)
     assert model.conv1.kernel_size == (3, 3) and isinstance(model.maxpool, nn.Identity)

@@ -112,19 +112,13 @@ def phases(tr: Trainer, stream: DeviceTrainStream, steps: int) -> dict[str, floa
 
 def host_syncs_per_step(tr: Trainer, stream: DeviceTrainStream, steps: int = 5) -> float:
     """Host syncs the trainer's step makes (CUDA's sync debug mode counts them; CUDA only)."""
-    acc, st = tr.accelerator, tr.state
     batches = stream.iter_from(0)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            for _ in range(steps):  # the body of Trainer._train_epoch for one optimizer step
-                batch = next(batches)
-                tr.model.prepare_step(st.samples_seen / tr.total_samples, 1.0)
-                out = tr.forward(batch)
-                tr.guard.observe(out["loss"], st.step + 1, st.epoch)
-                acc.backward(out["loss"])
-                tr._optimizer_step(1)
+            for _ in range(steps):
+                tr.train_step(next(batches), 1)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught

@@ -17,14 +17,12 @@ self-supervised recipe. Everything else is `tools/train.py`: the run directory, 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
 from pathlib import Path
 
 from ssl_ema.config import ConfigError, load_config
+from ssl_ema.engine.launch import train
 from ssl_ema.models.export import read_metadata
-
-TOOLS = Path(__file__).resolve().parent
 
 
 def backbone_overrides(export: Path) -> list[str]:
@@ -49,11 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    spec = importlib.util.spec_from_file_location("ssl_ema_train_tool", TOOLS / "train.py")
-    assert spec is not None and spec.loader is not None
-    train = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(train)
-    return int(train.main([args.recipe, *overrides]))
+    return train(args.recipe, overrides)
 
 
 if __name__ == "__main__":

@@ -13,9 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ssl_ema.config import ConfigError
-from ssl_ema.engine.guard import NonFiniteLoss
-from ssl_ema.engine.run import prepare_run
+from ssl_ema.engine.launch import train
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,25 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe, overrides = args.recipe, list(args.overrides)
     if recipe and "=" in recipe and not recipe.endswith((".yaml", ".yml")):
         recipe, overrides = None, [recipe, *overrides]  # only overrides after --resume
-    try:
-        if recipe is None and args.resume is None:
-            raise ConfigError("no recipe given; pass a YAML recipe (e.g. recipes/quickstart.yaml) "
-                              "or --resume RUN_DIR")
-        cfg, run_dir, checkpoint = prepare_run(recipe, overrides, args.resume)
-        from ssl_ema.engine.trainer import Trainer  # heavy imports only once the input is valid
-
-        trainer = Trainer(cfg, run_dir, checkpoint)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        result = trainer.fit()
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    if trainer.accelerator.is_main_process:
-        print(trainer.evaluation.table(result))
-    return 0
+    return train(recipe, overrides, args.resume)
 
 
 if __name__ == "__main__":

@@ -238,6 +238,24 @@ class Trainer:
         return every > 0 and epoch_done % every == 0
 
     # ----------------------------------------------------------------------------- training
+    def train_step(self, batch: Any, micro_batches: int, forward_exponent: float = 1.0
+                   ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+        """Forward and backward of one micro-batch, the ``micro_batches``-th since the last
+        optimizer step; when gradients are synchronised, also the optimizer step and the EMA
+        update. Returns the method's outputs and the step's schedule values (None while
+        accumulating). No host sync (`tools/bench_train.py` counts them)."""
+        acc, st = self.accelerator, self.state
+        with acc.accumulate(self.method):
+            self.model.prepare_step(st.samples_seen / self.total_samples, forward_exponent)
+            out = self.forward(batch)
+            self.guard.observe(out["loss"], st.step + 1, st.epoch)
+            acc.backward(out["loss"])
+            if not acc.sync_gradients:
+                return out, None
+            if self.guard.all_finite():
+                return out, self._optimizer_step(micro_batches)
+            return out, self._nonfinite_step(micro_batches)
+
     def _optimizer_step(self, micro_batches: int) -> dict[str, Any]:
         """After gradients are synchronised: lr from the schedule, step, then the EMA update."""
         cfg, st, hyper = self.cfg, self.state, self.hyper(self.state.epoch)
@@ -325,19 +343,11 @@ class Trainer:
         micro = 0
         forward_exponent = self.hyper(st.epoch).forward_exponent
         for batch in loader:
-            with acc.accumulate(self.method):
-                self.model.prepare_step(st.samples_seen / self.total_samples, forward_exponent)
-                out = self.forward(batch)
-                self.guard.observe(out["loss"], st.step + 1, st.epoch)
-                acc.backward(out["loss"])
-                micro += 1
-                st.batch_in_epoch += 1
-                if not acc.sync_gradients:
-                    continue
-                if self.guard.all_finite():
-                    sched = self._optimizer_step(micro)
-                else:
-                    sched = self._nonfinite_step(micro)
+            micro += 1
+            st.batch_in_epoch += 1
+            out, sched = self.train_step(batch, micro, forward_exponent)
+            if sched is None:  # accumulating
+                continue
             if st.batch_in_epoch == len(epoch_loader):
                 st.epoch, st.batch_in_epoch = st.epoch + 1, 0
             self._after_step(out, sched, bar)
