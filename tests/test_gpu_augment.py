@@ -65,6 +65,9 @@ def test_colour_jitter_applies_the_ops_in_each_images_order() -> None:
         for op in order:
             want = ops[op](want)
         torch.testing.assert_close(got[i], want, atol=2e-6, rtol=0)
+    # An image the jitter skipped (RandomApply: identity factors) is left exactly unchanged.
+    identity = torch.tensor([[1.0, 1.0, 1.0, 0.0]] * 4)
+    assert torch.equal(A.color_jitter(x, identity, orders), x)
 
 
 @pytest.mark.parametrize("shape", [(32, 32), (24, 40)])

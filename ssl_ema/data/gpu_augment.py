@@ -25,6 +25,7 @@ GPU, with one process or many, and after a resume.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -189,18 +190,28 @@ def adjust_hue(x: Tensor, shift: Tensor) -> Tensor:
 def color_jitter(x: Tensor, factors: Tensor, order: Tensor) -> Tensor:
     """ColorJitter with per-image factors (B, 4) applied in a per-image order (B, 4).
 
-    At each of the four positions every op runs on the whole batch with the identity factor for
-    the images whose op at that position is another one (brightness/contrast/saturation at 1 are
-    exact identities; hue is selected with `where`, its round trip is not exact).
+    Without a host sync every op runs on the whole batch, with the identity factor for the
+    images whose op at that position is another one (brightness/contrast/saturation at 1 are
+    exact identities). Hue, the costly op (an HSV round trip), runs once: the cheap ops that
+    come before it in an image's order, then hue, then those after it. Hue is kept only where
+    its shift is non-zero, so an image the jitter skipped (RandomApply) is left exactly as is.
     """
     one = torch.ones_like(factors[:, 0])
-    for pos in range(4):
-        op = order[:, pos]
-        x = adjust_brightness(x, torch.where(op == 0, factors[:, 0], one))
-        x = adjust_contrast(x, torch.where(op == 1, factors[:, 1], one))
-        x = adjust_saturation(x, torch.where(op == 2, factors[:, 2], one))
-        x = torch.where((op == 3).view(-1, 1, 1, 1), adjust_hue(x, factors[:, 3]), x)
-    return x
+    hue_pos = (order == 3).to(torch.int64).argmax(dim=1)  # (B,) where hue sits in each order
+
+    def cheap_ops(x: Tensor, positions: range, keep: Callable[[int], Tensor]) -> Tensor:
+        for pos in positions:
+            op, here = order[:, pos], keep(pos)
+            x = adjust_brightness(x, torch.where(here & (op == 0), factors[:, 0], one))
+            x = adjust_contrast(x, torch.where(here & (op == 1), factors[:, 1], one))
+            x = adjust_saturation(x, torch.where(here & (op == 2), factors[:, 2], one))
+        return x
+
+    # Positions 0-2 can come before hue, 1-3 after it.
+    x = cheap_ops(x, range(3), lambda pos: pos < hue_pos)
+    shift = factors[:, 3]
+    x = torch.where((shift != 0).view(-1, 1, 1, 1), adjust_hue(x, shift), x)
+    return cheap_ops(x, range(1, 4), lambda pos: pos > hue_pos)
 
 
 def gaussian_blur(x: Tensor, sigma: Tensor, max_sigma: float) -> Tensor:
