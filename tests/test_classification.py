@@ -164,6 +164,12 @@ def test_init_from_loads_the_backbone_strictly(tmp_path: Path) -> None:
     ("supervised_ema_digits", ["labels.per_class=200"], "class 0 has only 114"),  # after val
     ("supervised_ema_digits", ["optim.name=lars"], "optim.nesterov: applies to optim.name=sgd"),
     ("pseudo_label_digits", ["pseudo_label.threshold=1.5"], "pseudo_label.threshold: must lie"),
+    ("supervised_ema_digits", ["labels.symmetric_noise=1.0"],
+     "labels.symmetric_noise: must lie in [0, 1), got 1.0"),
+    ("supervised_ema_digits", ["labels.symmetric_noise=-0.1"], "labels.symmetric_noise: must lie"),
+    ("supervised_ema_digits", ["labels.symmetric_noise=0.2", "labels.noisy=worse"],
+     "labels.symmetric_noise and labels.noisy=worse exclude each other"),
+    ("quickstart", ["labels.symmetric_noise=0.2"], "labels.* and model.init_from apply to"),
 ])
 def test_bad_config_is_one_line_exit_2(tmp_path: Path, capsys: Any, recipe: str,
                                        overrides: list[str], message: str) -> None:
