@@ -189,6 +189,10 @@ class LabelsConfig:
     # random1 | random2 | random3 | worse; read from noisy_file (CIFAR-10_human.pt).
     noisy: Literal["clean", "aggre", "random1", "random2", "random3", "worse"] = "clean"
     noisy_file: str = ""
+    # Synthetic symmetric noise (data/synthetic_noise.py), any data set: with this probability
+    # each training label becomes another class, drawn uniformly (seeded by run.seed); the test
+    # labels stay clean. In [0, 1); not with labels.noisy (CIFAR-10N is already noisy).
+    symmetric_noise: float = 0.0
     # >0: hold out this fraction of the training images, stratified and seeded, for choosing the
     # best EMA and epoch (EMA early stopping; Morales-Brotons et al. 2024 use 0.2).
     val_fraction: float = 0.0

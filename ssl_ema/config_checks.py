@@ -71,7 +71,7 @@ def _validate_labels(cfg: Config) -> None:
     lab, pl, name = cfg.labels, cfg.pseudo_label, cfg.method.name
     classify = name in CLASSIFICATION_METHODS
     if not classify and (lab.per_class or lab.noisy != "clean" or lab.val_fraction
-                         or cfg.model.init_from):
+                         or lab.symmetric_noise or cfg.model.init_from):
         raise ConfigError(f"labels.* and model.init_from apply to the methods "
                           f"{', '.join(CLASSIFICATION_METHODS)}; method '{name}' trains on none")
     if name == "pseudo_label" and lab.per_class <= 0:
@@ -81,6 +81,11 @@ def _validate_labels(cfg: Config) -> None:
         raise ConfigError(f"labels.per_class: must be >= 0, got {lab.per_class}")
     if not 0.0 <= lab.val_fraction < 1.0:
         raise ConfigError(f"labels.val_fraction: must lie in [0, 1), got {lab.val_fraction}")
+    if not 0.0 <= lab.symmetric_noise < 1.0:
+        raise ConfigError(f"labels.symmetric_noise: must lie in [0, 1), got {lab.symmetric_noise}")
+    if lab.symmetric_noise and lab.noisy != "clean":
+        raise ConfigError(f"labels.symmetric_noise and labels.noisy={lab.noisy} exclude each "
+                          "other: pick synthetic noise or CIFAR-10N's human labels")
     if lab.noisy != "clean":
         if cfg.data.dataset not in ("cifar10", "imagefolder"):
             raise ConfigError(f"labels.noisy={lab.noisy}: CIFAR-10N labels fit CIFAR-10 only; "

@@ -16,6 +16,7 @@ from ssl_ema.config import ConfigError, load_config
 from ssl_ema.engine.checkpoint import checkpoints
 from ssl_ema.engine.tracking import read_metrics
 from ssl_ema.engine.trainer import Trainer
+from ssl_ema.eval.calibration import calibration_metrics
 from ssl_ema.losses.pseudo_label import pseudo_label_loss, pseudo_labels
 from ssl_ema.methods import build_method
 from tests.conftest import ROOT
@@ -61,6 +62,7 @@ def test_supervised_ema_smoke_and_ema_early_stopping(tmp_path: Path, capsys: Any
                        "eval.every_epochs=1")
     out = capsys.readouterr().out
     assert "last iterate (student)" in out and "best EMA on validation" in out
+    assert "calibration on 360 test images" in out
     assert r["step"] == 3 * (1150 // 64) and r["random_init_test"] < 0.3
     for model in ("student", "teacher", "ema_0.9"):
         for key in ("val", "val_bn", "test", "test_bn"):
@@ -134,6 +136,19 @@ def test_evaluation_with_batchnorm_recomputation_leaves_the_run_unchanged(tmp_pa
     after = model.state_dict()
     for k, v in before.items():
         assert torch.equal(v, after[k]), k  # averaged BatchNorm statistics restored
+    # NLL and ECE-15 are those of the teacher's own classifier on the test images, from the
+    # same logits as its top-1 (checked against calibration.py on a separate forward pass)
+    net = torch.nn.Sequential(model.teacher["backbone"], model.teacher["classifier"]).eval()
+    x, y = zip(*(trainer.data.test_eval[i] for i in range(len(trainer.data.test_eval))))
+    with torch.no_grad():
+        ref = calibration_metrics(net(torch.stack(x)), torch.tensor(y))
+    assert result["acc_teacher_test"] == pytest.approx(ref["accuracy"], abs=1e-7)
+    assert result["nll_teacher_test"] == pytest.approx(ref["nll"], rel=1e-5)
+    assert result["ece_teacher_test"] == pytest.approx(ref["ece_15"], abs=1e-6)
+    assert result["nll_teacher_test"] > 0 and result["ece_teacher_test"] > 0
+    for m in ("student", "teacher", "ema_0.5"):  # every model, split and BatchNorm variant
+        assert {f"{k}_{m}_{s}{b}" for k in ("acc", "nll", "ece") for s in ("val", "test")
+                for b in ("", "_bn")} <= result.keys()
 
 
 def test_init_from_loads_the_backbone_strictly(tmp_path: Path) -> None:
@@ -164,6 +179,12 @@ def test_init_from_loads_the_backbone_strictly(tmp_path: Path) -> None:
     ("supervised_ema_digits", ["labels.per_class=200"], "class 0 has only 114"),  # after val
     ("supervised_ema_digits", ["optim.name=lars"], "optim.nesterov: applies to optim.name=sgd"),
     ("pseudo_label_digits", ["pseudo_label.threshold=1.5"], "pseudo_label.threshold: must lie"),
+    ("supervised_ema_digits", ["labels.symmetric_noise=1.0"],
+     "labels.symmetric_noise: must lie in [0, 1), got 1.0"),
+    ("supervised_ema_digits", ["labels.symmetric_noise=-0.1"], "labels.symmetric_noise: must lie"),
+    ("supervised_ema_digits", ["labels.symmetric_noise=0.2", "labels.noisy=worse"],
+     "labels.symmetric_noise and labels.noisy=worse exclude each other"),
+    ("quickstart", ["labels.symmetric_noise=0.2"], "labels.* and model.init_from apply to"),
 ])
 def test_bad_config_is_one_line_exit_2(tmp_path: Path, capsys: Any, recipe: str,
                                        overrides: list[str], message: str) -> None:

@@ -122,7 +122,9 @@ def test_training_curves_end_at_the_final_evaluation(run_dir: Path, tmp_path: Pa
 
 @pytest.mark.parametrize(("name", "args", "message"), [
     ("eval", ["{tmp}/missing", "--protocol", "knn"], "does not exist"),
-    ("eval", ["{run}", "--protocol", "svm"], "unknown protocol 'svm'; valid: knn, linear"),
+    ("eval", ["{run}", "--protocol", "svm"],
+     "unknown protocol 'svm'; valid: knn, linear, classifier"),
+    ("eval", ["{run}", "--protocol", "classifier"], "is a byol run: it has no classifier"),
     ("eval", ["{run}", "--roles", "ema_0.9"], "role 'ema_0.9' is not in this run"),
     ("transfer", ["{run}", "--datasets", "mnist"], "unknown dataset 'mnist'; valid: digits"),
     ("transfer", ["{run}", "--datasets", "imagefolder={tmp}/none"], "does not exist"),

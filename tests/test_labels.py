@@ -1,4 +1,4 @@
-"""Labelled subsets, validation splits and CIFAR-10N noisy labels (ssl_ema/data/labels.py)."""
+"""Labelled subsets, validation splits, CIFAR-10N and synthetic noisy labels (ssl_ema/data)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import tarfile
 
 import numpy as np
 import pytest
+import torch
+from torch.utils.data import DataLoader, Dataset
 
 from ssl_ema.config import load_config
 from ssl_ema.data import build_data
@@ -17,6 +19,7 @@ from ssl_ema.data.noisy_labels import (
     imagefolder_original_index,
     load_cifar10n,
 )
+from ssl_ema.data.synthetic_noise import noise_rate, symmetric_noise
 from tests.conftest import SHARED_DATA
 
 CIFAR10N = SHARED_DATA / "cifar10n" / "CIFAR-10_human.pt"
@@ -94,3 +97,58 @@ def test_cifar10n_labels_line_up_with_the_jpeg_copy_at_the_published_rates() -> 
     shuffled[:10] = (shuffled[:10] + 1) % 10  # images that do not match are refused
     with pytest.raises(ValueError, match="10 of 50000 images disagree"):
         attach_noisy_labels(shuffled, index, sets, "aggre")
+
+
+def test_symmetric_noise_flips_at_the_rate_to_other_classes_uniformly() -> None:
+    y = digits_split()[2]  # the 1,437 training labels
+    for rate in (0.2, 0.4):
+        noisy = symmetric_noise(y, rate, 10, seed=0)
+        # binomial standard deviation sqrt(0.4 * 0.6 / 1437) = 0.013: 3 sd
+        assert noise_rate(noisy, y) == pytest.approx(rate, abs=0.04)
+    # at rate 0.99 a flip that could land on the true class (1 in 10) would realise 0.89
+    noisy = symmetric_noise(y, 0.99, 10, seed=0)
+    assert noise_rate(noisy, y) == pytest.approx(0.99, abs=0.01)
+    # a flipped label is uniform over the 9 other classes: ~10% of 1,437 images of true class 3
+    # flip to each other class (expected 15.9 each, Poisson sd 4)
+    counts = np.bincount(noisy[y == 3], minlength=10)
+    assert counts[3] <= 5 and all(4 <= c <= 30 for i, c in enumerate(counts) if i != 3)
+    assert np.array_equal(symmetric_noise(y, 0.0, 10, seed=0), y)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        symmetric_noise(y, 1.0, 10, seed=0)
+
+
+def test_symmetric_noise_is_a_function_of_the_seed() -> None:
+    y = digits_split()[2]
+    a = symmetric_noise(y, 0.4, 10, seed=0)
+    assert np.array_equal(a, symmetric_noise(y, 0.4, 10, seed=0))
+    b = symmetric_noise(y, 0.4, 10, seed=1)
+    assert (a != b).mean() > 0.3  # two independent 40% draws disagree on ~56% of the labels
+    # the flips of the first images do not depend on how many images follow them
+    assert np.array_equal(symmetric_noise(y[:100], 0.4, 10, seed=0), a[:100])
+
+
+def labels_of(dataset: Dataset, workers: int = 0) -> np.ndarray:
+    loader = DataLoader(dataset, batch_size=512, num_workers=workers)
+    return torch.cat([batch[-1] for batch in loader]).numpy()
+
+
+def test_symmetric_noise_in_a_run_flips_train_and_validation_not_test() -> None:
+    base = ["method.name=supervised", "labels.val_fraction=0.2", "data.image_size=8",
+            "data.num_workers=0"]
+    clean = build_data(load_config(None, base))
+    noisy = build_data(load_config(None, [*base, "labels.symmetric_noise=0.4"]))
+    assert clean.label_noise == {}
+    # the same images are held out at every noise level; only their labels differ
+    assert clean.val_eval.source.indices == noisy.val_eval.source.indices
+    y = digits_split()[2]
+    val = np.asarray(noisy.val_eval.source.indices)
+    val_labels = labels_of(noisy.val_eval, workers=2)  # loader workers see the same labels
+    assert np.array_equal(labels_of(clean.val_eval), y[val])
+    assert noise_rate(val_labels, y[val]) == pytest.approx(noisy.label_noise["realised_val"])
+    assert noisy.label_noise["realised_val"] == pytest.approx(0.4, abs=0.09)  # 287 images
+    train = np.asarray(noisy.train_eval.source.indices)
+    train_labels = labels_of(noisy.train_eval)
+    assert noise_rate(train_labels, y[train]) == noisy.label_noise["realised_train"]
+    assert noisy.label_noise["realised_train"] == pytest.approx(0.4, abs=0.045)  # 1,150 images
+    assert np.array_equal(labels_of(noisy.test_eval), digits_split()[3])  # test: clean
+    assert np.array_equal(labels_of(noisy.test_eval), labels_of(clean.test_eval))

@@ -1,15 +1,19 @@
 #!/usr/bin/env python
-"""Evaluate the teacher and the student of trained runs on frozen features.
+"""Evaluate the teacher and the student of trained runs (frozen features or own classifier).
 
     python tools/eval.py runs/quickstart/20261123-120000 --protocol knn
     python tools/eval.py RUN_A RUN_B --protocol linear --roles teacher student
+    python tools/eval.py SUP_SEED0 SUP_SEED1 --protocol classifier --roles student ema_0.75
 
 CHECKPOINT is a run directory (its newest checkpoint) or one of its ``checkpoints/step_*``
 folders. ``knn``: weighted kNN (k and temperature from the run's config unless given), the same
 numbers the trainer reports. ``linear``: logistic-regression probe, with ECE (15 and 100
 equal-mass bins), NLL and Brier of its probabilities before and after temperature scaling, a
 reliability diagram, and the churn / JS divergence between the probes of teacher and student
-and, with several checkpoints, between runs (e.g. seeds). Prints a table and writes JSON
+and, with several checkpoints, between runs (e.g. seeds). ``classifier`` (supervised and
+pseudo_label runs only): the same measures of each role's own classifier, no probe; with
+``--recompute-bn N`` (default: the run's ema.recompute_bn_batches) also as ``<role>+bn``, with
+BatchNorm statistics recomputed as the trainer does. Prints a table and writes JSON
 (default ``<run>/eval/<checkpoint>-<protocol>.json``). Features are cached under
 ``<run>/eval/features/``. Bad input is a one-line error with exit code 2 before any work.
 """
@@ -27,19 +31,30 @@ import torch
 from ssl_ema.config import ConfigError
 from ssl_ema.eval.protocols import ProbeResult, cache_key, check_protocol
 
+# Protocols that give test probabilities (calibration, consistency, reliability diagram), with
+# what the diagram's curves are.
+WITH_PROBS = {"linear": "linear probes", "classifier": "own classifiers"}
+
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+", help="run directories or checkpoint folders")
-    parser.add_argument("--protocol", default="knn", help="knn | linear (default knn)")
+    parser.add_argument("--protocol", default="knn",
+                        help="knn | linear | classifier (default knn)")
     parser.add_argument("--roles", nargs="+", default=["teacher", "student"],
-                        help="teacher, student, ema_<momentum> (default: teacher student)")
+                        help="teacher, student, ema_<momentum>; classifier protocol also "
+                             "best_ema (the run's EMA early-stopping choice) (default: teacher "
+                             "student)")
     parser.add_argument("--k", type=int, help="kNN neighbours (default: the run's eval.knn_k)")
     parser.add_argument("--temperature", type=float,
                         help="kNN temperature (default: the run's eval.knn_temperature)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="config overrides that do not touch the weights, e.g. data.root=...")
+    parser.add_argument("--recompute-bn", type=int, metavar="BATCHES",
+                        help="classifier: also score each role with BatchNorm statistics "
+                             "recomputed on this many training batches of 256 (default: the "
+                             "run's ema.recompute_bn_batches; 0: own statistics only)")
     parser.add_argument("--out", type=Path, help="JSON file to write")
     parser.add_argument("--no-cache", action="store_true", help="recompute features")
     return parser.parse_args(argv)
@@ -52,6 +67,14 @@ def evaluate_checkpoint(path: str, args: argparse.Namespace, device: torch.devic
     from ssl_ema.eval.trained import load_run
 
     run = load_run(path, args.set)
+    if args.protocol == "classifier":
+        from ssl_ema.eval.own_classifier import classifier_protocol
+
+        nets = run.classifiers(args.roles)  # unknown role: error before any forward pass
+        n_bn = args.recompute_bn if args.recompute_bn is not None else \
+            run.cfg.ema.recompute_bn_batches
+        return classifier_protocol(nets, build_data(run.cfg), device, n_bn,
+                                   run.cfg.data.num_workers)
     backbones = run.backbones(args.roles)  # unknown role: error before any forward pass
     data = build_data(run.cfg)
     k = args.k if args.k is not None else run.cfg.eval.knn_k
@@ -92,14 +115,15 @@ def consistency(results: dict[str, dict[str, ProbeResult]]) -> dict[str, Any]:
 
 def table(protocol: str, results: dict[str, dict[str, ProbeResult]],
           agreement: dict[str, Any]) -> str:
-    cols = ["accuracy"] + (["ece_15", "ece_100", "nll", "brier", "ece_15_ts", "temperature"]
-                           if protocol == "linear" else [])
+    cols = ["accuracy"] + (["ece_15", "ece_100", "nll", "brier", "ece_15_ts", "nll_ts",
+                            "temperature"] if protocol in WITH_PROBS else [])
     lines = [f"{protocol} protocol, test split:", "  " + f"{'checkpoint / role':<46}"
              + "".join(f"{c:>12}" for c in cols)]
     for ckpt, roles in results.items():
         for role, r in roles.items():
             name = f"{ckpt} / {role}"[-46:]
-            lines.append(f"  {name:<46}" + "".join(f"{r.metrics[c]:>12.4f}" for c in cols))
+            lines.append(f"  {name:<46}" + "".join(  # no validation split: no temperature
+                f"{r.metrics[c]:>12.4f}" if c in r.metrics else f"{'-':>12}" for c in cols))
     for what, pairs in agreement.items():
         for pair, v in pairs.items():
             lines.append(f"  {what}: {pair}: churn {v['churn']:.4f}, "
@@ -118,7 +142,7 @@ def write_outputs(args: argparse.Namespace, results: dict[str, dict[str, ProbeRe
            "results": {c: {r: p.metrics for r, p in roles.items()} for c, roles in results.items()},
            "consistency": agreement}
     out.write_text(json.dumps(doc, indent=2) + "\n")
-    if args.protocol == "linear":
+    if args.protocol in WITH_PROBS:
         from ssl_ema.eval.calibration import reliability_diagram
 
         several = len(results) > 1  # curves named "#<position on the command line> <role>"
@@ -127,24 +151,29 @@ def write_outputs(args: argparse.Namespace, results: dict[str, dict[str, ProbeRe
         labels = next(iter(next(iter(results.values())).values())).test_labels
         assert labels is not None  # the linear protocol returns them with its probabilities
         reliability_diagram(curves, labels, out.with_name(f"{out.stem}-reliability.png"),
-                            title="linear probes, 15 equal-mass bins")
+                            title=f"{WITH_PROBS[args.protocol]}, 15 equal-mass bins")
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        check_protocol(args.protocol)
+        check_protocol(args.protocol, extra=("classifier",))
+        from ssl_ema.eval.own_classifier import require_classifier
         from ssl_ema.eval.trained import resolve_checkpoint
 
         for path in args.checkpoints:  # every path checked before any work
-            resolve_checkpoint(path)
+            run_dir, _ = resolve_checkpoint(path)
+            if args.protocol == "classifier":
+                require_classifier(run_dir)
+        if args.recompute_bn is not None and args.recompute_bn < 0:
+            raise ConfigError(f"--recompute-bn: must be >= 0, got {args.recompute_bn}")
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         results = {p: evaluate_checkpoint(p, args, device) for p in args.checkpoints}
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    agreement = consistency(results) if args.protocol == "linear" else {}
+    agreement = consistency(results) if args.protocol in WITH_PROBS else {}
     print(table(args.protocol, results, agreement))
     print(f"wrote {write_outputs(args, results, agreement)}")
     return 0

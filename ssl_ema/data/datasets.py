@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +105,9 @@ class DataBundle:
     mean: tuple[float, ...] = ()  # the normalisation of every view (device pipeline)
     std: tuple[float, ...] = ()
     val_eval: Dataset | None = None  # (x, label), un-augmented: labels.val_fraction held out
+    # labels.symmetric_noise: requested and realised rates (training / validation labels that
+    # differ from the true ones); empty without synthetic noise
+    label_noise: dict[str, float] = field(default_factory=dict)
 
 
 def _unreadable(paths: Sequence[str]) -> list[str]:

@@ -5,7 +5,10 @@ Applied by `build_data` after a builder made its bundle (``ssl_ema.config.Labels
 2. A stratified, seeded validation split (``labels.val_fraction``; Morales-Brotons et al. 2024
    choose the best EMA and epoch on 20% of the training set). It carries the training labels
    (noisy, if they are): a practitioner has no clean ones to select with.
-3. supervised: the rest trains with weak views. pseudo_label: a labelled subset of
+3. Synthetic symmetric noise (``labels.symmetric_noise``) flips training labels, validation
+   split included (same reason); the split is drawn before it, so every noise level holds out
+   the same images and a run differs from its clean twin in the labels alone.
+4. supervised: the rest trains with weak views. pseudo_label: a labelled subset of
    ``labels.per_class`` images per class (seeded), and the other images as unlabelled data.
 
 Every split is a function of ``run.seed`` alone, so it is the same on every process and resume.
@@ -27,6 +30,7 @@ from ssl_ema.data.noisy_labels import (
     imagefolder_original_index,
     load_cifar10n,
 )
+from ssl_ema.data.synthetic_noise import noise_rate, symmetric_noise
 
 
 def per_class_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarray:
@@ -135,8 +139,17 @@ def apply_labels(bundle: Any, cfg: Config) -> Any:
     plain = bundle.train_eval.transform
     true = source_targets(source)
     labels = true if lab.noisy == "clean" else _noisy(source, true, cfg)
-    data = Relabelled(source, labels)
     train_idx, val_idx = stratified_split(labels, lab.val_fraction, seed)
+    noise: dict[str, float] = {}
+    if lab.symmetric_noise:
+        # The validation split keeps the noisy labels: a practitioner selects the best EMA and
+        # epoch with the labels they have, and only the test set is clean.
+        labels = symmetric_noise(labels, lab.symmetric_noise, bundle.num_classes, seed)
+        noise = {"symmetric_noise": lab.symmetric_noise,
+                 "realised_train": noise_rate(labels[train_idx], true[train_idx])}
+        if len(val_idx):
+            noise["realised_val"] = noise_rate(labels[val_idx], true[val_idx])
+    data = Relabelled(source, labels)
     val = Transformed(Subset(data, val_idx.tolist()), plain) if len(val_idx) else None
     if cfg.method.name == "pseudo_label":
         labelled = train_idx[per_class_subset(labels[train_idx], lab.per_class, seed)]
@@ -150,4 +163,5 @@ def apply_labels(bundle: Any, cfg: Config) -> Any:
         train = SeededViews(Subset(data, train_idx.tolist()), views, seed)
     # The plain training images serve BatchNorm recomputation (and kNN, if asked).
     train_eval = Transformed(Subset(data, train_idx.tolist()), plain)
-    return dataclasses.replace(bundle, train=train, train_eval=train_eval, val_eval=val)
+    return dataclasses.replace(bundle, train=train, train_eval=train_eval, val_eval=val,
+                               label_noise=noise)

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from ssl_ema.config import Config, ConfigError, dump_yaml
 from ssl_ema.data import DataBundle, build_data
 from ssl_ema.data.device import DeviceTrainStream, device_streams
+from ssl_ema.data.synthetic_noise import describe_noise
 from ssl_ema.ema import EMA
 from ssl_ema.engine.checkpoint import checkpoints, load_checkpoint, save_checkpoint
 from ssl_ema.engine.guard import NonFiniteGuard, NonFiniteLoss
@@ -202,6 +203,7 @@ class Trainer:
                     "buffers": cfg.ema.buffers, "extra_momenta": list(cfg.ema.extra_momenta)},
             "student_parameters": n_params, "train_images": len(self.data.train),  # type: ignore[arg-type]
             "skipped_unreadable_files": self.data.skipped_files,
+            "label_noise": self.data.label_noise,
             "steps": self.total_steps, "samples": self.total_samples,
         }
 
@@ -223,6 +225,8 @@ class Trainer:
             if self.data.skipped_files:
                 lines.append(f"left out {self.data.skipped_files} unreadable image files "
                              "(data.corrupt=skip)")
+            if self.data.label_noise:
+                lines.append(describe_noise(self.data.label_noise))
             lines.append(f"{h['steps']} optimizer steps, {h['samples']} samples | "
                          f"run dir: {self.run_dir}")
             print("\n".join(lines))

@@ -1,8 +1,13 @@
-"""Top-1 accuracy of every model a classification run holds, for the supervised and
-pseudo-labelling methods: the student (last iterate), the teacher and each EMA copy, on the
+"""Top-1 accuracy and calibration of every model a classification run holds, for the supervised
+and pseudo-labelling methods: the student (last iterate), the teacher and each EMA copy, on the
 validation split (if any) and the test set, each with the BatchNorm statistics it has and with
 statistics recomputed on training images (Morales-Brotons et al. 2024, Sec. 5: an EMA of weights
 is a different network from any iterate; recomputing helps and rescues the slowest EMAs).
+
+Besides top-1, each (model, split, BatchNorm variant) gets the NLL and the ECE with 15
+equal-mass bins of its own classifier's probabilities (``eval/calibration.py``), from the same
+logits: the paper's claim that EMA models are better calibrated is measured during training,
+not only by a probe afterwards. Early stopping still chooses on top-1.
 
 Recomputation is done on the side: the statistics a model trains on are restored afterwards, so
 an evaluation never changes the run (resume stays exact). The pseudo-labelling epoch metrics
@@ -19,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ssl_ema.ema import recompute_batchnorm
+from ssl_ema.eval.calibration import expected_calibration_error, negative_log_likelihood
 from ssl_ema.eval.early_stopping import BestModel, Choice
 from ssl_ema.eval.features import extract_features
 from ssl_ema.eval.teacher_student import sync_buffers
@@ -28,9 +34,14 @@ if TYPE_CHECKING:
 
 
 @torch.no_grad()
-def top1(model: nn.Module, loader: DataLoader, accelerator: Any) -> float:
+def classifier_scores(model: nn.Module, loader: DataLoader, accelerator: Any
+                      ) -> dict[str, float]:
+    """``acc`` (top-1), ``nll`` and ``ece`` (15 equal-mass bins) of one pass over ``loader``."""
     logits, labels = extract_features(model, loader, accelerator, normalize=False)  # (N, K)
-    return (logits.argmax(dim=1) == labels).float().mean().item()
+    logits, labels = logits.cpu(), labels.cpu()
+    return {"acc": (logits.argmax(dim=1) == labels).float().mean().item(),
+            "nll": negative_log_likelihood(logits, labels),
+            "ece": expected_calibration_error(logits.double().softmax(1), labels, 15)}
 
 
 def pseudo_label_rates(sums: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -46,7 +57,8 @@ def pseudo_label_rates(sums: dict[str, torch.Tensor]) -> dict[str, float]:
 
 
 class ClassifierEvaluation:
-    """Keys ``acc_<model>_<split>[_bn]``; tracks the best EMA and epoch on validation."""
+    """Keys ``{acc,nll,ece}_<model>_<split>[_bn]``; tracks the best EMA and epoch on validation
+    top-1."""
 
     baseline_key, baseline_name = "acc_student_test", "random_init_test"
 
@@ -66,10 +78,12 @@ class ClassifierEvaluation:
         return [("student", m.student), ("teacher", m.teacher),
                 *((f"ema_{x:g}", copy) for x, copy in zip(momenta, m.ema_copies))]
 
-    def _scores(self, net: nn.Module) -> dict[str, float]:
+    def _scores(self, net: nn.Module) -> dict[str, dict[str, float]]:
+        """split -> {acc, nll, ece}."""
         acc = self.trainer.accelerator
         with acc.autocast():
-            return {split: top1(net, loader, acc) for split, loader in self.splits.items()}
+            return {split: classifier_scores(net, loader, acc)
+                    for split, loader in self.splits.items()}
 
     def evaluate(self, epoch: int) -> dict[str, float]:
         t, acc = self.trainer, self.trainer.accelerator
@@ -90,14 +104,15 @@ class ClassifierEvaluation:
                     b.copy_(saved[k])
         return out
 
-    def _record(self, out: dict[str, float], name: str, bn: bool, scores: dict[str, float],
-                modules: nn.ModuleDict, epoch: int) -> None:
+    def _record(self, out: dict[str, float], name: str, bn: bool,
+                scores: dict[str, dict[str, float]], modules: nn.ModuleDict, epoch: int) -> None:
         suffix = "_bn" if bn else ""
-        for split, value in scores.items():
-            out[f"acc_{name}_{split}{suffix}"] = value
+        for split, metrics in scores.items():
+            for metric, value in metrics.items():
+                out[f"{metric}_{name}_{split}{suffix}"] = value
         if self.best is not None:
-            choice = Choice(name, bn, epoch, self.trainer.state.step, scores["val"],
-                            scores["test"])
+            choice = Choice(name, bn, epoch, self.trainer.state.step, scores["val"]["acc"],
+                            scores["test"]["acc"])
             self.best.offer(choice, modules.state_dict())
 
     def state_dict(self) -> dict[str, Any]:

@@ -1,4 +1,6 @@
-"""The end-of-run table of a classification run: last iterate against each EMA, and the choice.
+"""The end-of-run tables of a classification run: top-1 of the last iterate against each EMA,
+their calibration on the test split (ECE, NLL; validation values are in metrics.jsonl), and the
+EMA early-stopping choice.
 
 Each EMA is named by its momentum per optimizer step at the reference batch (as in the recipe)
 and per update (``** ema.period``: the paper's alpha, e.g. 0.99797 every 16 steps = 0.968).
@@ -45,6 +47,7 @@ def classification_table(result: dict[str, Any], evaluation: ClassifierEvaluatio
         row = [result.get(f"acc_{name}_{k}") for k, _ in cols]
         lines.append(f"  {_label(name, evaluation):<36}"
                      + "".join(f" {v:>8.4f}" for v in row if v is not None))
+    lines += _calibration_rows(result, evaluation)
     if "mask_rate" in result:
         masked = result.get("pseudo_label_accuracy", float("nan"))
         lines.append(f"pseudo-labels in the last epoch: mask rate {result['mask_rate']:.3f}, "
@@ -55,3 +58,19 @@ def classification_table(result: dict[str, Any], evaluation: ClassifierEvaluatio
             lines.append(_choice("EMA" if kind == "ema" else "last iterate",
                                  result[f"best_{kind}"]))
     return "\n".join(lines)
+
+
+def _calibration_rows(result: dict[str, Any], evaluation: ClassifierEvaluation) -> list[str]:
+    """A second, compact table: ECE-15 and NLL on test, own and recomputed BN statistics."""
+    cols = [(f"{metric}_{{}}_{split}", title) for split, bn in (("test", ""), ("test_bn", "+BN"))
+            for metric, title in (("ece", f"ECE{bn}"), ("nll", f"NLL{bn}"))]
+    cols = [(key, title) for key, title in cols if key.format("student") in result]
+    if not cols:
+        return []
+    n_test = len(evaluation.splits["test"].dataset)  # type: ignore[arg-type]
+    lines = [f"calibration on {n_test} test images (ECE: 15 equal-mass bins; NLL: nats)",
+             f"  {'model':<36}" + "".join(f" {title:>8}" for _, title in cols)]
+    for name, _ in evaluation.models():
+        lines.append(f"  {_label(name, evaluation):<36}"
+                     + "".join(f" {result[key.format(name)]:>8.4f}" for key, _ in cols))
+    return lines

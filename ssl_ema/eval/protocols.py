@@ -47,9 +47,12 @@ class ProbeResult:
     test_labels: torch.Tensor | None = None  # (M,); with test_probs
 
 
-def check_protocol(name: str) -> None:
-    if name not in PROTOCOLS:
-        raise ConfigError(f"unknown protocol '{name}'; valid: {', '.join(PROTOCOLS)}")
+def check_protocol(name: str, extra: tuple[str, ...] = ()) -> None:
+    """A one-line ConfigError unless ``name`` is a frozen-feature protocol or one of ``extra``
+    (``tools/eval.py`` adds ``classifier``, which needs a classification run, not features)."""
+    valid = (*PROTOCOLS, *extra)
+    if name not in valid:
+        raise ConfigError(f"unknown protocol '{name}'; valid: {', '.join(valid)}")
 
 
 def cache_key(*parts: Any) -> str:

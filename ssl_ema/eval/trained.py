@@ -10,6 +10,7 @@ is an error, never a silently half-loaded model.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from copy import deepcopy
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import cast
@@ -23,6 +24,7 @@ from ssl_ema.methods import TeacherStudentMethod, build_method
 from ssl_ema.models.backbones import build_backbone
 
 MODEL_FILE = "model.safetensors"
+BEST_EMA_FILE = "best_ema.safetensors"  # eval/early_stopping.py
 
 
 @dataclass
@@ -41,11 +43,39 @@ class TrainedRun:
                      "student": self.method.student_backbone}
         for m, copy in zip(self.cfg.ema.extra_momenta, self.method.ema_copies):
             available[f"ema_{m:g}"] = cast(nn.ModuleDict, copy)["backbone"]
-        unknown = [r for r in roles if r not in available]
-        if unknown:
-            raise ConfigError(f"role '{unknown[0]}' is not in this run; valid: "
-                              f"{', '.join(available)}")
-        return {r: available[r] for r in roles}
+        return _pick(available, roles)
+
+    def classifiers(self, roles: Sequence[str]) -> dict[str, nn.Module]:
+        """Backbone + the run's own classifier by role (supervised and pseudo_label runs).
+
+        Besides the checkpoint's roles, ``best_ema`` is the run's EMA early-stopping choice
+        (``best_ema.safetensors``, with the BatchNorm statistics it was chosen with), whatever
+        the checkpoint: the model the paper reports under noisy labels.
+        """
+        method, momenta = self.method, self.cfg.ema.extra_momenta
+        available = {"teacher": method.teacher, "student": method.student,
+                     **{f"ema_{m:g}": copy for m, copy in zip(momenta, method.ema_copies)}}
+        if "classifier" not in method.student:
+            raise no_classifier(self.run_dir, self.cfg.method.name)
+        best = self.run_dir / BEST_EMA_FILE
+        if "best_ema" in roles and best.is_file():  # loaded only when asked for
+            available["best_ema"] = deepcopy(method.teacher)
+            available["best_ema"].load_state_dict(load_file(str(best)), strict=True)
+        return {r: nn.Sequential(d["backbone"], d["classifier"])  # type: ignore[index]
+                for r, d in _pick(available, roles).items()}
+
+
+def no_classifier(run_dir: Path, method: str) -> ConfigError:
+    return ConfigError(f"'{run_dir}' is a {method} run: it has no classifier to evaluate; use "
+                       "--protocol knn or --protocol linear")
+
+
+def _pick(available: dict[str, nn.Module], roles: Sequence[str]) -> dict[str, nn.Module]:
+    unknown = [r for r in roles if r not in available]
+    if unknown:
+        raise ConfigError(f"role '{unknown[0]}' is not in this run; valid: "
+                          f"{', '.join(available)}")
+    return {r: available[r] for r in roles}
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
