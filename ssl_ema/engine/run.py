@@ -25,11 +25,12 @@ RESUMABLE_CHANGES = {"train.max_steps", "train.checkpoint_every", "train.keep_ch
                      "train.log_every", "data.num_workers", "eval.every_epochs"}
 
 
-def _flat(tree: dict, prefix: str = "") -> dict[str, object]:
+def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: configs compared key by key."""
     out: dict[str, object] = {}
     for k, v in tree.items():
         if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -49,12 +50,19 @@ def _resume_target(resume: str) -> tuple[Path, Path]:
     return path, found[-1]
 
 
+def changed_keys(run_dir: Path, cfg: Config, allowed: set[str]) -> list[tuple[str, object, object]]:
+    """``(key, saved, now)`` for every key outside ``allowed`` where ``cfg`` differs from the
+    run's saved ``config.yaml``."""
+    saved = flatten(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
+    now = flatten(to_dict(cfg))
+    return [(k, saved.get(k), now[k]) for k in sorted(now)
+            if saved.get(k) != now[k] and k not in allowed]
+
+
 def _check_same_run(run_dir: Path, cfg: Config) -> None:
-    saved = _flat(yaml.safe_load((run_dir / "config.yaml").read_text()))
-    now = _flat(to_dict(cfg))
-    changed = sorted(k for k in now if saved.get(k) != now[k] and k not in RESUMABLE_CHANGES)
+    changed = changed_keys(run_dir, cfg, RESUMABLE_CHANGES)
     if changed:
-        diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now[k]!r}" for k in changed[:4])
+        diffs = ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changed[:4])
         raise ConfigError(f"--resume: the recipe differs from the run's config.yaml ({diffs}); "
                           "resume with the same recipe, or start a new run")
 
@@ -85,8 +93,8 @@ def prepare_run(recipe: str | None, overrides: Sequence[str],
     run_dir, checkpoint = _resume_target(resume)
     if recipe is None:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-        merged = _flat(saved)
-        merged.update(_flat(parse_overrides(overrides)))
+        merged = flatten(saved)
+        merged.update(flatten(parse_overrides(overrides)))
         tree: dict = {}
         for key, value in merged.items():
             node = tree
