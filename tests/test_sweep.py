@@ -69,6 +69,13 @@ def test_bad_variants_fail_before_anything_trains(tmp_path: Path,
     assert "'a' is used twice" in capsys.readouterr().err
     assert sweep.main([RECIPE, "--out", str(out)]) == 2
     assert not out.exists()
+    train = tool("sweep").train_command
+    job = plan(RECIPE, [], [Variant("a", ("optim.lr=0.1",))], [3], out)[0]
+    cmd = train("accelerate launch --num_processes 2", RECIPE, job)
+    assert cmd[:4] == ["accelerate", "launch", "--num_processes", "2"]
+    assert cmd[4].endswith("tools/train.py") and cmd[5] == RECIPE
+    assert cmd[6:] == ["optim.lr=0.1", "run.seed=3", f"run.output_dir={out / 'a'}",
+                       "run.name=seed3"]
     with pytest.raises(ConfigError, match="not a key=value"):
         parse_variant(["torch_init", "model.init"])
     with pytest.raises(ConfigError, match="not a variant name"):

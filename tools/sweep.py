@@ -9,9 +9,11 @@
 
 Overrides before the first --variant apply to every variant. Each (variant, seed) trains in
 ``<out>/<variant>/seed<N>/<timestamp>`` through tools/train.py in a process of its own (a
-crash, a non-finite loss or compiled-graph caches stay with that variant). Running the same
-command again reuses finished runs and resumes cut ones, so a sweep longer than one sitting
-continues where it stopped. The table (and ``<out>/sweep.json``) lists each run's results.json.
+crash, a non-finite loss or compiled-graph caches stay with that variant), started by
+``--launch`` (e.g. "accelerate launch --multi_gpu --num_processes 8"; default: this Python).
+Running the same command again reuses finished runs and resumes cut ones, so a sweep longer
+than one sitting continues where it stopped. The table (and ``<out>/sweep.json``) lists each
+run's results.json.
 Bad input (a malformed variant, an override any variant's config rejects) is a one-line error
 with exit code 2 before anything trains. The exit code is 1 when a run failed.
 """
@@ -20,15 +22,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from ssl_ema.config import ConfigError
-from ssl_ema.engine.sweep import finished_run, metrics, parse_variant, plan, table
+from ssl_ema.engine.sweep import Job, finished_run, metrics, parse_variant, plan, table
 
 TRAIN = Path(__file__).with_name("train.py")
+
+
+def train_command(launch: str, recipe: str, job: Job) -> list[str]:
+    """The command that trains (or resumes) one job: ``launch`` + tools/train.py + overrides."""
+    cmd = [*(shlex.split(launch) if launch else [sys.executable]), str(TRAIN), recipe,
+           *job.overrides]
+    return cmd + ["--resume", str(job.run_dir)] if job.action == "resume" else cmd
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="sweep folder (default: runs/sweeps/<recipe stem>)")
     parser.add_argument("--metrics", nargs="+", default=None,
                         help="results.json keys to tabulate (default: all)")
+    parser.add_argument("--launch", default="",
+                        help="how to start each run (default: this Python), e.g. "
+                        "\"accelerate launch --multi_gpu --num_processes 8\"")
     parser.add_argument("--dry-run", action="store_true",
                         help="print what each run would do (new / resume / reuse) and stop")
     args = parser.parse_args(argv)
@@ -77,10 +90,8 @@ def main(argv: list[str] | None = None) -> int:
             old = previous.get((job.variant, job.seed, str(job.run_dir)), {})
             row.update(status="reused", wall_s=old.get("wall_s"), run_dir=str(job.run_dir))
         else:
-            cmd = [sys.executable, str(TRAIN), args.recipe, *job.overrides]
-            if job.action == "resume":
-                cmd += ["--resume", str(job.run_dir)]
-            print(f"\n== {job.variant} seed {job.seed}: {' '.join(cmd[1:])}", flush=True)
+            cmd = train_command(args.launch, args.recipe, job)
+            print(f"\n== {job.variant} seed {job.seed}: {shlex.join(cmd)}", flush=True)
             start = time.perf_counter()
             code = subprocess.run(cmd).returncode
             row["wall_s"] = time.perf_counter() - start

@@ -148,7 +148,11 @@ def table(rows: Sequence[dict], columns: Sequence[str]) -> str:
         cells = []
         for c in columns:
             xs = [m[c] for m in ms if c in m]
-            cells.append(f"{_mean_std(xs)[0]:.4f}±{_mean_std(xs)[1]:.4f}" if xs else "-")
+            if xs:
+                mean, sd = _mean_std(xs)
+                cells.append(f"{mean:.4f}±{sd:.4f}")
+            else:
+                cells.append("-")
         summary.append([name, f"{len(ms)} seeds", "mean±sd", "", *cells])
     widths = [max(len(row[i]) for row in lines + summary) for i in range(len(head))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
