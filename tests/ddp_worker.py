@@ -47,6 +47,7 @@ def main(out: Path, overrides: list[str]) -> None:
         for role in ("teacher", "student"):
             state = getattr(model, role).state_dict()
             torch.save({k: v.cpu() for k, v in state.items()}, out / f"{role}.pt")
+    acc.end_training()  # destroy the process group before exit, as tools/train.py does
 
 
 if __name__ == "__main__":

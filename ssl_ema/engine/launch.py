@@ -32,6 +32,10 @@ def train(recipe: str | None, overrides: Sequence[str], resume: str | None = Non
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    finally:
+        # Destroys the process group: a gloo/NCCL group left to interpreter exit can abort a
+        # rank ("terminate called without an active exception") after training succeeded.
+        trainer.accelerator.end_training()
     if trainer.accelerator.is_main_process:
         print(trainer.evaluation.table(result))
     return 0
