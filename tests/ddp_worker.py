@@ -1,11 +1,13 @@
 """Run under torchrun by test_multiprocess.py: train briefly, then compare every rank's models.
 
 Writes ``<out>/ranks.json`` from rank 0: world size, counters, and the largest difference
-between ranks of per-tensor checksums of the student, the teacher and the EMA copies.
+between ranks of per-tensor checksums of the student, the teacher and the EMA copies; and from
+every rank ``<out>/threads_<rank>.json``: the names of its threads once training was released.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -23,10 +25,29 @@ def checksums(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(sums) if sums else torch.zeros(1, dtype=torch.float64)
 
 
+def thread_names() -> list[str]:
+    """This process's OS threads by name (gloo's workers are ``pt_gloo_runloop``); Linux only."""
+    tasks = Path("/proc/self/task")
+    if not tasks.exists():
+        return []
+    return sorted((t / "comm").read_text().strip() for t in tasks.iterdir())
+
+
 def main(out: Path, overrides: list[str]) -> None:
     cfg = load_config(None, [f"run.output_dir={out}", *overrides])
     trainer = Trainer(cfg, out / "run")
     trainer.fit()
+    rank = trainer.accelerator.process_index
+    report(trainer, out, cfg.train.batch_size)
+    # As ssl_ema/engine/launch.py's train: free the process group before interpreter exit.
+    trainer.accelerator.end_training()
+    del trainer
+    gc.collect()
+    (out / f"threads_{rank}.json").write_text(json.dumps(thread_names()))
+
+
+def report(trainer: Trainer, out: Path, batch_size: int) -> None:
+    """Gather every rank's checksums; rank 0 writes ranks.json and the student and teacher."""
     acc = trainer.accelerator
     model = acc.unwrap_model(trainer.method)
     modules = (model.student, model.teacher, *model.ema_copies)
@@ -37,7 +58,7 @@ def main(out: Path, overrides: list[str]) -> None:
     if acc.is_main_process:
         result = {
             "world_size": acc.num_processes,
-            "per_device_batch": trainer.per_device[cfg.train.batch_size],
+            "per_device_batch": trainer.per_device[batch_size],
             "step": trainer.state.step, "samples_seen": trainer.state.samples_seen,
             "ema_updates": trainer.ema.num_updates,
             "parameter_rank_difference": (every_p - every_p[0]).abs().max().item(),
@@ -47,7 +68,6 @@ def main(out: Path, overrides: list[str]) -> None:
         for role in ("teacher", "student"):
             state = getattr(model, role).state_dict()
             torch.save({k: v.cpu() for k, v in state.items()}, out / f"{role}.pt")
-    acc.end_training()  # destroy the process group before exit, as tools/train.py does
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ existing runs); 1 a non-finite loss stopped training (``train.nonfinite=fail``).
 
 from __future__ import annotations
 
+import gc
 import sys
 from collections.abc import Sequence
 
@@ -31,11 +32,20 @@ def train(recipe: str | None, overrides: Sequence[str], resume: str | None = Non
         result = trainer.fit()
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        # Destroys the process group: a gloo/NCCL group left to interpreter exit can abort a
-        # rank ("terminate called without an active exception") after training succeeded.
-        trainer.accelerator.end_training()
-    if trainer.accelerator.is_main_process:
-        print(trainer.evaluation.table(result))
-    return 0
+        code = 1
+    else:
+        if trainer.accelerator.is_main_process:
+            print(trainer.evaluation.table(result))
+        code = 0
+    # Free the process group while the interpreter is alive. destroy_process_group (in
+    # end_training) alone is not enough: the DDP wrapper keeps the group, and gloo frees each
+    # finished collective, with the tensors Python handed it, in a worker thread that needs the
+    # GIL; a late thread meeting interpreter finalisation aborts the rank ("terminate called
+    # without an active exception": CI on a loaded 2-core machine, the core dump showing
+    # ~AsyncAllgatherWork in ProcessGroupGloo::runLoop; pytorch/pytorch#179291 is the same
+    # race). Dropping the trainer and collecting runs the group's destructor now, which drains
+    # and joins those threads.
+    trainer.accelerator.end_training()
+    del trainer
+    gc.collect()
+    return code
