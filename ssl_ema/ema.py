@@ -203,11 +203,11 @@ class EMA:
 
 
 @torch.no_grad()
-def recompute_batchnorm(model: nn.Module, batches: Iterable[Any], num_batches: int,
+def recompute_batchnorm(model: nn.Module, batches: Iterable[Any], num_batches: int | None,
                         device: torch.device | None = None,
                         all_reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
                         ) -> None:
-    """Re-estimate BatchNorm running statistics of ``model`` on ``num_batches`` batches.
+    """Re-estimate BatchNorm running statistics of ``model`` on ``num_batches`` batches (None: all).
 
     An EMA of weights is a different network from any iterate, so neither the student's nor the
     averaged statistics match it; recomputing them helps and rescues the slowest EMAs

@@ -18,6 +18,7 @@ def launch(recipe: str, tmp_path: Path, env: dict[str, str], *overrides: str) ->
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "teacher (EMA of student)" in proc.stdout and "random init backbone" in proc.stdout
+    assert "random init, BN recomputed" in proc.stdout
     (results,) = tmp_path.glob("*/*/results.json")
     return json.loads(results.read_text())
 
@@ -30,6 +31,10 @@ def test_quickstart_teacher_beats_random_backbone(
     # Measured on 2 CPU cores: teacher 0.814, random 0.742 (docs/RESULTS.md); the margin asked
     # for is 5 points.
     assert r["knn_teacher"] > r["knn_random"] + 0.05
+    # The same random weights with BatchNorm statistics recomputed on the training images: 0.872.
+    # Most of the gap above is normalisation, which is why the table reports this floor too (the
+    # quick start's teacher does not clear it; README says so).
+    assert r["knn_random_bn"] > r["knn_random"] + 0.05
 
 
 def test_dino_digits_teacher_beats_random_backbone(

@@ -35,7 +35,8 @@ def test_sweep_trains_each_variant_then_reuses_and_resumes(tmp_path: Path,
         results = json.loads((run / "results.json").read_text())
         assert results["step"] == 3
         assert first[name]["metrics"] == {k: results[k] for k in
-                                          ("knn_random", "knn_teacher", "knn_student")}
+                                          ("knn_random", "knn_teacher", "knn_student",
+                                           "knn_random_bn")}
     table = capsys.readouterr().out.splitlines()
     fast = next(line for line in table if line.startswith("fast ") and "trained" in line)
     assert f"{first['fast']['metrics']['knn_teacher']:.4f}" in fast

@@ -126,6 +126,10 @@ def test_resume_is_bitwise_exact(tmp_path: Path, method: str, workers: int) -> N
     resumed = Trainer(full.cfg, run_dir, ckpt)
     resumed.fit()
     assert resumed.state.state_dict() == full.state.state_dict()
+    # The floor measured before training (random weights, BN recomputed) comes back from the
+    # checkpoint instead of being lost or recomputed on trained weights.
+    assert resumed.evaluation.state_dict() == full.evaluation.state_dict()
+    assert 0.0 < full.evaluation.state_dict()["knn_random_bn"] <= 1.0
     assert resumed.ema.num_updates == full.ema.num_updates == 10
     a = resumed.accelerator.unwrap_model(resumed.method).state_dict()
     b = full.accelerator.unwrap_model(full.method).state_dict()

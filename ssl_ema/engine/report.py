@@ -1,4 +1,5 @@
-"""The end-of-run table: kNN accuracy of the teacher, the student and a random backbone."""
+"""The end-of-run table: kNN accuracy of the teacher, the student and a random backbone
+(with its initial BatchNorm statistics and with statistics recomputed on training images)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ def knn_table(result: dict[str, float], trainer: Any) -> str:
     rows = [("teacher (EMA of student)", result["knn_teacher"]),
             ("student", result["knn_student"]),
             ("random init backbone", result["knn_random"])]
+    if "knn_random_bn" in result:  # the same weights, BatchNorm statistics recomputed
+        rows.append(("random init, BN recomputed", result["knn_random_bn"]))
     lines = [
         f"kNN top-1 (k={cfg.eval.knn_k}, t={cfg.eval.knn_temperature}) on {n_test} held-out "
         f"{cfg.data.dataset} images after {int(result['step'])} steps:",

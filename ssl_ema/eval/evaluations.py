@@ -15,7 +15,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ssl_ema.eval.classify import ClassifierEvaluation
-from ssl_ema.eval.teacher_student import knn_evaluate
+from ssl_ema.eval.teacher_student import knn_evaluate, knn_random_calibrated
 
 if TYPE_CHECKING:
     from ssl_ema.engine.trainer import Trainer
@@ -37,24 +37,32 @@ class Evaluation(Protocol):
 
 
 class KNNEvaluation:
+    """kNN of every model; before training also the random student with recomputed BatchNorm
+    statistics (``knn_random_bn``), the floor a run must beat to have learnt features."""
+
     baseline_key, baseline_name = "knn_student", "knn_random"
 
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
+        self.knn_random_bn: float | None = None
 
     def evaluate(self, epoch: int) -> dict[str, float]:
         t = self.trainer
-        return knn_evaluate(t.model, t.cfg, t.accelerator, t.bank_loader, t.query_loader,
-                            t.data.num_classes, gather=not t.on_device)
+        args = (t.model, t.cfg, t.accelerator, t.bank_loader, t.query_loader, t.data.num_classes)
+        out = knn_evaluate(*args, gather=not t.on_device)
+        if t.state.step == 0 and self.knn_random_bn is None:
+            self.knn_random_bn = knn_random_calibrated(*args, gather=not t.on_device)
+            out["knn_random_bn"] = self.knn_random_bn
+        return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {}
+        return {} if self.knn_random_bn is None else {"knn_random_bn": self.knn_random_bn}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        self.knn_random_bn = state.get("knn_random_bn")
 
     def summary(self) -> dict[str, Any]:
-        return {}
+        return {} if self.knn_random_bn is None else {"knn_random_bn": self.knn_random_bn}
 
     def table(self, result: dict[str, Any]) -> str:
         from ssl_ema.engine.report import knn_table
