@@ -37,7 +37,7 @@ def test_two_processes_train_one_model(tmp_path: Path, tools_env: dict[str, str]
     assert r["parameter_rank_difference"] == 0.0
     assert r["buffer_rank_difference"] == 0.0
     # Training released the process group before exit: gloo's worker threads are joined, so none
-    # can meet interpreter finalisation (which aborted rank 1 once in CI).
+    # can meet interpreter finalisation (which aborted rank 1 in two CI runs).
     for rank in range(2):
         threads = json.loads((tmp_path / f"threads_{rank}.json").read_text())
         assert "pt_gloo_runloop" not in threads, threads
