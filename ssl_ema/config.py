@@ -157,6 +157,8 @@ class TrainConfig:
     grad_accumulation: int = 1
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     checkpoint_every: int = 0  # optimizer steps; 0 = only at the end
+    # Also by wall clock, so a hard kill or a lost node costs at most this much; 0 = off.
+    checkpoint_every_minutes: float = 30.0
     keep_checkpoints: int = 2
     log_every: int = 10  # optimizer steps
     max_steps: int = 0  # >0: stop after this many optimizer steps (smoke runs, benchmarks)

@@ -1,7 +1,9 @@
 """What ``tools/train.py`` and ``tools/finetune.py`` run: validate, build, fit, print.
 
-Exit codes: 0 done; 2 bad input (a one-line error before any model is built and without touching
-existing runs); 1 a non-finite loss stopped training (``train.nonfinite=fail``).
+Exit codes: 0 done (or a finished run resumed: nothing to do); 2 bad input (a one-line error
+before any model is built and without touching existing runs); 1 a non-finite loss stopped
+training (``train.nonfinite=fail``); 128 + N a stop signal N (SIGINT 130, SIGUSR1 138,
+SIGTERM 143) stopped training after writing a checkpoint (``engine/stop.py``).
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ from collections.abc import Sequence
 from ssl_ema.config import ConfigError
 from ssl_ema.engine.guard import NonFiniteLoss
 from ssl_ema.engine.run import prepare_run
+from ssl_ema.engine.stop import Stopped, stop_with_launcher
 
 
 def train(recipe: str | None, overrides: Sequence[str], resume: str | None = None) -> int:
     """Train a recipe (or resume a run), print the evaluation table; the exit code."""
+    stop_with_launcher()
     try:
         if recipe is None and resume is None:
             raise ConfigError("no recipe given; pass a YAML recipe (e.g. recipes/quickstart.yaml) "
@@ -28,11 +32,24 @@ def train(recipe: str | None, overrides: Sequence[str], resume: str | None = Non
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted before training started; nothing to resume", file=sys.stderr)
+        return 130
+    from ssl_ema.engine.trainer import RunFinished
+
     try:
         result = trainer.fit()
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         code = 1
+    except Stopped as e:
+        if trainer.accelerator.is_main_process:
+            print(e, file=sys.stderr)
+        code = e.code
+    except RunFinished as e:
+        if trainer.accelerator.is_main_process:
+            print(e)
+        code = 0
     else:
         if trainer.accelerator.is_main_process:
             print(trainer.evaluation.table(result))

@@ -22,6 +22,7 @@ from ssl_ema.engine.checkpoint import PREFIX, checkpoints
 
 # Keys that may differ on resume: they change bookkeeping, not the trajectory.
 RESUMABLE_CHANGES = {"train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
+                     "train.checkpoint_every_minutes",
                      "train.log_every", "data.num_workers", "eval.every_epochs"}
 
 

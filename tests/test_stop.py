@@ -1,0 +1,138 @@
+"""Stop signals and wall-clock checkpoints: real signals to real training runs on digits."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ssl_ema.engine.checkpoint import checkpoints
+from ssl_ema.engine.launch import train
+from ssl_ema.engine.stop import StopPoints, StopSignals
+from ssl_ema.engine.tracking import read_metrics
+from ssl_ema.engine.trainer import Trainer
+from tests.conftest import ROOT, python
+from tests.test_training import TINY
+
+ONE_STEP = [*TINY, "train.grad_accumulation=1", "train.keep_checkpoints=5"]
+
+
+def recipe(tmp_path: Path) -> str:
+    path = tmp_path / "run.yaml"
+    path.write_text("method:\n  name: byol\n")
+    return str(path)
+
+
+def run_dir_of(out: Path) -> Path:
+    (found,) = (out / "run").iterdir()  # <output_dir>/<name>/<timestamp>
+    return found
+
+
+def signal_at_step(monkeypatch: pytest.MonkeyPatch, step: int, signum: int) -> None:
+    """Send ``signum`` to this process while optimizer step ``step`` runs."""
+    optimizer_step = Trainer._optimizer_step
+
+    def step_and_signal(self: Trainer, micro_batches: int) -> dict:
+        if self.state.step + 1 == step:
+            os.kill(os.getpid(), signum)
+        return optimizer_step(self, micro_batches)
+
+    monkeypatch.setattr(Trainer, "_optimizer_step", step_and_signal)
+
+
+def test_sigint_checkpoints_stops_and_resumes_bitwise(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = [*ONE_STEP, "train.max_steps=4"]
+    # Uninterrupted, with a wall-clock checkpoint due after every step.
+    assert train(recipe(tmp_path), [*common, f"run.output_dir={tmp_path / 'full'}",
+                        "train.checkpoint_every_minutes=1e-9"]) == 0
+    full = run_dir_of(tmp_path / "full")
+    assert [c.name for c in checkpoints(full)] == [f"step_0000000{i}" for i in (1, 2, 3, 4)]
+
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        signal_at_step(patch, 2, signal.SIGINT)
+        code = train(recipe(tmp_path), [*common, f"run.output_dir={tmp_path / 'cut'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    cut = run_dir_of(tmp_path / "cut")
+    assert code == 130  # 128 + SIGINT
+    assert err[-1] == (f"stopped by SIGINT at step 2 (epoch 0), checkpoint written to "
+                       f"{cut}/checkpoints/step_00000002; continue with: tools/train.py "
+                       f"--resume {cut}")
+    assert not any("Traceback" in line for line in err)
+    assert [c.name for c in checkpoints(cut)] == ["step_00000002"]  # wall clock: 30 min
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+    assert train(None, [], resume=str(cut)) == 0
+    for name in ("model.safetensors", "optimizer.bin"):
+        a, b = full / "checkpoints/step_00000004" / name, cut / "checkpoints/step_00000004" / name
+        if name.endswith(".safetensors"):
+            ta, tb = load_file(a), load_file(b)
+            assert ta.keys() == tb.keys()
+            assert all(torch.equal(ta[k], tb[k]) for k in ta), name
+        else:
+            assert a.read_bytes() == b.read_bytes(), name
+    rows = read_metrics(cut / "metrics.jsonl")
+    assert [r["step"] for r in rows if r["event"] == "train"] == [1, 2, 3, 4]
+    assert [r["signal"] for r in rows if r["event"] == "stopped"] == ["SIGINT"]
+
+
+def test_sigterm_to_a_training_process(tmp_path: Path, tools_env: dict[str, str]) -> None:
+    cmd = [python(), str(ROOT / "tools" / "train.py"), recipe(tmp_path), *ONE_STEP,
+           f"run.output_dir={tmp_path}", "train.max_steps=0", "train.epochs=20"]
+    proc = subprocess.Popen(cmd, env=tools_env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not _trained(tmp_path):
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "no training step within 120 s"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err[-2000:]  # 128 + SIGTERM
+    assert "Traceback" not in err
+    (line,) = [x for x in err.splitlines() if x.startswith("stopped by")]
+    step = int(line.split(" at step ")[1].split()[0])
+    run_dir = run_dir_of(tmp_path)
+    assert [c.name for c in checkpoints(run_dir)] == [f"step_{step:08d}"]
+
+
+def _trained(out: Path) -> bool:
+    logs = list(out.glob("run/*/metrics.jsonl"))
+    return bool(logs) and '"event": "train"' in logs[0].read_text()
+
+
+def test_stop_signals_set_a_flag_and_restore_the_handlers() -> None:
+    before = signal.getsignal(signal.SIGUSR1)
+    with StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert signals.received == signal.SIGUSR1
+    assert signal.getsignal(signal.SIGUSR1) == before
+
+
+def test_processes_compare_flags_every_k_steps() -> None:
+    """Several processes: the flags are all-reduced only at every ``check_every``-th step, where
+    all ranks call the collective, so they stop (or checkpoint) at the same step."""
+    calls: list[list[int]] = []
+
+    def all_reduce_max(flags: torch.Tensor) -> torch.Tensor:
+        calls.append(flags.tolist())
+        return torch.maximum(flags, torch.tensor([15, 0]))  # another rank got SIGTERM
+
+    signals = StopSignals()
+    points = StopPoints(signals, 0.0, 5, all_reduce_max, torch.device("cpu"))
+    assert [points.check(s) for s in (1, 2, 3, 4)] == [(0, False)] * 4 and calls == []
+    assert points.check(5) == (15, False) and calls == [[0, 0]]
+    # One process: the local flag, at every step, without a collective.
+    signals.received = signal.SIGUSR1
+    assert StopPoints(signals, 0.0, 5, None, torch.device("cpu")).check(1) == (10, False)
