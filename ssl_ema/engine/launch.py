@@ -2,7 +2,8 @@
 
 Exit codes: 0 done (or a finished run resumed: nothing to do); 2 bad input (a one-line error
 before any model is built and without touching existing runs); 1 a non-finite loss stopped
-training (``train.nonfinite=fail``); 128 + N a stop signal N (SIGINT 130, SIGUSR1 138,
+training (``train.nonfinite=fail``) or a checkpoint or log could not be written (disk full,
+permissions: one line naming the path); 128 + N a stop signal N (SIGINT 130, SIGUSR1 138,
 SIGTERM 143) stopped training after writing a checkpoint (``engine/stop.py``).
 """
 
@@ -11,11 +12,16 @@ from __future__ import annotations
 import gc
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from ssl_ema.config import ConfigError
+from ssl_ema.engine.checkpoint import CheckpointWriteError
 from ssl_ema.engine.guard import NonFiniteLoss
 from ssl_ema.engine.run import prepare_run
 from ssl_ema.engine.stop import Stopped, stop_with_launcher
+
+if TYPE_CHECKING:
+    from ssl_ema.engine.trainer import Trainer
 
 
 def train(recipe: str | None, overrides: Sequence[str], resume: str | None = None) -> int:
@@ -35,25 +41,9 @@ def train(recipe: str | None, overrides: Sequence[str], resume: str | None = Non
     except KeyboardInterrupt:
         print("interrupted before training started; nothing to resume", file=sys.stderr)
         return 130
-    from ssl_ema.engine.trainer import RunFinished
-
-    try:
-        result = trainer.fit()
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 1
-    except Stopped as e:
-        if trainer.accelerator.is_main_process:
-            print(e, file=sys.stderr)
-        code = e.code
-    except RunFinished as e:
-        if trainer.accelerator.is_main_process:
-            print(e)
-        code = 0
-    else:
-        if trainer.accelerator.is_main_process:
-            print(trainer.evaluation.table(result))
-        code = 0
+    code, message = _fit(trainer)
+    if message and trainer.accelerator.is_main_process:
+        print(message, file=sys.stdout if code == 0 else sys.stderr)
     # Free the process group while the interpreter is alive. destroy_process_group (in
     # end_training) alone is not enough: the DDP wrapper keeps the group, and gloo frees each
     # finished collective, with the tensors Python handed it, in a worker thread that needs the
@@ -66,3 +56,21 @@ def train(recipe: str | None, overrides: Sequence[str], resume: str | None = Non
     del trainer
     gc.collect()
     return code
+
+
+def _fit(trainer: Trainer) -> tuple[int, str]:
+    """Run training; (exit code, the one line to print)."""
+    from ssl_ema.engine.trainer import RunFinished
+
+    try:
+        result = trainer.fit()
+    except (NonFiniteLoss, CheckpointWriteError) as e:
+        return 1, f"error: {e}"
+    except OSError as e:  # the run directory cannot be written (disk full, permissions)
+        return 1, (f"error: could not write {e.filename or 'the run directory'}: "
+                   f"{e.strerror or e}; free space or make run.output_dir writable")
+    except Stopped as e:
+        return e.code, str(e)
+    except RunFinished as e:
+        return 0, str(e)
+    return 0, trainer.evaluation.table(result)
