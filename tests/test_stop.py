@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -84,32 +85,57 @@ def test_sigint_checkpoints_stops_and_resumes_bitwise(
     assert [r["signal"] for r in rows if r["event"] == "stopped"] == ["SIGINT"]
 
 
-def test_sigterm_to_a_training_process(tmp_path: Path, tools_env: dict[str, str]) -> None:
-    cmd = [python(), str(ROOT / "tools" / "train.py"), recipe(tmp_path), *ONE_STEP,
+def test_sigterm_to_the_launcher_stops_its_trainer(
+    tmp_path: Path, tools_env: dict[str, str]
+) -> None:
+    """A cluster pre-empts `accelerate launch`: its train.py child gets SIGTERM (prctl
+    PR_SET_PDEATHSIG), checkpoints and stops, instead of training on orphaned."""
+    cmd = [python(), "-m", "accelerate.commands.launch", "--num_processes", "1",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           str(ROOT / "tools" / "train.py"), recipe(tmp_path), *ONE_STEP,
            f"run.output_dir={tmp_path}", "train.max_steps=0", "train.epochs=20"]
-    proc = subprocess.Popen(cmd, env=tools_env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    launcher = subprocess.Popen(cmd, env=tools_env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
-        while not _trained(tmp_path):
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        while not (lock := _lock_once_trained(tmp_path)):
+            assert launcher.poll() is None, launcher.stderr.read() if launcher.stderr else ""
             assert time.monotonic() < deadline, "no training step within 120 s"
             time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=120)
+        trainer = json.loads(lock.read_text())  # the lock names the writer: train.py
+        assert trainer["pid"] != launcher.pid
+        launcher.send_signal(signal.SIGTERM)
+        _, err = launcher.communicate(timeout=120)  # the child holds the pipe until it exits
     finally:
-        proc.kill()
-    assert proc.returncode == 143, err[-2000:]  # 128 + SIGTERM
+        launcher.kill()
+    assert _exits(trainer["pid"], within_s=30)  # the trainer is gone too
     assert "Traceback" not in err
     (line,) = [x for x in err.splitlines() if x.startswith("stopped by")]
+    assert line.startswith("stopped by SIGTERM at step ")
     step = int(line.split(" at step ")[1].split()[0])
-    run_dir = run_dir_of(tmp_path)
+    run_dir = lock.parent
     assert [c.name for c in checkpoints(run_dir)] == [f"step_{step:08d}"]
+    assert not lock.exists()  # released
 
 
-def _trained(out: Path) -> bool:
+def _exits(pid: int, within_s: float) -> bool:
+    """Has ``pid`` exited (gone, or a zombie waiting for its new parent) within the time?"""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().split(") ")[1].startswith("Z"):
+                return True
+        except (FileNotFoundError, ProcessLookupError):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _lock_once_trained(out: Path) -> Path | None:
     logs = list(out.glob("run/*/metrics.jsonl"))
-    return bool(logs) and '"event": "train"' in logs[0].read_text()
+    if logs and '"event": "train"' in logs[0].read_text():
+        return logs[0].parent / ".lock"
+    return None
 
 
 def test_stop_signals_set_a_flag_and_restore_the_handlers() -> None:

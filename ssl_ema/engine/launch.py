@@ -9,15 +9,20 @@ SIGTERM 143) stopped training after writing a checkpoint (``engine/stop.py``).
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import shutil
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from accelerate import PartialState
+
 from ssl_ema.config import ConfigError
 from ssl_ema.engine.checkpoint import CheckpointWriteError
 from ssl_ema.engine.guard import NonFiniteLoss
-from ssl_ema.engine.run import prepare_run
+from ssl_ema.engine.lock import RunLock, lock_run_dir
+from ssl_ema.engine.run import cpu_processes, prepare_run
 from ssl_ema.engine.stop import Stopped, stop_with_launcher
 
 if TYPE_CHECKING:
@@ -28,20 +33,17 @@ def train(recipe: str | None, overrides: Sequence[str], resume: str | None = Non
     """Train a recipe (or resume a run), print the evaluation table; the exit code."""
     stop_with_launcher()
     try:
-        if recipe is None and resume is None:
-            raise ConfigError("no recipe given; pass a YAML recipe (e.g. recipes/quickstart.yaml) "
-                              "or --resume RUN_DIR")
-        cfg, run_dir, checkpoint = prepare_run(recipe, overrides, resume)
-        from ssl_ema.engine.trainer import Trainer  # heavy imports only once the input is valid
-
-        trainer = Trainer(cfg, run_dir, checkpoint)
+        trainer, lock = _start(recipe, overrides, resume)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted before training started; nothing to resume", file=sys.stderr)
         return 130
-    code, message = _fit(trainer)
+    try:
+        code, message = _fit(trainer)
+    finally:
+        lock.release()
     if message and trainer.accelerator.is_main_process:
         print(message, file=sys.stdout if code == 0 else sys.stderr)
     # Free the process group while the interpreter is alive. destroy_process_group (in
@@ -56,6 +58,30 @@ def train(recipe: str | None, overrides: Sequence[str], resume: str | None = Non
     del trainer
     gc.collect()
     return code
+
+
+def _start(recipe: str | None, overrides: Sequence[str],
+           resume: str | None) -> tuple[Trainer, RunLock]:
+    """Validate, lock the run directory, build the trainer. A start that fails removes the run
+    directory it created and releases the lock."""
+    if recipe is None and resume is None:
+        raise ConfigError("no recipe given; pass a YAML recipe (e.g. recipes/quickstart.yaml) "
+                          "or --resume RUN_DIR")
+    cfg, run_dir, checkpoint = prepare_run(recipe, overrides, resume)
+    state = PartialState(cpu=cpu_processes())
+    created = checkpoint is None and not run_dir.exists()
+    lock = lock_run_dir(run_dir, state)
+    try:
+        from ssl_ema.engine.trainer import Trainer  # heavy imports only once the input is valid
+
+        return Trainer(cfg, run_dir, checkpoint), lock
+    except BaseException:
+        lock.release()
+        if created and state.is_main_process:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                run_dir.parent.rmdir()  # <output_dir>/<name>, if nothing else is in it
+        raise
 
 
 def _fit(trainer: Trainer) -> tuple[int, str]:
