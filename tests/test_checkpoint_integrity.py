@@ -48,6 +48,13 @@ def test_resume_falls_back_past_damaged_checkpoints(
     assert [r["step"] for r in rows if r["event"] == "train"] == [1, 2, 3, 4]
     assert [r["step"] for r in rows if r["event"] == "eval"] == [0, 4]
     assert damage(checkpoints(run_dir)[-1]) is None
+    # Resuming the finished run says so and writes nothing.
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")}
+    capsys.readouterr()
+    assert train(None, [], resume=str(run_dir)) == 0
+    assert capsys.readouterr().out.strip() == (
+        f"run {run_dir} finished at step 4 ({run_dir}/results.json); nothing to do")
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")} == before
 
     for checkpoint in checkpoints(run_dir):  # no intact checkpoint left: one line, exit 2
         data = bytearray((checkpoint / "counters.json").read_bytes())

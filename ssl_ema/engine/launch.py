@@ -22,7 +22,7 @@ from ssl_ema.config import ConfigError
 from ssl_ema.engine.checkpoint import CheckpointWriteError
 from ssl_ema.engine.guard import NonFiniteLoss
 from ssl_ema.engine.lock import RunLock, lock_run_dir
-from ssl_ema.engine.run import cpu_processes, prepare_run
+from ssl_ema.engine.run import check_launch, cpu_processes, prepare_run
 from ssl_ema.engine.stop import Stopped, stop_with_launcher
 
 if TYPE_CHECKING:
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 
 def train(recipe: str | None, overrides: Sequence[str], resume: str | None = None) -> int:
     """Train a recipe (or resume a run), print the evaluation table; the exit code."""
-    stop_with_launcher()
     try:
         trainer, lock = _start(recipe, overrides, resume)
     except ConfigError as e:
@@ -67,9 +66,11 @@ def _start(recipe: str | None, overrides: Sequence[str],
     if recipe is None and resume is None:
         raise ConfigError("no recipe given; pass a YAML recipe (e.g. recipes/quickstart.yaml) "
                           "or --resume RUN_DIR")
+    check_launch()
+    stop_with_launcher()
     cfg, run_dir, checkpoint = prepare_run(recipe, overrides, resume)
     state = PartialState(cpu=cpu_processes())
-    created = checkpoint is None and not run_dir.exists()
+    created = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # deepest first
     lock = lock_run_dir(run_dir, state)
     try:
         from ssl_ema.engine.trainer import Trainer  # heavy imports only once the input is valid
@@ -79,8 +80,9 @@ def _start(recipe: str | None, overrides: Sequence[str],
         lock.release()
         if created and state.is_main_process:
             shutil.rmtree(run_dir, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                run_dir.parent.rmdir()  # <output_dir>/<name>, if nothing else is in it
+            for folder in created[1:]:  # <output_dir>/<name>, <output_dir>, if still empty
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
         raise
 
 

@@ -94,6 +94,19 @@ def cpu_processes() -> bool:
     return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
+def check_launch() -> None:
+    """Refuse a multi-process request that started one process: `accelerate launch --cpu
+    --num_processes 2` runs its simple launcher, one process, having set MASTER_ADDR for the
+    processes it does not start (accelerate/utils/launch.py, prepare_simple_launcher_cmd_env)."""
+    world = max(int(os.environ.get(k, "1")) for k in
+                ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"))
+    if "ACCELERATE_USE_CPU" in os.environ and "MASTER_ADDR" in os.environ and world == 1:
+        raise ConfigError(
+            "accelerate launch asked for several processes but started one (its --cpu launcher "
+            "runs one); on CPU use 'accelerate launch --multi_gpu --num_processes 2' (no --cpu) "
+            "or 'torchrun --nproc_per_node 2'; for one process, unset MASTER_ADDR")
+
+
 def _new_run_dir(cfg: Config) -> Path:
     state = PartialState(cpu=cpu_processes())  # all processes must agree on one timestamp
     stamp = [time.strftime("%Y%m%d-%H%M%S") if state.is_main_process else None]
