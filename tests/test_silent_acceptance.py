@@ -71,3 +71,14 @@ def test_a_multi_process_request_that_starts_one_process(
     assert train(str(recipe), [f"run.output_dir={tmp_path / 'runs'}"]) == 2
     assert "asked for several processes but started one" in one_line_error(capsys)
     assert not (tmp_path / "runs").exists()
+
+
+def test_an_unwritable_output_directory(tmp_path: Path,
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "file").write_text("not a folder")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method:\n  name: byol\n")
+    assert train(str(recipe), [f"run.output_dir={tmp_path / 'file' / 'runs'}"]) == 2
+    line = one_line_error(capsys)
+    assert line.startswith(f"error: cannot create the run directory {tmp_path / 'file'}/runs/r/")
+    assert line.endswith("set run.output_dir to a writable folder")

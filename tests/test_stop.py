@@ -162,3 +162,18 @@ def test_processes_compare_flags_every_k_steps() -> None:
     # One process: the local flag, at every step, without a collective.
     signals.received = signal.SIGUSR1
     assert StopPoints(signals, 0.0, 5, None, torch.device("cpu")).check(1) == (10, False)
+
+
+def test_a_second_signal_stops_at_once(tools_env: dict[str, str]) -> None:
+    """A user who will not wait for the checkpoint: the second signal ends the process."""
+    code = ("import os, signal, time\n"
+            "from ssl_ema.engine.stop import StopSignals\n"
+            "with StopSignals() as s:\n"
+            "    os.kill(os.getpid(), signal.SIGINT)\n"
+            "    assert s.received == signal.SIGINT\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    time.sleep(30)\n")
+    proc = subprocess.run([python(), "-c", code], env=tools_env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 143, proc.stderr  # 128 + SIGTERM, no traceback
+    assert proc.stderr == ""

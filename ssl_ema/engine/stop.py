@@ -23,9 +23,10 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType, TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # torch only for several processes: tools import this module before it
+    import torch
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
@@ -88,6 +89,8 @@ class StopPoints:
             return signum, due
         if step % self.check_every:
             return 0, False
+        import torch
+
         flags = torch.tensor([signum, int(due)], device=self._device)
         signum, due_any = self._all_reduce_max(flags).tolist()
         return int(signum), bool(due_any)
