@@ -15,13 +15,14 @@ from ssl_ema.engine.launch import train
 from ssl_ema.engine.run import prepare_run
 from ssl_ema.engine.tracking import read_metrics
 from tests.test_reliability import STEPS
+from tests.test_stop import FAST
 from tests.test_training import run
 
 
 def test_resume_falls_back_past_damaged_checkpoints(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run(tmp_path, *STEPS)  # checkpoints at steps 1 to 4
+    run(tmp_path, *FAST, *STEPS)  # checkpoints at steps 1 to 4
     run_dir = tmp_path / "run"
     step = {c.name[-1]: c for c in checkpoints(run_dir)}
     manifest = json.loads((step["4"] / MANIFEST).read_text())["files"]
@@ -83,9 +84,7 @@ def test_full_disk_during_a_save_stops_the_run(
     monkeypatch.setattr(Accelerator, "save_state", disk_full_at_step_2)
     recipe = tmp_path / "run.yaml"
     recipe.write_text("method:\n  name: byol\n")
-    from tests.test_training import TINY
-
-    code = train(str(recipe), [*TINY, *STEPS, f"run.output_dir={tmp_path}"])
+    code = train(str(recipe), [*FAST, *STEPS, f"run.output_dir={tmp_path}"])
     (run_dir,) = (tmp_path / "run").iterdir()
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert code == 1
