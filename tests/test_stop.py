@@ -19,6 +19,7 @@ from ssl_ema.engine.stop import StopPoints, StopSignals
 from ssl_ema.engine.tracking import read_metrics
 from ssl_ema.engine.trainer import Trainer
 from tests.conftest import ROOT, python
+from tests.test_data import tiny_imagefolder
 from tests.test_training import TINY
 
 # timm's 0.4M-parameter test ResNet: each step and save a tenth of ResNet-18's time.
@@ -52,38 +53,47 @@ def signal_at_step(monkeypatch: pytest.MonkeyPatch, step: int, signum: int) -> N
 def test_sigint_checkpoints_stops_and_resumes_bitwise(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    common = [*FAST, "train.max_steps=4"]
+    """SIGINT in the last step of epoch 0 (6 images, 3 steps an epoch), whose evaluation is
+    then still due: the resumed run evaluates it, and ends bitwise as the uninterrupted one."""
+    root = tiny_imagefolder(tmp_path / "imgs")
+    (root / "train" / "class1" / "broken.png").unlink()
+    common = [*FAST, "data.dataset=imagefolder", f"data.root={root}", "train.batch_size=2",
+              "scaling.reference_batch=2", "train.max_steps=0", "train.epochs=2",
+              "eval.every_epochs=1", "eval.knn_k=2"]
     # Uninterrupted, with a wall-clock checkpoint due after every step.
     assert train(recipe(tmp_path), [*common, f"run.output_dir={tmp_path / 'full'}",
-                        "train.checkpoint_every_minutes=1e-9"]) == 0
+                                    "train.checkpoint_every_minutes=1e-9"]) == 0
     full = run_dir_of(tmp_path / "full")
-    assert [c.name for c in checkpoints(full)] == [f"step_0000000{i}" for i in (1, 2, 3, 4)]
+    assert [c.name for c in checkpoints(full)] == [f"step_{i:08d}" for i in range(2, 7)]
 
     capsys.readouterr()
     with monkeypatch.context() as patch:
-        signal_at_step(patch, 2, signal.SIGINT)
+        signal_at_step(patch, 3, signal.SIGINT)
         code = train(recipe(tmp_path), [*common, f"run.output_dir={tmp_path / 'cut'}"])
     err = capsys.readouterr().err.strip().splitlines()
     cut = run_dir_of(tmp_path / "cut")
     assert code == 130  # 128 + SIGINT
-    assert err[-1] == (f"stopped by SIGINT at step 2 (epoch 0), checkpoint written to "
-                       f"{cut}/checkpoints/step_00000002; continue with: tools/train.py "
+    assert err[-1] == (f"stopped by SIGINT at step 3 (epoch 1), checkpoint written to "
+                       f"{cut}/checkpoints/step_00000003; continue with: tools/train.py "
                        f"--resume {cut}")
     assert not any("Traceback" in line for line in err)
-    assert [c.name for c in checkpoints(cut)] == ["step_00000002"]  # wall clock: 30 min
+    assert [c.name for c in checkpoints(cut)] == ["step_00000003"]  # wall clock: 30 min
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
     assert train(None, [], resume=str(cut)) == 0
     for name in ("model.safetensors", "optimizer.bin"):
-        a, b = full / "checkpoints/step_00000004" / name, cut / "checkpoints/step_00000004" / name
+        a, b = full / "checkpoints/step_00000006" / name, cut / "checkpoints/step_00000006" / name
         if name.endswith(".safetensors"):
             ta, tb = load_file(a), load_file(b)
             assert ta.keys() == tb.keys()
             assert all(torch.equal(ta[k], tb[k]) for k in ta), name
         else:
             assert a.read_bytes() == b.read_bytes(), name
-    rows = read_metrics(cut / "metrics.jsonl")
-    assert [r["step"] for r in rows if r["event"] == "train"] == [1, 2, 3, 4]
+    rows, ref = read_metrics(cut / "metrics.jsonl"), read_metrics(full / "metrics.jsonl")
+    assert [r["step"] for r in rows if r["event"] == "train"] == list(range(1, 7))
+    evals = [r for r in rows if r["event"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 3, 6]
+    assert evals == [r for r in ref if r["event"] == "eval"]  # the same values
     assert [r["signal"] for r in rows if r["event"] == "stopped"] == ["SIGINT"]
 
 
