@@ -37,7 +37,7 @@ def train(recipe: str | None, overrides: Sequence[str], resume: str | None = Non
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted before training started; nothing to resume", file=sys.stderr)
+        print("interrupted before training started; nothing was written", file=sys.stderr)
         return 130
     try:
         code, message = _fit(trainer)
