@@ -157,6 +157,8 @@ class TrainConfig:
     grad_accumulation: int = 1
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
     checkpoint_every: int = 0  # optimizer steps; 0 = only at the end
+    # Also by wall clock, so a hard kill or a lost node costs at most this much; 0 = off.
+    checkpoint_every_minutes: float = 30.0
     keep_checkpoints: int = 2
     log_every: int = 10  # optimizer steps
     max_steps: int = 0  # >0: stop after this many optimizer steps (smoke runs, benchmarks)
@@ -336,7 +338,12 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override '{item}' is not of the form key.sub=value")
-        _set_nested(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': the value is not valid YAML"
+                              f"{_yaml_problem(e)}") from e
+        _set_nested(tree, key.strip(), value)
     return tree
 
 
@@ -369,16 +376,31 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         try:
             loaded = yaml.safe_load(path.read_text())
         except yaml.YAMLError as e:
-            raise ConfigError(f"recipe '{path}' is not valid YAML: {str(e).splitlines()[0]}") from e
-        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"recipe '{path}' is not valid YAML{_yaml_problem(e)}") from e
+        if loaded is None:
+            raise ConfigError(f"recipe '{path}' is empty; a recipe names at least its method "
+                              "(method: name: byol), see recipes/quickstart.yaml")
+        if not isinstance(loaded, dict):
             kind = type(loaded).__name__
             raise ConfigError(f"recipe '{path}' must be a mapping of sections, got {kind}")
-        values = loaded or {}
+        values = loaded
         values.setdefault("run", {})
         if isinstance(values["run"], dict):
             values["run"].setdefault("name", path.stem)
     values = _merge(values, parse_overrides(overrides))
+    method = values.get("method")
+    if path is not None and not (isinstance(method, Mapping) and "name" in method):
+        raise ConfigError(f"recipe '{path}' names no method; add method.name (one of "
+                          f"{', '.join(CHOICES['method.name'])}) instead of training the defaults")
     return from_dict(values)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """`` at line L, column C: problem`` of a YAML error (its first line when it has no mark)."""
+    mark, problem = getattr(e, "problem_mark", None), getattr(e, "problem", None)
+    if mark is None or problem is None:
+        return f": {str(e).splitlines()[0]}"
+    return f" at line {mark.line + 1}, column {mark.column + 1}: {problem}"
 
 
 # Methods that train a classifier on labels (ssl_ema.methods.CLASSIFIERS).

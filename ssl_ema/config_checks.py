@@ -55,6 +55,9 @@ def validate(cfg: Config) -> None:
     for key, value in momenta.items():
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{key}: a momentum must lie in [0, 1], got {value}")
+    if cfg.train.checkpoint_every_minutes < 0:
+        raise ConfigError("train.checkpoint_every_minutes: must be >= 0 (0 = off), got "
+                          f"{cfg.train.checkpoint_every_minutes}")
     if cfg.optim.nesterov and cfg.optim.name != "sgd":
         raise ConfigError(f"optim.nesterov: applies to optim.name=sgd, not {cfg.optim.name}")
     if cfg.optim.lr <= 0:

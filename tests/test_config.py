@@ -16,7 +16,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_defaults_and_recipe_name(tmp_path: Path) -> None:
-    cfg = load_config(write(tmp_path, "train:\n  epochs: 3\n"))
+    cfg = load_config(write(tmp_path, "method:\n  name: byol\ntrain:\n  epochs: 3\n"))
     assert cfg.train.epochs == 3
     assert cfg.train.batch_size == 512  # default untouched
     assert cfg.run.name == "r"  # recipe stem

@@ -189,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_config(args.recipe, [
             *args.overrides, "data.pipeline=device", "eval.every_epochs=0",
-            "data.eval_subset=1024", "train.checkpoint_every=0",
+            "data.eval_subset=1024", "train.checkpoint_every=0", "train.checkpoint_every_minutes=0",
             f"train.max_steps={args.warmup + args.steps}",
             f"train.log_every={math.gcd(args.warmup, args.steps)}"])
     except ConfigError as e:

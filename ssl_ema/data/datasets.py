@@ -260,6 +260,9 @@ def build_imagefolder(cfg: Config) -> DataBundle:
     if splits["train"].classes != splits["test"].classes:
         raise DataError(f"class folders of '{root}/train' and '{root}/test' differ; "
                         "they must match")
+    if len(splits["train"].classes) < 2:  # kNN or top-1 over one class is always 1.0
+        raise DataError(f"'{root}/train' has {len(splits['train'].classes)} class folder; the "
+                        "labelled evaluation (kNN, top-1) needs at least 2, one folder per class")
     if root.name.lower().startswith("cifar10"):
         mean, std = CIFAR10_MEAN, CIFAR10_STD
     else:

@@ -1,42 +1,50 @@
 """What ``tools/train.py`` and ``tools/finetune.py`` run: validate, build, fit, print.
 
-Exit codes: 0 done; 2 bad input (a one-line error before any model is built and without touching
-existing runs); 1 a non-finite loss stopped training (``train.nonfinite=fail``).
+Exit codes: 0 done (or a finished run resumed: nothing to do); 2 bad input (a one-line error
+before any model is built and without touching existing runs); 1 a non-finite loss stopped
+training (``train.nonfinite=fail``) or a checkpoint or log could not be written (disk full,
+permissions: one line naming the path); 128 + N a stop signal N (SIGINT 130, SIGUSR1 138,
+SIGTERM 143) stopped training after writing a checkpoint (``engine/stop.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import shutil
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from accelerate import PartialState
 
 from ssl_ema.config import ConfigError
+from ssl_ema.engine.checkpoint import CheckpointWriteError
 from ssl_ema.engine.guard import NonFiniteLoss
-from ssl_ema.engine.run import prepare_run
+from ssl_ema.engine.lock import RunLock, lock_run_dir
+from ssl_ema.engine.run import check_launch, cpu_processes, prepare_run
+from ssl_ema.engine.stop import Stopped, stop_with_launcher
+
+if TYPE_CHECKING:
+    from ssl_ema.engine.trainer import Trainer
 
 
 def train(recipe: str | None, overrides: Sequence[str], resume: str | None = None) -> int:
     """Train a recipe (or resume a run), print the evaluation table; the exit code."""
     try:
-        if recipe is None and resume is None:
-            raise ConfigError("no recipe given; pass a YAML recipe (e.g. recipes/quickstart.yaml) "
-                              "or --resume RUN_DIR")
-        cfg, run_dir, checkpoint = prepare_run(recipe, overrides, resume)
-        from ssl_ema.engine.trainer import Trainer  # heavy imports only once the input is valid
-
-        trainer = Trainer(cfg, run_dir, checkpoint)
+        trainer, lock = _start(recipe, overrides, resume)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted before training started; nothing was written", file=sys.stderr)
+        return 130
     try:
-        result = trainer.fit()
-    except NonFiniteLoss as e:
-        print(f"error: {e}", file=sys.stderr)
-        code = 1
-    else:
-        if trainer.accelerator.is_main_process:
-            print(trainer.evaluation.table(result))
-        code = 0
+        code, message = _fit(trainer)
+    finally:
+        lock.release()
+    if message and trainer.accelerator.is_main_process:
+        print(message, file=sys.stdout if code == 0 else sys.stderr)
     # Free the process group while the interpreter is alive. destroy_process_group (in
     # end_training) alone is not enough: the DDP wrapper keeps the group, and gloo frees each
     # finished collective, with the tensors Python handed it, in a worker thread that needs the
@@ -49,3 +57,48 @@ def train(recipe: str | None, overrides: Sequence[str], resume: str | None = Non
     del trainer
     gc.collect()
     return code
+
+
+def _start(recipe: str | None, overrides: Sequence[str],
+           resume: str | None) -> tuple[Trainer, RunLock]:
+    """Validate, lock the run directory, build the trainer. A start that fails removes the run
+    directory it created and releases the lock."""
+    if recipe is None and resume is None:
+        raise ConfigError("no recipe given; pass a YAML recipe (e.g. recipes/quickstart.yaml) "
+                          "or --resume RUN_DIR")
+    check_launch()
+    stop_with_launcher()
+    cfg, run_dir, checkpoint = prepare_run(recipe, overrides, resume)
+    state = PartialState(cpu=cpu_processes())
+    created = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # deepest first
+    lock = lock_run_dir(run_dir, state)
+    try:
+        from ssl_ema.engine.trainer import Trainer  # heavy imports only once the input is valid
+
+        return Trainer(cfg, run_dir, checkpoint), lock
+    except BaseException:
+        lock.release()
+        if created and state.is_main_process:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            for folder in created[1:]:  # <output_dir>/<name>, <output_dir>, if still empty
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
+        raise
+
+
+def _fit(trainer: Trainer) -> tuple[int, str]:
+    """Run training; (exit code, the one line to print)."""
+    from ssl_ema.engine.trainer import RunFinished
+
+    try:
+        result = trainer.fit()
+    except (NonFiniteLoss, CheckpointWriteError) as e:
+        return 1, f"error: {e}"
+    except OSError as e:  # the run directory cannot be written (disk full, permissions)
+        return 1, (f"error: could not write {e.filename or 'the run directory'}: "
+                   f"{e.strerror or e}; free space or make run.output_dir writable")
+    except Stopped as e:
+        return e.code, str(e)
+    except RunFinished as e:
+        return 0, str(e)
+    return 0, trainer.evaluation.table(result)

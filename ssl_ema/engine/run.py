@@ -8,6 +8,7 @@ refuses a recipe that would change the training (a resumed run must be the same 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,10 +19,11 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
 from ssl_ema.config import Config, ConfigError, from_dict, load_config, parse_overrides, to_dict
-from ssl_ema.engine.checkpoint import PREFIX, checkpoints
+from ssl_ema.engine.checkpoint import PREFIX, checkpoints, damage
 
 # Keys that may differ on resume: they change bookkeeping, not the trajectory.
 RESUMABLE_CHANGES = {"train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
+                     "train.checkpoint_every_minutes",
                      "train.log_every", "data.num_workers", "eval.every_epochs"}
 
 
@@ -37,17 +39,32 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
 
 
 def _resume_target(resume: str) -> tuple[Path, Path]:
-    """(run dir, checkpoint dir) from a run directory or one of its checkpoints."""
+    """(run dir, checkpoint dir) from a run directory (its newest intact checkpoint, with a
+    one-line warning for each damaged newer one) or one of its checkpoints."""
     path = Path(resume)
     if path.name.startswith(PREFIX) and path.parent.name == "checkpoints":
         if not path.is_dir():
             raise ConfigError(f"--resume: checkpoint '{path}' does not exist")
+        problem = damage(path)
+        if problem:
+            raise ConfigError(f"--resume: checkpoint '{path}' is damaged ({problem}); pass the "
+                              "run directory to resume from its newest intact checkpoint")
         return path.parent.parent, path
     found = checkpoints(path)
     if not found:
         raise ConfigError(f"--resume: no checkpoint under '{path}/checkpoints'; "
                           "pass a run directory written by tools/train.py")
-    return path, found[-1]
+    damaged = []
+    for checkpoint in reversed(found):
+        problem = damage(checkpoint)
+        if problem is None:
+            return path, checkpoint
+        damaged.append(f"{checkpoint.name}: {problem}")
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"warning: checkpoint {checkpoint} is damaged ({problem}); trying the one "
+                  "before it", file=sys.stderr)
+    raise ConfigError(f"--resume: no intact checkpoint under '{path}/checkpoints' "
+                      f"({'; '.join(damaged)}); start a new run")
 
 
 def changed_keys(run_dir: Path, cfg: Config, allowed: set[str]) -> list[tuple[str, object, object]]:
@@ -75,6 +92,19 @@ def cpu_processes() -> bool:
     every state in the program is created with this flag.
     """
     return not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def check_launch() -> None:
+    """Refuse a multi-process request that started one process: `accelerate launch --cpu
+    --num_processes 2` runs its simple launcher, one process, having set MASTER_ADDR for the
+    processes it does not start (accelerate/utils/launch.py, prepare_simple_launcher_cmd_env)."""
+    world = max(int(os.environ.get(k, "1")) for k in
+                ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"))
+    if "ACCELERATE_USE_CPU" in os.environ and "MASTER_ADDR" in os.environ and world == 1:
+        raise ConfigError(
+            "accelerate launch asked for several processes but started one (its --cpu launcher "
+            "runs one); on CPU use 'accelerate launch --multi_gpu --num_processes 2' (no --cpu) "
+            "or 'torchrun --nproc_per_node 2'; for one process, unset MASTER_ADDR")
 
 
 def _new_run_dir(cfg: Config) -> Path:

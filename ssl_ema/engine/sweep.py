@@ -27,6 +27,7 @@ from ssl_ema.engine.checkpoint import checkpoints
 from ssl_ema.engine.run import changed_keys
 
 BOOKKEEPING = {"data.num_workers", "train.log_every", "train.checkpoint_every",
+               "train.checkpoint_every_minutes",
                "train.keep_checkpoints", "run.output_dir", "run.name"}
 # results.json keys that count, not score
 NOT_METRICS = {"step", "samples_seen"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -53,6 +54,26 @@ class MetricsLog:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+    def keep_until(self, step: int, drop_eval_at_step: bool = False) -> None:
+        """On resume from a checkpoint at ``step``: drop the records of later steps (the resumed
+        run writes them again), the evaluation at ``step`` too if asked (the final one, redone),
+        and a line cut short by a killed process."""
+        if not self.enabled or not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            at = record.get("step", -1)
+            if at < step or (at == step and not (drop_eval_at_step and record["event"] == "eval")):
+                kept.append(line + "\n")
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, self.path)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -37,6 +37,7 @@ from ssl_ema.engine.guard import NonFiniteGuard, NonFiniteLoss
 from ssl_ema.engine.optim import build_optimizer
 from ssl_ema.engine.run import cpu_processes
 from ssl_ema.engine.scaled import ScaledHyperparams, resolve
+from ssl_ema.engine.stop import Stopped, StopPoints, StopSignals, signal_name
 from ssl_ema.engine.tracking import MetricsLog, device_name, git_sha, versions
 from ssl_ema.eval.evaluations import Evaluation, build_evaluation
 from ssl_ema.methods import TeacherStudentMethod, build_method
@@ -74,6 +75,10 @@ def per_device_batch(cfg: Config, world_size: int, batch: int | None = None) -> 
             f"x train.grad_accumulation {cfg.train.grad_accumulation}; pick a multiple of {div}"
         )
     return batch // div
+
+
+class RunFinished(Exception):
+    """``--resume`` of a run that has already finished: nothing is done or written."""
 
 
 class Trainer:
@@ -141,6 +146,11 @@ class Trainer:
             cfg.train.nonfinite == "fail",
             (lambda x: gather(x[None]).min()) if self.accelerator.num_processes > 1 else None,
         )
+        self.signals = StopSignals()
+        self.stops = StopPoints(
+            self.signals, cfg.train.checkpoint_every_minutes, cfg.train.log_every,
+            (lambda x: gather(x[None]).amax(0)) if self.accelerator.num_processes > 1 else None,
+            self.accelerator.device)
 
     # ----------------------------------------------------------------------------- set-up
     def _loaders(self) -> tuple[list[DataLoader], DataLoader, DataLoader]:
@@ -230,7 +240,8 @@ class Trainer:
             lines.append(f"{h['steps']} optimizer steps, {h['samples']} samples | "
                          f"run dir: {self.run_dir}")
             print("\n".join(lines))
-        self.log.write({"event": "header", **h})
+        resumed = {"resumed_from": self.state.step} if self.resume_from is not None else {}
+        self.log.write({"event": "header", **h, **resumed})
 
     # ----------------------------------------------------------------------------- evaluation
     def evaluate(self) -> dict[str, float]:
@@ -376,20 +387,36 @@ class Trainer:
             self._mark()
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{sched['lr']:.3g}",
                             momentum=f"{sched['momentum_base']:.4f}", refresh=False)
+        signum, clock_due = self.stops.check(st.step)
+        if signum:
+            self._stop(signum)
         every = cfg.train.checkpoint_every
-        if every and st.step % every == 0 and st.step < self.total_steps:
+        if ((every and st.step % every == 0) or clock_due) and st.step < self.total_steps:
             self._save()
+
+    def _stop(self, signum: int) -> None:
+        """A stop signal reached this step on some process: checkpoint, then stop every rank."""
+        st, name = self.state, signal_name(signum)
+        # An epoch ended at this step and its evaluation (run after the step) is still due.
+        pending = st.batch_in_epoch == 0 and self._more() and self._eval_due(st.epoch)
+        path = self._save({"eval_pending": pending})
+        self.log.write({"event": "stopped", "signal": name, "step": st.step, "epoch": st.epoch})
+        raise Stopped(f"stopped by {name} at step {st.step} (epoch {st.epoch}), checkpoint "
+                      f"written to {path}; continue with: tools/train.py --resume {self.run_dir}",
+                      signum)
 
     def _mark(self) -> None:
         self._log_mark = (time.perf_counter(), self.state.samples_seen)
 
-    def _save(self) -> None:
+    def _save(self, extra: dict[str, Any] | None = None) -> Path:
         self._check_finite()
-        save_checkpoint(self.accelerator, self.run_dir, self.state.step,
-                        self.cfg.train.keep_checkpoints,
-                        {"train": self.state.state_dict(), "ema": self.ema.state_dict(),
-                         "evaluation": self.evaluation.state_dict()})
+        path = save_checkpoint(self.accelerator, self.run_dir, self.state.step,
+                               self.cfg.train.keep_checkpoints,
+                               {"train": self.state.state_dict(), "ema": self.ema.state_dict(),
+                                "evaluation": self.evaluation.state_dict(), **(extra or {})})
+        self.stops.saved()
         self._mark()
+        return path
 
     def _log_eval(self) -> dict[str, float]:
         self._check_finite()
@@ -401,32 +428,55 @@ class Trainer:
         return result
 
     def fit(self) -> dict[str, float]:
-        """Train to the end (or max_steps), evaluate, checkpoint; return the final metrics."""
+        """Train to the end (or max_steps), evaluate, checkpoint; return the final metrics.
+        Raises :class:`Stopped` after checkpointing when a stop signal arrives."""
         acc, st = self.accelerator, self.state
-        if self.resume_from is not None:
-            counters = load_checkpoint(acc, self.resume_from)
-            st.load_state_dict(counters["train"])
-            self.ema.load_state_dict(counters["ema"])
-            self.evaluation.load_state_dict(counters.get("evaluation", {}))
-        self._write_header()
-        self._mark()
-        if st.step == 0 and st.knn_random < 0:
-            # student == teacher == random init
-            st.knn_random = self._log_eval()[self.evaluation.baseline_key]
-        self.method.train()
-        bar = tqdm(total=self.total_steps, initial=st.step, disable=not acc.is_main_process,
-                   desc="train", dynamic_ncols=True,
-                   mininterval=0.5 if sys.stderr.isatty() else 30.0)
-        while st.epoch < self.cfg.train.epochs and st.step < self.total_steps:
-            finished_epoch = self._train_epoch(bar)
-            more = st.epoch < self.cfg.train.epochs and st.step < self.total_steps
-            if finished_epoch and more and self._eval_due(st.epoch):
+        with self.signals:
+            eval_pending = self._resume() if self.resume_from is not None else False
+            self._write_header()
+            self._mark()
+            if st.step == 0 and st.knn_random < 0:
+                # student == teacher == random init
+                st.knn_random = self._log_eval()[self.evaluation.baseline_key]
+            elif eval_pending:  # stopped right after an epoch whose evaluation was due
                 self._log_eval()
-        bar.close()
-        result = self._log_eval()  # the final evaluation, always
-        self._save()
+            self.stops.saved()
+            self._train()
+            result = self._log_eval()  # the final evaluation, always
+            self._save()
         final = {self.evaluation.baseline_name: st.knn_random, **result, "step": st.step,
                  "samples_seen": st.samples_seen, **self.evaluation.summary()}
         if acc.is_main_process:
             (self.run_dir / "results.json").write_text(json.dumps(final, indent=2) + "\n")
         return final
+
+    def _train(self) -> None:
+        st = self.state
+        self.method.train()
+        with tqdm(total=self.total_steps, initial=st.step,
+                  disable=not self.accelerator.is_main_process, desc="train",
+                  dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 30.0) as bar:
+            while self._more():
+                finished_epoch = self._train_epoch(bar)
+                if finished_epoch and self._more() and self._eval_due(st.epoch):
+                    self._log_eval()
+
+    def _more(self) -> bool:
+        return self.state.epoch < self.cfg.train.epochs and self.state.step < self.total_steps
+
+    def _resume(self) -> bool:
+        """Load the checkpoint and drop the metrics written after it; whether the evaluation of
+        the epoch it ended is still to run. Raises RunFinished for a run that has finished."""
+        assert self.resume_from is not None
+        st = self.state
+        counters = load_checkpoint(self.accelerator, self.resume_from)
+        st.load_state_dict(counters["train"])
+        self.ema.load_state_dict(counters["ema"])
+        self.evaluation.load_state_dict(counters.get("evaluation", {}))
+        results = self.run_dir / "results.json"
+        if st.step >= self.total_steps and results.is_file():
+            raise RunFinished(f"run {self.run_dir} finished at step {st.step} ({results}); "
+                              "nothing to do")
+        # Records after the checkpoint are written again; so is the final evaluation.
+        self.log.keep_until(st.step, drop_eval_at_step=st.step >= self.total_steps)
+        return bool(counters.get("eval_pending", False))

@@ -1,0 +1,116 @@
+"""Stopping a run without losing work: signals and wall-clock checkpoints, agreed by every rank.
+
+SIGTERM (a cluster pre-empting the job), SIGINT (Ctrl-C) and SIGUSR1 (SLURM's ``--signal``)
+only set a flag; the trainer reads it at optimizer-step boundaries, writes a checkpoint and
+stops with :class:`Stopped` (exit code 128 + the signal's number, as a shell reports a process
+killed by that signal). A second signal while the first is being handled stops at once, without
+a checkpoint, for a user who does not want to wait.
+
+Several processes must stop at the same step (a checkpoint is a collective save), and so must
+they agree on when a wall-clock checkpoint is due (their clocks differ). The local flags are
+all-reduced (max) at log points only, every ``train.log_every`` steps, where the trainer
+already reads the loss back to the host: the all-reduce adds a collective but no extra host sync
+to the step. With one process the flags are read at every step (a Python attribute, no sync).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from types import FrameType, TracebackType
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # torch only for several processes: tools import this module before it
+    import torch
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class Stopped(RuntimeError):
+    """The run stopped on a signal after writing a checkpoint; ``code`` is the exit code."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.code = 128 + signum
+
+
+class StopSignals:
+    """Context manager: while inside, the stop signals set `received` instead of killing the
+    process; the previous handlers come back on exit. Only the main thread can install them."""
+
+    def __init__(self) -> None:
+        self.received = 0  # signal number, 0 while none arrived
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received:  # the second signal: stop now (no output: a handler must not print)
+            os._exit(128 + signum)
+        self.received = signum
+
+
+class StopPoints:
+    """At an optimizer-step boundary: has a signal arrived, or is a wall-clock checkpoint due,
+    on any process? See the module docstring for when the processes compare their flags."""
+
+    def __init__(self, signals: StopSignals, every_minutes: float, check_every: int,
+                 all_reduce_max: Callable[[torch.Tensor], torch.Tensor] | None,
+                 device: torch.device):
+        self.signals, self.check_every = signals, check_every
+        self.every_s = every_minutes * 60.0
+        self._all_reduce_max, self._device = all_reduce_max, device
+        self.saved()
+
+    def saved(self) -> None:
+        """A checkpoint was written now: the wall clock restarts."""
+        self._last_save = time.monotonic()
+
+    def check(self, step: int) -> tuple[int, bool]:
+        """(signal number or 0, whether a wall-clock checkpoint is due) after ``step``."""
+        signum = self.signals.received
+        due = bool(self.every_s) and time.monotonic() - self._last_save >= self.every_s
+        if self._all_reduce_max is None:
+            return signum, due
+        if step % self.check_every:
+            return 0, False
+        import torch
+
+        flags = torch.tensor([signum, int(due)], device=self._device)
+        signum, due_any = self._all_reduce_max(flags).tolist()
+        return int(signum), bool(due_any)
+
+
+def stop_with_launcher() -> None:
+    """Under a launcher (``accelerate launch``, ``torchrun``), have Linux send this process
+    SIGTERM when its parent dies (prctl PR_SET_PDEATHSIG), so a killed launcher's trainer
+    checkpoints and stops instead of training on, orphaned, beside a resumed run. Not for
+    ``python tools/train.py`` itself: there the parent is the user's shell, and ``nohup`` must
+    keep working after it exits. Other systems: nothing (the launcher's own handling applies)."""
+    launched = "ACCELERATE_USE_CPU" in os.environ or "TORCHELASTIC_RUN_ID" in os.environ
+    if not launched or not sys.platform.startswith("linux"):
+        return
+    pr_set_pdeathsig = 1  # <linux/prctl.h>
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() == 1:  # the launcher died before the call: it will never fire
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
