@@ -1,7 +1,8 @@
 """What ``tools/train.py`` and ``tools/finetune.py`` run: validate, build, fit, print.
 
 Exit codes: 0 done; 2 bad input (a one-line error before any model is built and without touching
-existing runs); 1 a non-finite loss stopped training (``train.nonfinite=fail``).
+existing runs); 1 a non-finite loss stopped training (``train.nonfinite=fail``); 3 the
+``--stop-after`` deadline stopped training after a checkpoint (resume to continue).
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ import sys
 from collections.abc import Sequence
 
 from ssl_ema.config import ConfigError
+from ssl_ema.engine.deadline import DeadlineReached
 from ssl_ema.engine.guard import NonFiniteLoss
 from ssl_ema.engine.run import prepare_run
 
 
-def train(recipe: str | None, overrides: Sequence[str], resume: str | None = None) -> int:
-    """Train a recipe (or resume a run), print the evaluation table; the exit code."""
+def train(recipe: str | None, overrides: Sequence[str], resume: str | None = None,
+          stop_after_s: float | None = None) -> int:
+    """Train a recipe (or resume a run), print the evaluation table; the exit code.
+    ``stop_after_s``: checkpoint and stop (exit code 3) once this many seconds have passed."""
     try:
         if recipe is None and resume is None:
             raise ConfigError("no recipe given; pass a YAML recipe (e.g. recipes/quickstart.yaml) "
@@ -24,7 +28,7 @@ def train(recipe: str | None, overrides: Sequence[str], resume: str | None = Non
         cfg, run_dir, checkpoint = prepare_run(recipe, overrides, resume)
         from ssl_ema.engine.trainer import Trainer  # heavy imports only once the input is valid
 
-        trainer = Trainer(cfg, run_dir, checkpoint)
+        trainer = Trainer(cfg, run_dir, checkpoint, stop_after_s)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -33,6 +37,9 @@ def train(recipe: str | None, overrides: Sequence[str], resume: str | None = Non
     except NonFiniteLoss as e:
         print(f"error: {e}", file=sys.stderr)
         code = 1
+    except DeadlineReached as e:
+        print(f"{e}; resume with: tools/train.py --resume {trainer.run_dir}", file=sys.stderr)
+        code = 3
     else:
         if trainer.accelerator.is_main_process:
             print(trainer.evaluation.table(result))

@@ -33,6 +33,7 @@ from ssl_ema.data.device import DeviceTrainStream, device_streams
 from ssl_ema.data.synthetic_noise import describe_noise
 from ssl_ema.ema import EMA
 from ssl_ema.engine.checkpoint import checkpoints, load_checkpoint, save_checkpoint
+from ssl_ema.engine.deadline import Deadline, DeadlineReached
 from ssl_ema.engine.guard import NonFiniteGuard, NonFiniteLoss
 from ssl_ema.engine.optim import build_optimizer
 from ssl_ema.engine.run import cpu_processes
@@ -79,7 +80,8 @@ def per_device_batch(cfg: Config, world_size: int, batch: int | None = None) -> 
 class Trainer:
     """Builds everything from a :class:`Config` and runs `fit`; see the module docstring."""
 
-    def __init__(self, cfg: Config, run_dir: Path, resume_from: Path | None = None):
+    def __init__(self, cfg: Config, run_dir: Path, resume_from: Path | None = None,
+                 stop_after_s: float | None = None):
         self.cfg, self.run_dir, self.resume_from = cfg, run_dir, resume_from
         self.accelerator = Accelerator(
             cpu=cpu_processes(),
@@ -93,9 +95,12 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
             torch.set_float32_matmul_precision("high")
         if self.accelerator.device.type == "cpu":
-            # `accelerate launch` sets OMP_NUM_THREADS=1; share this machine's cores instead.
+            # `accelerate launch` sets OMP_NUM_THREADS=1; share this machine's cores instead,
+            # unless SSL_EMA_CPU_THREADS says how many (on a machine other jobs load, threads
+            # that wait for each other's cores make each step several times slower).
             local = int(os.environ.get("LOCAL_WORLD_SIZE", self.accelerator.num_processes))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+            threads = int(os.environ.get("SSL_EMA_CPU_THREADS", "0"))
+            torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local))
         world = self.accelerator.num_processes
         self.batches = sorted({batch_at_epoch(e, cfg.train.batch_size, cfg.train.batch_schedule)
                                for e in range(cfg.train.epochs)})
@@ -141,6 +146,9 @@ class Trainer:
             cfg.train.nonfinite == "fail",
             (lambda x: gather(x[None]).min()) if self.accelerator.num_processes > 1 else None,
         )
+        reduce_max = (lambda x: self.accelerator.reduce(x.to(self.accelerator.device), "max")) \
+            if self.accelerator.num_processes > 1 else None
+        self.deadline = Deadline(stop_after_s, reduce_max)  # tools/train.py --stop-after
 
     # ----------------------------------------------------------------------------- set-up
     def _loaders(self) -> tuple[list[DataLoader], DataLoader, DataLoader]:
@@ -379,6 +387,15 @@ class Trainer:
         every = cfg.train.checkpoint_every
         if every and st.step % every == 0 and st.step < self.total_steps:
             self._save()
+        # Mid-epoch only: at an epoch's end `fit` evaluates first, then asks.
+        if st.batch_in_epoch and self.deadline.passed(st.step % cfg.train.log_every == 0):
+            self._stop()
+
+    def _stop(self) -> None:
+        """The deadline passed: checkpoint here and stop (tools/train.py --resume continues)."""
+        self._save()
+        raise DeadlineReached(f"stopped at step {self.state.step} of {self.total_steps}: "
+                              "the --stop-after deadline passed; checkpoint written")
 
     def _mark(self) -> None:
         self._log_mark = (time.perf_counter(), self.state.samples_seen)
@@ -422,6 +439,8 @@ class Trainer:
             more = st.epoch < self.cfg.train.epochs and st.step < self.total_steps
             if finished_epoch and more and self._eval_due(st.epoch):
                 self._log_eval()
+            if finished_epoch and more and self.deadline.passed(True):
+                self._stop()
         bar.close()
         result = self._log_eval()  # the final evaluation, always
         self._save()
