@@ -92,7 +92,8 @@ def report(studies: Sequence[Study], plans: Sequence[StudyPlan], results: Path) 
             records = store.records  # cannot be checked against a recipe that is missing
         result = analyse(s, records)
         fig = figure(s, records, results)
-        parts.append(section(s, records, len(p.jobs), p.blocked, result, fig))
+        why = p.blocked or ("needs the data root to run" if p.no_data else "")
+        parts.append(section(s, records, len(p.jobs), why, result, fig))
         if not p.blocked:
             store.analysis = {"verdict": result.verdict, "summary": result.summary}
             store.save(p.jobs)

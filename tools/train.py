@@ -11,10 +11,14 @@ error with exit code 2, before any model is built and without touching existing 
 
 from __future__ import annotations
 
-import argparse
-import sys
+import time
 
-from ssl_ema.engine.launch import train
+STARTED = time.monotonic()  # --stop-after counts from here: start-up is part of the budget
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+
+from ssl_ema.engine.launch import train  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     recipe, overrides = args.recipe, list(args.overrides)
     if recipe and "=" in recipe and not recipe.endswith((".yaml", ".yml")):
         recipe, overrides = None, [recipe, *overrides]  # only overrides after --resume
-    return train(recipe, overrides, args.resume, args.stop_after)
+    stop_at = None if args.stop_after is None else STARTED + args.stop_after
+    return train(recipe, overrides, args.resume, stop_at)
 
 
 if __name__ == "__main__":

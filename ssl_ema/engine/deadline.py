@@ -3,6 +3,8 @@
 A run given a budget (``tools/reproduce.py run --budget``, a pre-emptible GPU lease) must stop
 cleanly before the budget ends: the trainer asks at optimizer-step boundaries, writes a
 checkpoint and raises :class:`DeadlineReached`; ``tools/train.py --resume`` continues exactly.
+The deadline counts from the process's start: start-up (imports, data, compilation) is spent
+from the same budget.
 Several processes must stop at the same step, so they decide together, and only where they
 already synchronise (log steps, evaluations), which keeps training steps free of host syncs.
 """
@@ -20,11 +22,11 @@ class DeadlineReached(RuntimeError):
 
 
 class Deadline:
-    """``seconds`` from now (monotonic clock); None never comes."""
+    """A time on the monotonic clock (``time.monotonic()``); None never comes."""
 
-    def __init__(self, seconds: float | None,
+    def __init__(self, at: float | None,
                  all_reduce_max: Callable[[torch.Tensor], torch.Tensor] | None = None):
-        self.at = None if seconds is None else time.monotonic() + seconds
+        self.at = at
         self._all_reduce_max = all_reduce_max  # several processes: any rank past it stops all
 
     def passed(self, synchronised: bool) -> bool:

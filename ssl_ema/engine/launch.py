@@ -18,9 +18,9 @@ from ssl_ema.engine.run import prepare_run
 
 
 def train(recipe: str | None, overrides: Sequence[str], resume: str | None = None,
-          stop_after_s: float | None = None) -> int:
+          stop_at: float | None = None) -> int:
     """Train a recipe (or resume a run), print the evaluation table; the exit code.
-    ``stop_after_s``: checkpoint and stop (exit code 3) once this many seconds have passed."""
+    ``stop_at``: checkpoint and stop (exit code 3) once ``time.monotonic()`` passes it."""
     try:
         if recipe is None and resume is None:
             raise ConfigError("no recipe given; pass a YAML recipe (e.g. recipes/quickstart.yaml) "
@@ -28,7 +28,7 @@ def train(recipe: str | None, overrides: Sequence[str], resume: str | None = Non
         cfg, run_dir, checkpoint = prepare_run(recipe, overrides, resume)
         from ssl_ema.engine.trainer import Trainer  # heavy imports only once the input is valid
 
-        trainer = Trainer(cfg, run_dir, checkpoint, stop_after_s)
+        trainer = Trainer(cfg, run_dir, checkpoint, stop_at)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

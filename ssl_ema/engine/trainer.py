@@ -81,7 +81,7 @@ class Trainer:
     """Builds everything from a :class:`Config` and runs `fit`; see the module docstring."""
 
     def __init__(self, cfg: Config, run_dir: Path, resume_from: Path | None = None,
-                 stop_after_s: float | None = None):
+                 stop_at: float | None = None):
         self.cfg, self.run_dir, self.resume_from = cfg, run_dir, resume_from
         self.accelerator = Accelerator(
             cpu=cpu_processes(),
@@ -148,7 +148,7 @@ class Trainer:
         )
         reduce_max = (lambda x: self.accelerator.reduce(x.to(self.accelerator.device), "max")) \
             if self.accelerator.num_processes > 1 else None
-        self.deadline = Deadline(stop_after_s, reduce_max)  # tools/train.py --stop-after
+        self.deadline = Deadline(stop_at, reduce_max)  # tools/train.py --stop-after
 
     # ----------------------------------------------------------------------------- set-up
     def _loaders(self) -> tuple[list[DataLoader], DataLoader, DataLoader]:

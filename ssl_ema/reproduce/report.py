@@ -83,9 +83,10 @@ def section(study: Study, records: Sequence[dict[str, Any]], planned: int, block
     lines = [f"## {study.title} (`{study.name}`)", "",
              f"- Claim: {study.claim}.", f"- Paper: {study.paper}.",
              f"- Schedule (every number below): {study.schedule}.",
-             f"- Command: `python tools/reproduce.py run {study.name} --budget 12m`"
-             + (" --data DATA_ROOT" if study.needs_data else "") + ".",
-             f"- Runs stored: {len(records)} of {planned or '?'}"
+             f"- Command: `python tools/reproduce.py run {study.name} --budget 12m"
+             + (" --data DATA_ROOT" if study.needs_data else "") + "`.",
+             f"- Runs stored: {len(records)} of "
+             f"{planned or len(study.variants) * len(study.seeds)}"
              + (f" ({blocked})" if blocked else "") + ".", "",
              f"**Verdict: {result.verdict}.** {result.summary}", ""]
     if result.table:
