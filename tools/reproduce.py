@@ -146,7 +146,9 @@ def main(argv: list[str] | None = None, studies: Sequence[Study] = STUDIES) -> i
             runnable.append(p)
         spend(runnable, stores, Budget.of(budget or 0.0), device, args.launch)
         for p in runnable:
-            stores[p.study.name].save(p.jobs)
+            store = stores[p.study.name]
+            store.save(p.jobs)
+            print(f"{p.study.name}: {len(store.current(p.jobs))} of {len(p.jobs)} runs stored")
     # the report covers every study, whichever were named
     path = report(studies, [plan_study(s, runs, args.data) for s in studies], args.results)
     print(f"report: {path}")
