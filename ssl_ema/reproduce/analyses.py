@@ -101,8 +101,8 @@ def ema_curve_rule(reference: str, arms: Sequence[tuple[int, str, str]],
             ok &= close and apart
             parts.append(f"κ = {k}: teacher {_pts(t_ema)} points from κ = 1 with the rule "
                          f"(student {_pts(s_ema)}), {_pts(t_opt)} without")
-        summary = "; ".join(parts) + f" (mean over {len(ref)}+ seeds of the mean |gap| " \
-            "between accuracy curves at equal samples seen)."
+        summary = "; ".join(parts) + f" (points: the mean |gap| between accuracy curves at " \
+            f"equal samples seen, averaged over seeds; κ = 1: {len(ref)} seeds)."
         return Analysis(HOLDS if ok else FAILS, summary, tuple(rows))
 
     return analyse
