@@ -14,6 +14,7 @@ from ssl_ema.reproduce.analyses import best_within, ema_curve_rule, ema_gain, fi
 from ssl_ema.reproduce.runner import Budget, plan_study, spend, status
 from ssl_ema.reproduce.store import Store
 from ssl_ema.reproduce.study import FAILS, HOLDS, TOO_FEW, Study, StudyVariant
+from tests.conftest import ROOT
 from tests.test_eval_tools import tool
 
 TINY = ("data.eval_subset=64", "data.image_size=8", "train.epochs=2", "train.batch_size=256",
@@ -56,6 +57,13 @@ def test_budget_cut_resume_store_report(tmp_path: Path, monkeypatch: pytest.Monk
     assert json.loads((run_dir / "results.json").read_text())["acc_student_test"] == \
         rec["metrics"]["acc_student_test"]
     store.save(plan_study(study, runs, None).jobs)
+    # The cut-and-resumed run ends exactly where an uninterrupted one does.
+    assert tool("train").main([str(ROOT / study.recipe), *TINY,
+                               f"run.output_dir={tmp_path / 'whole'}"]) == 0
+    whole = json.loads(next((tmp_path / "whole").glob("*/*/results.json")).read_text())
+    assert {k: rec["metrics"][k] for k in ("acc_teacher_test", "nll_teacher_test",
+                                           "nll_student_test")} == \
+        {k: whole[k] for k in ("acc_teacher_test", "nll_teacher_test", "nll_student_test")}
 
     # The report regenerates from the stored records alone (the runs folder is not needed).
     reproduce = tool("reproduce")
