@@ -165,15 +165,18 @@ def test_processes_compare_flags_every_k_steps() -> None:
 
     def all_reduce_max(flags: torch.Tensor) -> torch.Tensor:
         calls.append(flags.tolist())
-        return torch.maximum(flags, torch.tensor([15, 0]))  # another rank got SIGTERM
+        return torch.maximum(flags, torch.tensor([15, 0, 0]))  # another rank got SIGTERM
 
     signals = StopSignals()
     points = StopPoints(signals, 0.0, 5, all_reduce_max, torch.device("cpu"))
-    assert [points.check(s) for s in (1, 2, 3, 4)] == [(0, False)] * 4 and calls == []
-    assert points.check(5) == (15, False) and calls == [[0, 0]]
+    assert [points.check(s) for s in (1, 2, 3, 4)] == [(0, False, False)] * 4 and calls == []
+    assert points.check(5) == (15, False, False) and calls == [[0, 0, 0]]
     # One process: the local flag, at every step, without a collective.
     signals.received = signal.SIGUSR1
-    assert StopPoints(signals, 0.0, 5, None, torch.device("cpu")).check(1) == (10, False)
+    assert StopPoints(signals, 0.0, 5, None, torch.device("cpu")).check(1) == (10, False, False)
+    # The deadline: passed on this process, and reported like a signal.
+    late = StopPoints(StopSignals(), 0.0, 5, None, torch.device("cpu"), stop_at=0.0)
+    assert late.check(1) == (0, True, False)
 
 
 def test_a_second_signal_stops_at_once(tools_env: dict[str, str]) -> None:

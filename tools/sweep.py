@@ -29,16 +29,14 @@ import time
 from pathlib import Path
 
 from ssl_ema.config import ConfigError
-from ssl_ema.engine.sweep import Job, finished_run, metrics, parse_variant, plan, table
-
-TRAIN = Path(__file__).with_name("train.py")
-
-
-def train_command(launch: str, recipe: str, job: Job) -> list[str]:
-    """The command that trains (or resumes) one job: ``launch`` + tools/train.py + overrides."""
-    cmd = [*(shlex.split(launch) if launch else [sys.executable]), str(TRAIN), recipe,
-           *job.overrides]
-    return cmd + ["--resume", str(job.run_dir)] if job.action == "resume" else cmd
+from ssl_ema.engine.sweep import (  # noqa: F401 (train_command: tests/test_sweep.py)
+    finished_run,
+    metrics,
+    parse_variant,
+    plan,
+    table,
+    train_command,
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,6 +3,7 @@
 
     accelerate launch tools/train.py recipes/quickstart.yaml [key.sub=value ...]
     accelerate launch tools/train.py --resume runs/quickstart/20261122-120000
+    python tools/train.py recipes/quickstart.yaml --stop-after 600   # checkpoint, exit 3
 
 Bad input (unknown key, wrong type, unknown method/backbone/dataset, missing data) is a one-line
 error with exit code 2, before any model is built and without touching existing runs.
@@ -12,10 +13,14 @@ number; ``--resume`` continues from there (README, "Guarantees").
 
 from __future__ import annotations
 
-import argparse
-import sys
+import time
 
-from ssl_ema.engine.launch import train
+STARTED = time.monotonic()  # --stop-after counts from here: start-up is part of the budget
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+
+from ssl_ema.engine.launch import train  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,11 +30,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     parser.add_argument("--resume", metavar="RUN_DIR_OR_CHECKPOINT",
                         help="continue a run from its newest (or the given) checkpoint")
+    parser.add_argument("--stop-after", type=float, default=None, metavar="SECONDS",
+                        help="checkpoint and stop (exit code 3) once SECONDS have passed; "
+                        "--resume continues the run")
     args = parser.parse_args(argv)
+    if args.stop_after is not None and args.stop_after <= 0:
+        parser.error("--stop-after: give a positive number of seconds")
     recipe, overrides = args.recipe, list(args.overrides)
     if recipe and "=" in recipe and not recipe.endswith((".yaml", ".yml")):
         recipe, overrides = None, [recipe, *overrides]  # only overrides after --resume
-    return train(recipe, overrides, args.resume)
+    stop_at = None if args.stop_after is None else STARTED + args.stop_after
+    return train(recipe, overrides, args.resume, stop_at)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@
 Exit codes: 0 done (or a finished run resumed: nothing to do); 2 bad input (a one-line error
 before any model is built and without touching existing runs); 1 a non-finite loss stopped
 training (``train.nonfinite=fail``) or a checkpoint or log could not be written (disk full,
-permissions: one line naming the path); 128 + N a stop signal N (SIGINT 130, SIGUSR1 138,
-SIGTERM 143) stopped training after writing a checkpoint (``engine/stop.py``).
+permissions: one line naming the path); 3 the ``--stop-after`` deadline stopped training after
+writing a checkpoint; 128 + N a stop signal N (SIGINT 130, SIGUSR1 138, SIGTERM 143) stopped
+training after writing a checkpoint (``engine/stop.py``). After 3 or 128 + N, ``--resume``
+continues.
 """
 
 from __future__ import annotations
@@ -29,10 +31,12 @@ if TYPE_CHECKING:
     from ssl_ema.engine.trainer import Trainer
 
 
-def train(recipe: str | None, overrides: Sequence[str], resume: str | None = None) -> int:
-    """Train a recipe (or resume a run), print the evaluation table; the exit code."""
+def train(recipe: str | None, overrides: Sequence[str], resume: str | None = None,
+          stop_at: float | None = None) -> int:
+    """Train a recipe (or resume a run), print the evaluation table; the exit code.
+    ``stop_at``: checkpoint and stop (exit code 3) once ``time.monotonic()`` passes it."""
     try:
-        trainer, lock = _start(recipe, overrides, resume)
+        trainer, lock = _start(recipe, overrides, resume, stop_at)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -59,8 +63,8 @@ def train(recipe: str | None, overrides: Sequence[str], resume: str | None = Non
     return code
 
 
-def _start(recipe: str | None, overrides: Sequence[str],
-           resume: str | None) -> tuple[Trainer, RunLock]:
+def _start(recipe: str | None, overrides: Sequence[str], resume: str | None,
+           stop_at: float | None) -> tuple[Trainer, RunLock]:
     """Validate, lock the run directory, build the trainer. A start that fails removes the run
     directory it created and releases the lock."""
     if recipe is None and resume is None:
@@ -75,7 +79,7 @@ def _start(recipe: str | None, overrides: Sequence[str],
     try:
         from ssl_ema.engine.trainer import Trainer  # heavy imports only once the input is valid
 
-        return Trainer(cfg, run_dir, checkpoint), lock
+        return Trainer(cfg, run_dir, checkpoint, stop_at), lock
     except BaseException:
         lock.release()
         if created and state.is_main_process:

@@ -1,10 +1,13 @@
-"""Stopping a run without losing work: signals and wall-clock checkpoints, agreed by every rank.
+"""Stopping a run without losing work: signals, a deadline and wall-clock checkpoints, agreed by
+every rank.
 
 SIGTERM (a cluster pre-empting the job), SIGINT (Ctrl-C) and SIGUSR1 (SLURM's ``--signal``)
 only set a flag; the trainer reads it at optimizer-step boundaries, writes a checkpoint and
 stops with :class:`Stopped` (exit code 128 + the signal's number, as a shell reports a process
 killed by that signal). A second signal while the first is being handled stops at once, without
-a checkpoint, for a user who does not want to wait.
+a checkpoint, for a user who does not want to wait. A deadline (``tools/train.py --stop-after``,
+a budgeted run of ``tools/reproduce.py``) stops the same way with exit code 3: a budget is a
+pre-emption the run knows about in advance.
 
 Several processes must stop at the same step (a checkpoint is a collective save), and so must
 they agree on when a wall-clock checkpoint is due (their clocks differ). The local flags are
@@ -31,12 +34,16 @@ if TYPE_CHECKING:  # torch only for several processes: tools import this module 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
-class Stopped(RuntimeError):
-    """The run stopped on a signal after writing a checkpoint; ``code`` is the exit code."""
+DEADLINE_EXIT = 3  # --stop-after: distinct from 128 + N, so a budget runner knows it was its own
 
-    def __init__(self, message: str, signum: int):
+
+class Stopped(RuntimeError):
+    """The run stopped on a signal or at its deadline after writing a checkpoint; ``code`` is
+    the exit code (128 + the signal's number, or ``DEADLINE_EXIT``)."""
+
+    def __init__(self, message: str, code: int):
         super().__init__(message)
-        self.code = 128 + signum
+        self.code = code
 
 
 class StopSignals:
@@ -66,13 +73,14 @@ class StopSignals:
 
 
 class StopPoints:
-    """At an optimizer-step boundary: has a signal arrived, or is a wall-clock checkpoint due,
-    on any process? See the module docstring for when the processes compare their flags."""
+    """At an optimizer-step boundary: has a signal arrived, has the deadline ``stop_at`` (on
+    the monotonic clock) passed, or is a wall-clock checkpoint due, on any process? See the
+    module docstring for when the processes compare their flags."""
 
     def __init__(self, signals: StopSignals, every_minutes: float, check_every: int,
                  all_reduce_max: Callable[[torch.Tensor], torch.Tensor] | None,
-                 device: torch.device):
-        self.signals, self.check_every = signals, check_every
+                 device: torch.device, stop_at: float | None = None):
+        self.signals, self.check_every, self.stop_at = signals, check_every, stop_at
         self.every_s = every_minutes * 60.0
         self._all_reduce_max, self._device = all_reduce_max, device
         self.saved()
@@ -81,19 +89,21 @@ class StopPoints:
         """A checkpoint was written now: the wall clock restarts."""
         self._last_save = time.monotonic()
 
-    def check(self, step: int) -> tuple[int, bool]:
-        """(signal number or 0, whether a wall-clock checkpoint is due) after ``step``."""
-        signum = self.signals.received
-        due = bool(self.every_s) and time.monotonic() - self._last_save >= self.every_s
+    def check(self, step: int) -> tuple[int, bool, bool]:
+        """(signal number or 0, whether the deadline passed, whether a wall-clock checkpoint is
+        due) after ``step``."""
+        signum, now = self.signals.received, time.monotonic()
+        late = self.stop_at is not None and now >= self.stop_at
+        due = bool(self.every_s) and now - self._last_save >= self.every_s
         if self._all_reduce_max is None:
-            return signum, due
+            return signum, late, due
         if step % self.check_every:
-            return 0, False
+            return 0, False, False
         import torch
 
-        flags = torch.tensor([signum, int(due)], device=self._device)
-        signum, due_any = self._all_reduce_max(flags).tolist()
-        return int(signum), bool(due_any)
+        flags = torch.tensor([signum, int(late), int(due)], device=self._device)
+        signum, late_any, due_any = self._all_reduce_max(flags).tolist()
+        return int(signum), bool(late_any), bool(due_any)
 
 
 def stop_with_launcher() -> None:

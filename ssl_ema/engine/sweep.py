@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import shlex
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +55,20 @@ class Job:
     run_dir: Path | None  # the run to reuse or resume
 
 
+TRAIN = Path(__file__).resolve().parents[2] / "tools" / "train.py"
+
+
+def train_command(launch: str, recipe: str, job: Job, stop_after_s: float | None = None
+                  ) -> list[str]:
+    """The command that trains (or resumes) one job: ``launch`` (default: this Python) +
+    tools/train.py + overrides; ``stop_after_s``: its --stop-after deadline."""
+    cmd = [*(shlex.split(launch) if launch else [sys.executable]), str(TRAIN), recipe,
+           *job.overrides]
+    if job.action == "resume":
+        cmd += ["--resume", str(job.run_dir)]
+    return cmd + ([] if stop_after_s is None else ["--stop-after", f"{stop_after_s:g}"])
+
+
 def parse_variant(tokens: Sequence[str]) -> Variant:
     """``NAME [key=value ...]`` (one ``--variant``) -> Variant; ConfigError if malformed."""
     if not tokens:
@@ -68,16 +84,17 @@ def parse_variant(tokens: Sequence[str]) -> Variant:
     return Variant(name, tuple(overrides))
 
 
-def same_training(run_dir: Path, cfg: Config) -> bool:
-    """Whether the run's saved config trains exactly like ``cfg`` (bookkeeping aside)."""
-    return not changed_keys(run_dir, cfg, BOOKKEEPING)
+def same_training(run_dir: Path, cfg: Config, ignore: set[str] = BOOKKEEPING) -> bool:
+    """Whether the run's saved config trains exactly like ``cfg`` (``ignore``d keys aside)."""
+    return not changed_keys(run_dir, cfg, ignore)
 
 
-def _locate(home: Path, cfg: Config) -> tuple[str, Path | None]:
-    """What a (variant, seed) needs, from its earlier runs under ``home`` (newest first)."""
+def locate(home: Path, cfg: Config, ignore: set[str] = BOOKKEEPING) -> tuple[str, Path | None]:
+    """What a (variant, seed) needs, from its earlier runs under ``home`` (newest first):
+    ``reuse`` a finished run, ``resume`` one with checkpoints, or ``new``."""
     runs = sorted((p for p in home.glob("*") if (p / "config.yaml").is_file()), reverse=True)
     for run in runs:
-        if not same_training(run, cfg):
+        if not same_training(run, cfg, ignore):
             continue
         if (run / "results.json").is_file():
             return "reuse", run
@@ -87,8 +104,9 @@ def _locate(home: Path, cfg: Config) -> tuple[str, Path | None]:
 
 
 def plan(recipe: str, common: Sequence[str], variants: Sequence[Variant],
-         seeds: Sequence[int], out: Path) -> list[Job]:
-    """Every job of the sweep, all configs validated first (ConfigError names the variant)."""
+         seeds: Sequence[int], out: Path, ignore: set[str] = BOOKKEEPING) -> list[Job]:
+    """Every job of the sweep, all configs validated first (ConfigError names the variant).
+    Earlier runs that differ from a job only in ``ignore``d keys count as the same run."""
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
@@ -104,14 +122,14 @@ def plan(recipe: str, common: Sequence[str], variants: Sequence[Variant],
                 cfg = load_config(recipe, overrides)
             except ConfigError as e:
                 raise ConfigError(f"variant '{v.name}': {e}") from None
-            action, run_dir = _locate(home, cfg)
+            action, run_dir = locate(home, cfg, ignore)
             jobs.append(Job(v.name, seed, overrides, cfg, home, action, run_dir))
     return jobs
 
 
-def finished_run(home: Path, cfg: Config) -> Path | None:
+def finished_run(home: Path, cfg: Config, ignore: set[str] = BOOKKEEPING) -> Path | None:
     """The newest finished run under ``home`` that trains like ``cfg`` (after the job ran)."""
-    action, run = _locate(home, cfg)
+    action, run = locate(home, cfg, ignore)
     return run if action == "reuse" else None
 
 
@@ -122,7 +140,8 @@ def metrics(run_dir: Path) -> dict[str, float]:
             if k not in NOT_METRICS and isinstance(v, (int, float))}
 
 
-def _mean_std(xs: Sequence[float]) -> tuple[float, float]:
+def mean_std(xs: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
     m = sum(xs) / len(xs)
     sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
     return m, sd
@@ -150,7 +169,7 @@ def table(rows: Sequence[dict], columns: Sequence[str]) -> str:
         for c in columns:
             xs = [m[c] for m in ms if c in m]
             if xs:
-                mean, sd = _mean_std(xs)
+                mean, sd = mean_std(xs)
                 cells.append(f"{mean:.4f}±{sd:.4f}")
             else:
                 cells.append("-")

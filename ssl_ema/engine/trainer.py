@@ -37,7 +37,7 @@ from ssl_ema.engine.guard import NonFiniteGuard, NonFiniteLoss
 from ssl_ema.engine.optim import build_optimizer
 from ssl_ema.engine.run import cpu_processes
 from ssl_ema.engine.scaled import ScaledHyperparams, resolve
-from ssl_ema.engine.stop import Stopped, StopPoints, StopSignals, signal_name
+from ssl_ema.engine.stop import DEADLINE_EXIT, Stopped, StopPoints, StopSignals, signal_name
 from ssl_ema.engine.tracking import MetricsLog, device_name, git_sha, versions
 from ssl_ema.eval.evaluations import Evaluation, build_evaluation
 from ssl_ema.methods import TeacherStudentMethod, build_method
@@ -84,7 +84,8 @@ class RunFinished(Exception):
 class Trainer:
     """Builds everything from a :class:`Config` and runs `fit`; see the module docstring."""
 
-    def __init__(self, cfg: Config, run_dir: Path, resume_from: Path | None = None):
+    def __init__(self, cfg: Config, run_dir: Path, resume_from: Path | None = None,
+                 stop_at: float | None = None):
         self.cfg, self.run_dir, self.resume_from = cfg, run_dir, resume_from
         self.accelerator = Accelerator(
             cpu=cpu_processes(),
@@ -98,9 +99,12 @@ class Trainer:
             torch.backends.cudnn.benchmark = True
             torch.set_float32_matmul_precision("high")
         if self.accelerator.device.type == "cpu":
-            # `accelerate launch` sets OMP_NUM_THREADS=1; share this machine's cores instead.
+            # `accelerate launch` sets OMP_NUM_THREADS=1; share this machine's cores instead,
+            # unless SSL_EMA_CPU_THREADS says how many (on a machine other jobs load, threads
+            # that wait for each other's cores make each step several times slower).
             local = int(os.environ.get("LOCAL_WORLD_SIZE", self.accelerator.num_processes))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+            threads = int(os.environ.get("SSL_EMA_CPU_THREADS", "0"))
+            torch.set_num_threads(threads or max(1, (os.cpu_count() or 1) // local))
         world = self.accelerator.num_processes
         self.batches = sorted({batch_at_epoch(e, cfg.train.batch_size, cfg.train.batch_schedule)
                                for e in range(cfg.train.epochs)})
@@ -150,7 +154,7 @@ class Trainer:
         self.stops = StopPoints(
             self.signals, cfg.train.checkpoint_every_minutes, cfg.train.log_every,
             (lambda x: gather(x[None]).amax(0)) if self.accelerator.num_processes > 1 else None,
-            self.accelerator.device)
+            self.accelerator.device, stop_at)  # stop_at: tools/train.py --stop-after
 
     # ----------------------------------------------------------------------------- set-up
     def _loaders(self) -> tuple[list[DataLoader], DataLoader, DataLoader]:
@@ -387,23 +391,26 @@ class Trainer:
             self._mark()
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", lr=f"{sched['lr']:.3g}",
                             momentum=f"{sched['momentum_base']:.4f}", refresh=False)
-        signum, clock_due = self.stops.check(st.step)
-        if signum:
+        signum, late, clock_due = self.stops.check(st.step)
+        if signum or late:
             self._stop(signum)
         every = cfg.train.checkpoint_every
         if ((every and st.step % every == 0) or clock_due) and st.step < self.total_steps:
             self._save()
 
     def _stop(self, signum: int) -> None:
-        """A stop signal reached this step on some process: checkpoint, then stop every rank."""
-        st, name = self.state, signal_name(signum)
+        """A stop signal (``signum``) or the deadline (``signum`` 0) reached this step on some
+        process: checkpoint, then stop every rank."""
+        st = self.state
+        cause = signal_name(signum) if signum else "deadline"
         # An epoch ended at this step and its evaluation (run after the step) is still due.
         pending = st.batch_in_epoch == 0 and self._more() and self._eval_due(st.epoch)
         path = self._save({"eval_pending": pending})
-        self.log.write({"event": "stopped", "signal": name, "step": st.step, "epoch": st.epoch})
-        raise Stopped(f"stopped by {name} at step {st.step} (epoch {st.epoch}), checkpoint "
-                      f"written to {path}; continue with: tools/train.py --resume {self.run_dir}",
-                      signum)
+        self.log.write({"event": "stopped", "signal": cause, "step": st.step, "epoch": st.epoch})
+        raise Stopped(f"stopped by {cause if signum else 'the --stop-after deadline'} at step "
+                      f"{st.step} (epoch {st.epoch}), checkpoint written to {path}; continue "
+                      f"with: tools/train.py --resume {self.run_dir}",
+                      128 + signum if signum else DEADLINE_EXIT)
 
     def _mark(self) -> None:
         self._log_mark = (time.perf_counter(), self.state.samples_seen)
@@ -429,7 +436,8 @@ class Trainer:
 
     def fit(self) -> dict[str, float]:
         """Train to the end (or max_steps), evaluate, checkpoint; return the final metrics.
-        Raises :class:`Stopped` after checkpointing when a stop signal arrives."""
+        Raises :class:`Stopped` after checkpointing when a stop signal arrives or the
+        deadline passes."""
         acc, st = self.accelerator, self.state
         with self.signals:
             eval_pending = self._resume() if self.resume_from is not None else False

@@ -1,0 +1,206 @@
+"""Plan a study's runs, say where each stands and what it will cost, and spend a budget on them.
+
+Jobs come from the sweep machinery (``plan``: reuse / resume / new, by resolved config). A job is
+*done* when its record is stored or its run has finished, *partial* when its run has a
+checkpoint, otherwise *pending*. Estimates are measured where they can be (stored wall times of
+the study's runs on this kind of device, per variant first), else the study's stated figure.
+
+``spend`` starts pending jobs in priority order while they fit the remaining budget, each with
+a ``--stop-after`` deadline before the budget's end so it checkpoints and exits cleanly; a job
+longer than a whole budget is started whenever a useful slice is left, and resumes next time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ssl_ema.config import ConfigError
+from ssl_ema.engine.checkpoint import checkpoints
+from ssl_ema.engine.sweep import Job, Variant, finished_run, locate, plan, train_command
+from ssl_ema.reproduce.store import IDENTITY_IGNORES, Store, add_wall, record
+from ssl_ema.reproduce.study import Study
+
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: recipes/, tools/
+NO_DATA = "$SSL_EMA_DATA"  # stands in for a data root not given
+GRACE_S = 60.0  # after the budget: SIGTERM (a checkpoint, issue 16), then SIGKILL
+
+
+@dataclass
+class StudyPlan:
+    """A study's jobs as planned now, or why it cannot be planned (recipe missing, no data)."""
+
+    study: Study
+    jobs: list[Job] = field(default_factory=list)
+    blocked: str = ""
+    no_data: bool = False  # planned, but cannot run without --data
+
+    def why_not_here(self, device: str) -> str:
+        """Why `run` skips this study on ``device`` ("" if it can run)."""
+        if self.blocked:
+            return self.blocked
+        if self.no_data:
+            return "needs the data root (--data DIR or SSL_EMA_DATA)"
+        if self.study.device == "gpu" and device_kind(device) == "cpu":
+            return "a GPU study: no CUDA device here"
+        return ""
+
+
+def plan_study(study: Study, runs_root: Path, data_root: str | None) -> StudyPlan:
+    """The study's jobs, seed-major (every variant of seed 0 first, so a cut budget still
+    leaves comparable sets)."""
+    missing = sorted({study.recipe_of(v) for v in study.variants
+                      if not (ROOT / study.recipe_of(v)).is_file()})
+    if missing:
+        return StudyPlan(study, blocked=f"recipe missing: {', '.join(missing)}")
+    # Without a data root the jobs are still planned (the root is not part of a run's
+    # identity), so `list` shows them; `run` skips them (StudyPlan.no_data).
+    root = data_root or NO_DATA
+    common = [o.replace("{data}", root) for o in study.common]
+    jobs: list[Job] = []
+    try:
+        for v in study.variants:
+            overrides = tuple(o.replace("{data}", root) for o in v.overrides)
+            jobs += plan(str(ROOT / study.recipe_of(v)), common, [Variant(v.name, overrides)],
+                         study.seeds, runs_root / study.name, IDENTITY_IGNORES)
+    except ConfigError as e:
+        if not data_root and study.needs_data:  # e.g. a label file looked up under the root
+            return StudyPlan(study, blocked="needs the data root (--data DIR or SSL_EMA_DATA)")
+        return StudyPlan(study, blocked=f"recipe rejected: {e}")
+    order = {s: i for i, s in enumerate(study.seeds)}
+    jobs.sort(key=lambda j: order[j.seed])  # stable: variants keep their order within a seed
+    return StudyPlan(study, jobs, no_data=study.needs_data and not data_root)
+
+
+def this_device() -> str:
+    """``cuda (<name>)`` or ``cpu``: the kind of device estimates are matched on."""
+    import torch
+
+    return f"cuda ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else "cpu"
+
+
+def device_kind(device: str) -> str:
+    return "cpu" if device.startswith("cpu") else device
+
+
+def status(job: Job, store: Store) -> tuple[str, float]:
+    """(done | partial | pending, fraction trained)."""
+    if store.find(job) is not None or job.action == "reuse":
+        return "done", 1.0
+    if job.action == "resume" and job.run_dir is not None:
+        steps = json.loads((job.run_dir / "header.json").read_text()).get("steps") or 0
+        done = int(checkpoints(job.run_dir)[-1].name.split("_")[-1])
+        return "partial", min(1.0, done / steps) if steps else 0.0
+    return "pending", 0.0
+
+
+def estimate_s(study: Study, job: Job, store: Store, device: str) -> tuple[float, str]:
+    """Seconds for the whole job on ``device`` and where the figure comes from (measured, or
+    the study's stated figure: ``study.estimate_source``)."""
+    kind = device_kind(device)
+    mine = [r for r in store.records if device_kind(r["device"]) == kind and r.get("wall_s")]
+    for pool, source in (([r for r in mine if r["variant"] == job.variant], "measured"),
+                         (mine, "measured (other variants)")):
+        if pool:
+            return sum(r["wall_s"] for r in pool) / len(pool), source
+    stated = (study.device == "cpu") == (kind == "cpu")
+    source = "stated" if stated else f"stated for {study.device.upper()}"
+    minutes = next(v.minutes for v in study.variants if v.name == job.variant)
+    return 60.0 * (minutes or study.minutes_per_run), source
+
+
+def child_env(study: Study) -> dict[str, str]:
+    """tools/train.py's environment: this checkout first on the path, the study's settings."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    env.update(study.env)
+    return env
+
+
+def run_process(cmd: list[str], env: dict[str, str], timeout_s: float) -> int:
+    """Run ``cmd``; past ``timeout_s`` send SIGTERM, and SIGKILL after ``GRACE_S`` more."""
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
+    try:
+        return proc.wait(timeout=max(timeout_s, 1.0))
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout=GRACE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
+
+
+@dataclass(frozen=True)
+class Budget:
+    seconds: float
+    reserve_s: float  # kept free at the end: the final evaluation, checkpoint, exit
+    min_slice_s: float  # a job longer than the whole budget starts only with this much left
+
+    @classmethod
+    def of(cls, seconds: float) -> Budget:
+        return cls(seconds, reserve_s=min(90.0, 0.15 * seconds), min_slice_s=0.25 * seconds)
+
+
+def spend(plans: Sequence[StudyPlan], stores: dict[str, Store], budget: Budget, device: str,
+          launch: str = "", log: Callable[[str], None] = print,
+          clock: Callable[[], float] = time.monotonic) -> list[str]:
+    """Train pending jobs in priority order within ``budget``; store each finished run.
+    Returns the names of the studies that changed."""
+    start, changed = clock(), []
+    for p in plans:
+        store = stores[p.study.name]
+        for job in p.jobs:
+            state, fraction = status(job, store)
+            if state == "done":
+                continue  # (collect() stores finished runs)
+            left = budget.seconds - (clock() - start)
+            need = estimate_s(p.study, job, store, device)[0] * (1.0 - fraction)
+            usable = left - budget.reserve_s
+            whole = need <= usable
+            sliced = need > budget.seconds - budget.reserve_s and usable >= budget.min_slice_s
+            if not (whole or sliced):
+                log(f"{p.study.name} {job.variant} seed {job.seed}: skipped, needs ~{need / 60:.1f}"
+                    f" min, {max(usable, 0) / 60:.1f} min left")
+                continue
+            cmd = train_command(launch, str(ROOT / p.study.recipe_of(
+                next(v for v in p.study.variants if v.name == job.variant))), job, usable)
+            log(f"== {p.study.name} {job.variant} seed {job.seed} ({job.action}, "
+                f"~{need / 60:.1f} min, {usable / 60:.1f} min usable)")
+            t0 = clock()
+            code = run_process(cmd, child_env(p.study), left)
+            wall = clock() - t0
+            _after(p.study, job, store, wall, code, log)
+            changed.append(p.study.name)
+    return list(dict.fromkeys(changed))
+
+
+def collect(plan: StudyPlan, store: Store) -> bool:
+    """Store every finished run of the plan that is not stored yet; whether any was added."""
+    added = False
+    for job in plan.jobs:
+        if job.action == "reuse" and job.run_dir is not None and store.find(job) is None:
+            store.put(record(job, job.run_dir))
+            added = True
+    return added
+
+
+def _after(study: Study, job: Job, store: Store, wall: float, code: int,
+           log: Callable[[str], None]) -> None:
+    """Book the segment's wall time; store the record if the run finished."""
+    _, run_dir = locate(job.home, job.cfg, IDENTITY_IGNORES)
+    if run_dir is not None:
+        add_wall(run_dir, wall)
+    done = finished_run(job.home, job.cfg, IDENTITY_IGNORES)
+    if done is not None:
+        store.put(record(job, done))
+        log(f"   finished in {wall:.0f} s")
+    else:
+        log(f"   {'cut by the budget' if code in (3, -15, 143) else f'exit code {code}'} "
+            f"after {wall:.0f} s" + (f"; resumes from {run_dir}" if run_dir else ""))

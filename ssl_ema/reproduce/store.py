@@ -1,0 +1,113 @@
+"""Stored results: one JSON file per study (``docs/results/<study>.json``), one record per run.
+
+A record holds what the report needs and nothing that only exists on the machine that trained:
+the resolved config, its identity key, the commit and device from the run's header, the wall
+time, the final metrics and the evaluation curve. A run is identified by its resolved config
+(``config_key``): keys that only say where things are or how they are logged (the sweep's
+bookkeeping keys, the data root) are left out, so a moved data folder reuses the run and a
+changed recipe does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ssl_ema.config import Config, to_dict
+from ssl_ema.engine.run import flatten
+from ssl_ema.engine.sweep import BOOKKEEPING, Job
+from ssl_ema.engine.tracking import read_metrics
+
+# Where the data lives, not what it is: a run is the same run wherever its data root is.
+IDENTITY_IGNORES = BOOKKEEPING | {"data.root", "labels.noisy_file"}
+WALL = "reproduce.json"  # beside a run: its wall time over every segment the runner started
+
+
+def config_key(cfg: Config) -> str:
+    """A run's identity: a hash of its resolved config without ``IDENTITY_IGNORES``."""
+    flat = {k: v for k, v in flatten(to_dict(cfg)).items() if k not in IDENTITY_IGNORES}
+    blob = json.dumps(flat, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def add_wall(run_dir: Path, seconds: float) -> None:
+    """Add one segment's wall time to the run's total (a resumed run has several)."""
+    path = run_dir / WALL
+    total = json.loads(path.read_text())["wall_s"] if path.is_file() else 0.0
+    path.write_text(json.dumps({"wall_s": total + seconds}) + "\n")
+
+
+def wall_seconds(run_dir: Path) -> float:
+    """The runner's total, else the span from the header to results.json (a run trained
+    outside the runner, e.g. by tools/sweep.py: process start-up not counted)."""
+    if (run_dir / WALL).is_file():
+        return float(json.loads((run_dir / WALL).read_text())["wall_s"])
+    return (run_dir / "results.json").stat().st_mtime - (run_dir / "header.json").stat().st_mtime
+
+
+def _numbers(d: Mapping[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in d.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def final_metrics(results: Mapping[str, Any]) -> dict[str, float]:
+    """results.json's numbers, with early stopping's choices as ``best_<kind>_<field>``."""
+    out = _numbers(results)
+    for key, value in results.items():
+        if key.startswith("best_") and isinstance(value, Mapping):
+            out.update({f"{key}_{k}": v for k, v in _numbers(value).items()})
+    return out
+
+
+def record(job: Job, run_dir: Path) -> dict[str, Any]:
+    """The stored record of a finished run."""
+    header = json.loads((run_dir / "header.json").read_text())
+    results = json.loads((run_dir / "results.json").read_text())
+    curve = [{k: v for k, v in _numbers(e).items()}
+             for e in read_metrics(run_dir / "metrics.jsonl") if e.get("event") == "eval"]
+    finished = time.gmtime((run_dir / "results.json").stat().st_mtime)
+    return {"variant": job.variant, "seed": job.seed, "key": config_key(job.cfg),
+            "commit": header.get("git", "unknown"), "device": header.get("device", "unknown"),
+            "date": time.strftime("%Y-%m-%d", finished), "wall_s": round(wall_seconds(run_dir), 1),
+            "steps": header.get("steps"), "samples": header.get("samples"),
+            "metrics": final_metrics(results), "curve": curve,
+            "config": yaml.safe_load((run_dir / "config.yaml").read_text())}
+
+
+class Store:
+    """The records of one study, read from and written to ``<folder>/<study>.json``."""
+
+    def __init__(self, folder: Path, study: str):
+        self.path = folder / f"{study}.json"
+        raw = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.study = study
+        self.records: list[dict[str, Any]] = list(raw.get("runs", []))
+        self.analysis: dict[str, Any] = dict(raw.get("analysis", {}))
+
+    def find(self, job: Job) -> dict[str, Any] | None:
+        """The stored record of this job's exact config, if any."""
+        key = config_key(job.cfg)
+        return next((r for r in self.records if (r["variant"], r["seed"], r["key"]) ==
+                     (job.variant, job.seed, key)), None)
+
+    def current(self, jobs: Sequence[Job]) -> list[dict[str, Any]]:
+        """Records that match the study's jobs as planned now (a changed recipe drops them)."""
+        return [r for j in jobs if (r := self.find(j)) is not None]
+
+    def put(self, rec: dict[str, Any]) -> None:
+        self.records = [r for r in self.records
+                        if (r["variant"], r["seed"]) != (rec["variant"], rec["seed"])] + [rec]
+
+    def save(self, jobs: Sequence[Job]) -> None:
+        """Write the records that match ``jobs`` (stale ones are dropped) and the analysis."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        out = {"study": self.study, "analysis": self.analysis, "runs": self.current(jobs)}
+        tmp = self.path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(out, indent=1) + "\n")
+        tmp.replace(self.path)
