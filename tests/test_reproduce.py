@@ -45,7 +45,7 @@ def test_budget_cut_resume_store_report(tmp_path: Path, monkeypatch: pytest.Monk
     # budget), stops at its first step with a checkpoint, and is left partial.
     spend([plan], {"tiny": store}, Budget(100.0, reserve_s=99.999, min_slice_s=0.0), "cpu",
           clock=lambda: 0.0)
-    assert "stopped at step 1 of 10" in capsys.readouterr().err
+    assert "stopped by the --stop-after deadline at step 1 (epoch 0)" in capsys.readouterr().err
     plan = plan_study(study, runs, None)
     assert status(plan.jobs[0], store) == ("partial", 0.1) and not store.records
     # The next budget resumes it from that checkpoint and finishes it; the record is stored.
