@@ -47,6 +47,16 @@ class DataConfig:
     # there in batched ops (data/gpu_augment.py): 4.5x a lightly-style loader's images/s on
     # CIFAR-10 on an H100 (RGB only; docs/RESULTS.md).
     pipeline: Literal["loader", "device"] = "loader"
+    # BYOL's view pair. byol: lightly's BYOLView1/2Transform (Grill et al. 2020, Tab. 6: blur
+    # and solarisation differ between the views). simclr: lightly's SimCLRTransform, both views
+    # alike (Chen et al. 2020, App. A: jitter brightness/contrast/saturation 0.8s, hue 0.2s at
+    # strength s = jitter_strength, p 0.8; grey-scale 0.2; blur p 0.5, off <= 64 px; no
+    # solarisation), as lightly's CIFAR-10 benchmarks train BYOL (s = 0.5, SimCLR App. B.9).
+    views: Literal["byol", "simclr"] = "byol"
+    jitter_strength: float = 0.5  # views=simclr only
+    # Normalisation of every view: "dataset" (CIFAR's own statistics where known, else
+    # ImageNet's) or "imagenet" (ImageNet's statistics everywhere, as lightly's benchmarks).
+    normalize: Literal["dataset", "imagenet"] = "dataset"
 
 
 @dataclass(frozen=True)
@@ -59,6 +69,9 @@ class ModelConfig:
     # lightly's ResNetGenerator behind its CIFAR-10 benchmarks; see docs/RESULTS.md for what this
     # does to BYOL on CIFAR-10.
     init: Literal["timm", "torch"] = "timm"
+    # ResNets: the ReLU after the stem's BatchNorm. lightly's CIFAR-10 benchmarks take the
+    # children of ResNetGenerator, whose stem ReLU lives in ResNet.forward: false drops it.
+    stem_activation: bool = True
     # supervised / pseudo_label: start the student (and so the teacher) backbone from this state
     # dict (.safetensors or torch file), keys under init_prefix (e.g. "teacher.backbone." for a
     # checkpoint's model.safetensors). Fine-tuning a pretrained teacher is the supervised recipe.
@@ -99,6 +112,15 @@ class DINOConfig:
     local_size: int = 96  # side of the local views (global views: data.image_size)
     global_scale: tuple[float, float] = (0.4, 1.0)
     local_scale: tuple[float, float] = (0.05, 0.4)
+    # Linear layers of the head's MLP before the weight-normalised last layer (the official
+    # code's nlayers; lightly's CIFAR-10 benchmark uses 2) and their init: trunc_normal (std
+    # 0.02, bias 0: official DINO, lightly's DINOProjectionHead) or torch (PyTorch's defaults,
+    # which lightly's benchmark head keeps).
+    head_layers: int = 3
+    head_init: Literal["trunc_normal", "torch"] = "trunc_normal"
+    # true: views of one resolution go through the networks in one pass (official DINO, so
+    # BatchNorm sees them together); false: one pass per view, as lightly's benchmarks.
+    batch_views: bool = True
 
 
 @dataclass(frozen=True)
@@ -117,6 +139,10 @@ class OptimConfig:
     # false: biases and norm weights (1-D tensors) get no weight decay (BYOL App. J, SimCLR);
     # true: every parameter is decayed, as in lightly's CIFAR-10 benchmarks.
     decay_norm_bias: bool = False
+    # true: lr (and weight decay) stay constant within an epoch and step along their cosine at
+    # each epoch's start, as torch's CosineAnnealingLR(T_max=epochs) stepped once per epoch
+    # (PyTorch Lightning's default interval; lightly's CIFAR-10 benchmarks). false: per step.
+    schedule_per_epoch: bool = False
 
 
 @dataclass(frozen=True)

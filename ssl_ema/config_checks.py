@@ -41,6 +41,8 @@ def validate(cfg: Config) -> None:
         "dino.student_temp": cfg.dino.student_temp,
         "dino.teacher_temp": cfg.dino.teacher_temp,
         "dino.warmup_teacher_temp": cfg.dino.warmup_teacher_temp,
+        "dino.head_layers": cfg.dino.head_layers,
+        "data.jitter_strength": cfg.data.jitter_strength,
         "scaling.reference_batch": cfg.scaling.reference_batch,
         "ema.period": cfg.ema.period,
         "eval.knn_k": cfg.eval.knn_k,
@@ -58,6 +60,15 @@ def validate(cfg: Config) -> None:
     if cfg.train.checkpoint_every_minutes < 0:
         raise ConfigError("train.checkpoint_every_minutes: must be >= 0 (0 = off), got "
                           f"{cfg.train.checkpoint_every_minutes}")
+    if cfg.data.views != "byol" and cfg.method.name != "byol":
+        raise ConfigError(f"data.views={cfg.data.views}: chooses BYOL's view pair; method "
+                          f"{cfg.method.name} makes its own views, so leave data.views=byol")
+    grey = {"data.views": cfg.data.views != "byol",
+            "data.normalize": cfg.data.normalize != "dataset"}
+    for key, changed in grey.items():
+        if changed and cfg.data.dataset == "digits":
+            raise ConfigError(f"{key}: applies to RGB images; the grey digits have their own "
+                              "views and statistics, so leave it at its default")
     if cfg.optim.nesterov and cfg.optim.name != "sgd":
         raise ConfigError(f"optim.nesterov: applies to optim.name=sgd, not {cfg.optim.name}")
     if cfg.optim.lr <= 0:

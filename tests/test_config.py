@@ -58,6 +58,12 @@ def test_overrides_are_typed() -> None:
          "train.batch_schedule[0]: batch 511 is not divisible by train.grad_accumulation 2"),
         (["train.batch_schedule=[[5]]"], "train.batch_schedule[0]: expected a list of 2 values"),
         (["train.epochs"], "not of the form key.sub=value"),
+        (["method.name=dino", "data.dataset=cifar10", "data.views=simclr"],
+         "data.views=simclr: chooses BYOL's view pair; method dino makes its own views"),
+        (["data.normalize=imagenet"], "data.normalize: applies to RGB images"),
+        (["data.dataset=cifar10", "data.views=simclr", "data.jitter_strength=0"],
+         "data.jitter_strength: must be positive"),
+        (["method.name=dino", "dino.head_layers=0"], "dino.head_layers: must be positive"),
     ],
 )
 def test_bad_input_is_one_clear_line(overrides: list[str], message: str) -> None:

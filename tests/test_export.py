@@ -72,3 +72,21 @@ def test_export_refuses_a_wrong_recipe_and_loads_refuse_other_files(tmp_path: Pa
         load_backbone(tmp_path / "plain.safetensors")
     with pytest.raises(ConfigError, match="does not exist"):
         load_backbone(tmp_path / "missing.safetensors")
+
+
+def test_a_backbone_without_stem_relu_reloads_without_it(tmp_path: Path) -> None:
+    """The ReLU has no weights, so the file's recipe must say it is gone (lightly's layout)."""
+    kw = {"name": "resnet10t", "in_chans": 1, "image_size": 16, "cifar_stem": False}
+    model = build_backbone(**kw, stem_activation=False).eval()
+    with torch.no_grad():  # signed weights (trained_like's are positive: every ReLU a no-op)
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    path = tmp_path / "no_relu.safetensors"
+    export_backbone(model, path, **kw, stem_activation=False)
+    meta = read_metadata(path)
+    assert meta["build_kwargs"]["stem_activation"] is False and meta["timm_loadable"] is False
+    x = torch.randn(3, 1, 16, 16)
+    assert_identical(model, load_backbone(path), x)
+    with_relu = build_backbone(**kw).eval()
+    with_relu.load_state_dict(model.state_dict())
+    assert not torch.equal(with_relu(x), model(x))  # so the recorded flag is what keeps it exact

@@ -12,6 +12,7 @@ import torchvision.transforms.v2.functional as TF
 from lightly.transforms.byol_transform import BYOLView1Transform, BYOLView2Transform
 from lightly.transforms.dino_transform import DINOTransform
 from lightly.transforms.gaussian_blur import GaussianBlur
+from lightly.transforms.simclr_transform import SimCLRTransform
 from lightly.transforms.solarize import RandomSolarization
 from PIL import Image
 
@@ -191,3 +192,6 @@ def test_specs_mirror_lightlys_transforms(size: int) -> None:
     assert len(ours) == len(dino.transforms) == 5
     for spec, view in zip(ours, dino.transforms):
         assert _ours(spec) == _rounded(_lightly_spec(view))
+    simclr = SimCLRTransform(input_size=size, cj_strength=0.5, **blur)  # lightly's benchmarks
+    for spec, view in zip(A.simclr_specs(size, 0.5), simclr.transforms, strict=True):
+        assert _ours(spec) == _rounded({"solarize": 0.0, **_lightly_spec(view)})  # none in SimCLR

@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         m = run.cfg.model
         meta = export_backbone(backbone, out, name=m.backbone, in_chans=run.in_chans,
                                image_size=run.cfg.data.image_size, cifar_stem=m.cifar_stem,
-                               patch_size=m.patch_size, source=f"{run.checkpoint}:{args.role}")
+                               patch_size=m.patch_size, stem_activation=m.stem_activation,
+                               source=f"{run.checkpoint}:{args.role}")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ def backbone_overrides(export: Path) -> list[str]:
     return [f"model.backbone={build['name']}",
             f"model.cifar_stem={str(bool(build.get('cifar_stem', False))).lower()}",
             f"model.patch_size={int(build.get('patch_size', 0))}",
+            f"model.stem_activation={str(bool(build.get('stem_activation', True))).lower()}",
             f"model.init_from={export.resolve()}"]
 
 

@@ -184,6 +184,8 @@ def _train_views(cfg: Config, family: str, mean: Any, std: Any) -> views.Transfo
         return weak_strong(size, mean, std, pl.randaugment_ops, pl.randaugment_magnitude)
     if cfg.method.name == "dino":
         return multicrop(size, mean, std, **_multicrop(cfg))
+    if cfg.data.views == "simclr":  # RGB only (config_checks)
+        return views.simclr_rgb_views(size, mean, std, cfg.data.jitter_strength)
     return pair(size, mean, std)
 
 
@@ -208,6 +210,8 @@ def build_digits(cfg: Config) -> DataBundle:
 
 def _rgb_bundle(train: Any, test: Any, cfg: Config, mean: Sequence[float],
                 std: Sequence[float], num_classes: int) -> DataBundle:
+    if cfg.data.normalize == "imagenet":
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
     size, m, s = cfg.data.image_size, tuple(mean), tuple(std)
     return DataBundle(
         train=SeededViews(train, _train_views(cfg, "rgb", m, s), cfg.run.seed),

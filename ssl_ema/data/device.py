@@ -60,6 +60,8 @@ def view_specs(cfg: Config) -> tuple[ViewSpec, ...]:
         d = cfg.dino
         return gpu_augment.dino_specs(size, d.local_size, d.local_views, d.global_scale,
                                       d.local_scale)
+    if cfg.data.views == "simclr":
+        return gpu_augment.simclr_specs(size, cfg.data.jitter_strength)
     return gpu_augment.byol_specs(size)
 
 

@@ -283,6 +283,15 @@ def byol_specs(image_size: int) -> tuple[ViewSpec, ViewSpec]:
             ViewSpec(image_size, blur=0.0 if small else 0.1, solarize=0.2))
 
 
+def simclr_specs(image_size: int, jitter_strength: float) -> tuple[ViewSpec, ViewSpec]:
+    """lightly's SimCLRTransform: both views alike, jitter 0.8/0.8/0.8/0.2 x strength, blur 0.5
+    (off on images <= 64 px, as the CPU views), no solarisation."""
+    s = jitter_strength
+    spec = ViewSpec(image_size, brightness=0.8 * s, contrast=0.8 * s, saturation=0.8 * s,
+                    hue=0.2 * s, blur=0.0 if image_size <= 64 else 0.5)
+    return spec, spec
+
+
 def dino_specs(image_size: int, local_size: int, local_views: int,
                global_scale: tuple[float, float], local_scale: tuple[float, float]
                ) -> tuple[ViewSpec, ...]:

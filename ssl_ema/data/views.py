@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from lightly.transforms.byol_transform import BYOLTransform, BYOLView1Transform, BYOLView2Transform
 from lightly.transforms.dino_transform import DINOTransform
+from lightly.transforms.simclr_transform import SimCLRTransform
 from torchvision import transforms as T
 from torchvision.transforms import v2
 
@@ -32,6 +33,15 @@ def byol_rgb_views(image_size: int, mean: tuple[float, ...], std: tuple[float, .
     v1 = BYOLView1Transform(**kw, **({} if blur is None else {"gaussian_blur": blur}))
     v2_ = BYOLView2Transform(**kw, **({} if blur is None else {"gaussian_blur": blur}))
     return BYOLTransform(view_1_transform=v1, view_2_transform=v2_)
+
+
+def simclr_rgb_views(image_size: int, mean: tuple[float, ...], std: tuple[float, ...],
+                     jitter_strength: float) -> Transform:
+    """PIL image -> [view0, view1], both from SimCLR's distribution (lightly's SimCLRTransform;
+    blur off on small images, as above)."""
+    blur = {"gaussian_blur": 0.0} if image_size <= 64 else {}
+    return SimCLRTransform(input_size=image_size, cj_strength=jitter_strength,
+                           normalize={"mean": mean, "std": std}, **blur)
 
 
 def dino_rgb_views(image_size: int, mean: tuple[float, ...], std: tuple[float, ...], *,

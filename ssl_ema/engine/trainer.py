@@ -279,11 +279,13 @@ class Trainer:
         """After gradients are synchronised: lr from the schedule, step, then the EMA update."""
         cfg, st, hyper = self.cfg, self.state, self.hyper(self.state.epoch)
         progress = st.samples_seen / self.total_samples
+        # optim.schedule_per_epoch: the value at the epoch's start, as a per-epoch lr scheduler
+        at = st.epoch / cfg.train.epochs if cfg.optim.schedule_per_epoch else progress
         warmup = cfg.optim.warmup_epochs / cfg.train.epochs
         peak = hyper.optimizer.lr.value
-        lr = warmup_cosine(peak, progress, warmup, peak * cfg.optim.min_lr_ratio)
+        lr = warmup_cosine(peak, at, warmup, peak * cfg.optim.min_lr_ratio)
         wd = cfg.optim.weight_decay if cfg.optim.weight_decay_end is None else \
-            cosine(cfg.optim.weight_decay, cfg.optim.weight_decay_end, progress)
+            cosine(cfg.optim.weight_decay, cfg.optim.weight_decay_end, at)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
             if group.get("decay", False):

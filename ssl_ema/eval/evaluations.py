@@ -38,13 +38,24 @@ class Evaluation(Protocol):
 
 class KNNEvaluation:
     """kNN of every model; before training also the random student with recomputed BatchNorm
-    statistics (``knn_random_bn``), the floor a run must beat to have learnt features."""
+    statistics (``knn_random_bn``), the floor a run must beat to have learnt features.
+
+    Also the best score of each model over the evaluations after training started, with its
+    epoch (``best["knn_student"] = (accuracy, epoch)``): what lightly's benchmarks report (the
+    maximum over per-epoch evaluations), so set ``eval.every_epochs=1`` to compare with them.
+    """
 
     baseline_key, baseline_name = "knn_student", "knn_random"
 
     def __init__(self, trainer: Trainer):
         self.trainer = trainer
         self.knn_random_bn: float | None = None
+        self.best: dict[str, tuple[float, int]] = {}
+
+    def _track_best(self, scores: dict[str, float], epoch: int) -> None:
+        for key, value in scores.items():
+            if key not in self.best or value > self.best[key][0]:
+                self.best[key] = (value, epoch)
 
     def evaluate(self, epoch: int) -> dict[str, float]:
         t = self.trainer
@@ -53,16 +64,26 @@ class KNNEvaluation:
         if t.state.step == 0 and self.knn_random_bn is None:
             self.knn_random_bn = knn_random_calibrated(*args, gather=not t.on_device)
             out["knn_random_bn"] = self.knn_random_bn
+        elif t.state.step > 0:
+            self._track_best(out, epoch)
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        return {} if self.knn_random_bn is None else {"knn_random_bn": self.knn_random_bn}
+        state: dict[str, Any] = {"best": {k: list(v) for k, v in self.best.items()}}
+        if self.knn_random_bn is not None:
+            state["knn_random_bn"] = self.knn_random_bn
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.knn_random_bn = state.get("knn_random_bn")
+        self.best = {k: (float(v[0]), int(v[1])) for k, v in state.get("best", {}).items()}
 
     def summary(self) -> dict[str, Any]:
-        return {} if self.knn_random_bn is None else {"knn_random_bn": self.knn_random_bn}
+        out: dict[str, Any] = {} if self.knn_random_bn is None else \
+            {"knn_random_bn": self.knn_random_bn}
+        for key, (value, epoch) in self.best.items():
+            out[f"best_{key}"], out[f"best_{key}_epoch"] = value, epoch
+        return out
 
     def table(self, result: dict[str, Any]) -> str:
         from ssl_ema.engine.report import knn_table

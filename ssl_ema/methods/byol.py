@@ -29,6 +29,7 @@ class BYOL(TeacherStudentMethod):
                 image_size=cfg.data.image_size,
                 cifar_stem=cfg.model.cifar_stem,
                 init=cfg.model.init,
+                stem_activation=cfg.model.stem_activation,
             )
             dim = backbone.num_features
             return {

@@ -15,12 +15,31 @@ from __future__ import annotations
 import torch
 from lightly.loss import DINOLoss
 from lightly.models.modules import DINOProjectionHead
+from lightly.models.modules.heads import ProjectionHead
 from torch import nn
 
-from ssl_ema.config import Config
+from ssl_ema.config import Config, DINOConfig
 from ssl_ema.methods.base import TeacherStudentMethod
 from ssl_ema.models.backbones import build_backbone
 from ssl_ema.schedules import cosine
+
+
+def dino_head(input_dim: int, d: DINOConfig) -> DINOProjectionHead:
+    """lightly's DINO head with ``d.head_layers`` linear layers in its MLP, initialised as
+    ``d.head_init`` says (the weight-normalised last layer keeps lightly's init either way)."""
+    head = DINOProjectionHead(input_dim, d.hidden_dim, d.bottleneck_dim, d.output_dim,
+                              batch_norm=d.head_batch_norm, norm_last_layer=d.norm_last_layer)
+    if d.head_layers != 3:  # lightly's head has the official 3; rebuild the MLP with n layers
+        dims = [input_dim] + [d.hidden_dim] * (d.head_layers - 1) + [d.bottleneck_dim]
+        blocks = [(i, o, nn.BatchNorm1d(o) if d.head_batch_norm else None, nn.GELU())
+                  for i, o in zip(dims[:-2], dims[1:-1])]
+        head.layers = ProjectionHead([*blocks, (dims[-2], dims[-1], None, None)]).layers
+        head.layers.apply(head._init_weights)
+    if d.head_init == "torch":
+        for module in head.layers.modules():
+            if isinstance(module, nn.Linear):
+                module.reset_parameters()
+    return head
 
 
 class DINO(TeacherStudentMethod):
@@ -31,12 +50,9 @@ class DINO(TeacherStudentMethod):
             backbone = build_backbone(
                 cfg.model.backbone, in_chans=in_chans, image_size=cfg.data.image_size,
                 cifar_stem=cfg.model.cifar_stem, patch_size=cfg.model.patch_size,
-                init=cfg.model.init,
+                init=cfg.model.init, stem_activation=cfg.model.stem_activation,
             )
-            head = DINOProjectionHead(backbone.num_features, d.hidden_dim, d.bottleneck_dim,
-                                      d.output_dim, batch_norm=d.head_batch_norm,
-                                      norm_last_layer=d.norm_last_layer)
-            return {"backbone": backbone, "head": head}
+            return {"backbone": backbone, "head": dino_head(backbone.num_features, d)}
 
         super().__init__(build, teacher_keys=["backbone", "head"],
                          num_ema_copies=len(cfg.ema.extra_momenta))
@@ -49,6 +65,7 @@ class DINO(TeacherStudentMethod):
         self.criterion = DINOLoss(output_dim=d.output_dim, teacher_temp=d.teacher_temp,
                                   student_temp=d.student_temp, center_momentum=d.center_momentum)
         self.progress, self.teacher_temp = 0.0, d.warmup_teacher_temp
+        self.batch_views = d.batch_views
 
     def momentum(self, progress: float) -> float:
         return cosine(self.momentum_start, self.momentum_end, progress)
@@ -73,9 +90,11 @@ class DINO(TeacherStudentMethod):
             for p in self.student["head"].last_layer.parameters():
                 p.grad = None
 
-    @staticmethod
-    def _forward(modules: nn.ModuleDict, views: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Views of one resolution in one pass: (V*B, C, H, W) -> V x (B, D)."""
+    def _forward(self, modules: nn.ModuleDict, views: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Views of one resolution in one pass, (V*B, C, H, W) -> V x (B, D); or, without
+        ``dino.batch_views``, one pass per view (BatchNorm statistics per view)."""
+        if not self.batch_views:
+            return [modules["head"](modules["backbone"](v)) for v in views]
         out = modules["head"](modules["backbone"](torch.cat(views)))
         return list(out.chunk(len(views)))
 

@@ -24,6 +24,18 @@ def apply_cifar_stem(model: nn.Module) -> None:
     model.maxpool = nn.Identity()
 
 
+def drop_stem_activation(model: nn.Module) -> None:
+    """Remove the ReLU after a timm ResNet's stem BatchNorm.
+
+    lightly's CIFAR-10 benchmarks build their backbone from the children of ResNetGenerator; its
+    stem ReLU is applied in ``ResNet.forward``, not by a child module, so that backbone has none.
+    """
+    if not isinstance(model, ResNet):
+        raise ConfigError("model.stem_activation=false applies to timm ResNets; set it to true "
+                          "for this backbone")
+    model.act1 = nn.Identity()
+
+
 def reset_to_torch_defaults(model: nn.Module) -> None:
     """Re-initialise every layer with PyTorch's defaults (``reset_parameters``).
 
@@ -66,17 +78,20 @@ def create_timm_backbone(
 
 def build_backbone(
     name: str, *, in_chans: int = 3, image_size: int = 224, cifar_stem: bool = False,
-    patch_size: int = 0, init: str = "timm",
+    patch_size: int = 0, init: str = "timm", stem_activation: bool = True,
 ) -> nn.Module:
     """A timm model without classifier (``num_classes=0``): ``forward(x) -> (B, num_features)``,
-    with the CIFAR stem if asked (see `create_timm_backbone`) and ``init`` "timm" (timm's own)
-    or "torch" (`reset_to_torch_defaults`)."""
+    with the CIFAR stem if asked (see `create_timm_backbone`), ``init`` "timm" (timm's own) or
+    "torch" (`reset_to_torch_defaults`), and without the stem ReLU if ``stem_activation`` is
+    false (`drop_stem_activation`)."""
     if init not in ("timm", "torch"):
         raise ConfigError(f"model.init: unknown '{init}'; valid: timm, torch")
     model, _ = create_timm_backbone(name, in_chans=in_chans, image_size=image_size,
                                     patch_size=patch_size)
     if cifar_stem:
         apply_cifar_stem(model)
+    if not stem_activation:
+        drop_stem_activation(model)
     if init == "torch":
         reset_to_torch_defaults(model)
     return model

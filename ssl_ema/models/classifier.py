@@ -47,7 +47,8 @@ def classifier_modules(cfg: Config, in_chans: int, num_classes: int) -> dict[str
     """``{"backbone": timm model without head, "classifier": nn.Linear}``."""
     backbone = build_backbone(cfg.model.backbone, in_chans=in_chans,
                               image_size=cfg.data.image_size, cifar_stem=cfg.model.cifar_stem,
-                              patch_size=cfg.model.patch_size, init=cfg.model.init)
+                              patch_size=cfg.model.patch_size, init=cfg.model.init,
+                              stem_activation=cfg.model.stem_activation)
     if cfg.model.init_from:
         load_backbone(backbone, cfg.model.init_from, cfg.model.init_prefix)
     return {"backbone": backbone, "classifier": nn.Linear(backbone.num_features, num_classes)}

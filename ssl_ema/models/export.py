@@ -32,7 +32,7 @@ FORMAT = "ssl_ema.backbone/1"
 
 def export_backbone(backbone: nn.Module, path: Path, *, name: str, in_chans: int,
                     image_size: int, cifar_stem: bool, patch_size: int = 0,
-                    source: str = "") -> dict[str, str]:
+                    stem_activation: bool = True, source: str = "") -> dict[str, str]:
     """Write ``backbone``'s state dict to ``path`` (safetensors) with its build recipe.
 
     The recipe is checked before anything is written: a fresh model built from it must take the
@@ -41,6 +41,8 @@ def export_backbone(backbone: nn.Module, path: Path, *, name: str, in_chans: int
     """
     build = {"name": name, "in_chans": in_chans, "image_size": image_size,
              "cifar_stem": cifar_stem, "patch_size": patch_size}
+    if not stem_activation:  # not in the state dict (a ReLU has no weights): record it
+        build["stem_activation"] = False
     _, timm_kwargs = create_timm_backbone(name, in_chans=in_chans, image_size=image_size,
                                           patch_size=patch_size)
     state = {k: v.detach().cpu().contiguous() for k, v in backbone.state_dict().items()}
@@ -49,8 +51,9 @@ def export_backbone(backbone: nn.Module, path: Path, *, name: str, in_chans: int
     except RuntimeError as e:
         raise ConfigError(f"the backbone does not match its recorded recipe {build}: "
                           f"{str(e).splitlines()[0]}") from e
+    loadable = not cifar_stem and stem_activation  # timm.create_model(name) rebuilds it as is
     meta = {"format": FORMAT, "timm_model": name, "timm_kwargs": json.dumps(timm_kwargs),
-            "build_kwargs": json.dumps(build), "timm_loadable": json.dumps(not cifar_stem),
+            "build_kwargs": json.dumps(build), "timm_loadable": json.dumps(loadable),
             "source": source}
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path), metadata=meta)
