@@ -152,3 +152,21 @@ def test_analyses_on_fixed_inputs() -> None:
     assert gain(study, runs).verdict == HOLDS
     runs[1]["metrics"]["ema"] = 0.78
     assert gain(study, runs).verdict == FAILS
+
+
+def test_identity_survives_an_added_option_at_its_default() -> None:
+    """A record written before an option existed still matches while the option keeps its
+    default (new switches default to the old behaviour); set otherwise, or with a saved value
+    that differs (a changed default), it does not."""
+    from ssl_ema.config import from_dict, to_dict
+    from ssl_ema.engine.run import config_changes, flatten
+
+    cfg = from_dict({"method": {"name": "byol"}})
+    saved = flatten(to_dict(cfg))
+    older = {k: v for k, v in saved.items() if k != "model.stem_activation"}  # before the switch
+    assert config_changes(older, cfg, set()) == []
+    dropped = from_dict({"method": {"name": "byol"}, "model": {"stem_activation": False}})
+    assert config_changes(older, dropped, set()) == [("model.stem_activation", None, False)]
+    assert config_changes({**saved, "optim.lr": 9.0}, cfg, set()) == [
+        ("optim.lr", 9.0, cfg.optim.lr)]
+    assert config_changes({**saved, "optim.lr": 9.0}, cfg, {"optim.lr"}) == []

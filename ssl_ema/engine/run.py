@@ -7,6 +7,7 @@ refuses a recipe that would change the training (a resumed run must be the same 
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -69,11 +70,28 @@ def _resume_target(resume: str) -> tuple[Path, Path]:
 
 def changed_keys(run_dir: Path, cfg: Config, allowed: set[str]) -> list[tuple[str, object, object]]:
     """``(key, saved, now)`` for every key outside ``allowed`` where ``cfg`` differs from the
-    run's saved ``config.yaml``."""
+    run's saved ``config.yaml`` (see `config_changes`)."""
     saved = flatten(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
+    return config_changes(saved, cfg, allowed)
+
+
+def config_changes(saved: dict[str, object], cfg: Config,
+                   allowed: set[str]) -> list[tuple[str, object, object]]:
+    """``(key, saved, now)`` for every key outside ``allowed`` where ``cfg`` differs from the
+    flat ``saved`` config. A key that ``saved`` lacks was added to ssl_ema after that run was
+    written; it counts as unchanged while ``cfg`` keeps its default, because a new switch
+    defaults to the behaviour from before it. So runs resume, and stored results stay valid,
+    across versions that only add options; a changed default still counts as a change (the
+    saved config holds the old value)."""
     now = flatten(to_dict(cfg))
+    defaults = _defaults()
     return [(k, saved.get(k), now[k]) for k in sorted(now)
-            if saved.get(k) != now[k] and k not in allowed]
+            if k not in allowed and saved.get(k, defaults.get(k)) != now[k]]
+
+
+@functools.cache
+def _defaults() -> dict[str, object]:
+    return flatten(to_dict(from_dict({})))
 
 
 def _check_same_run(run_dir: Path, cfg: Config) -> None:

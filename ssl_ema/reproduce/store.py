@@ -2,10 +2,12 @@
 
 A record holds what the report needs and nothing that only exists on the machine that trained:
 the resolved config, its identity key, the commit and device from the run's header, the wall
-time, the final metrics and the evaluation curve. A run is identified by its resolved config
-(``config_key``): keys that only say where things are or how they are logged (the sweep's
-bookkeeping keys, the data root) are left out, so a moved data folder reuses the run and a
-changed recipe does not.
+time, the final metrics and the evaluation curve. A run is identified by its resolved config:
+a record matches a planned run when their configs agree (`ssl_ema.engine.run.config_changes`,
+so an option added to ssl_ema since the record, left at its default, changes nothing), keys that
+only say where things are or how they are logged (the sweep's bookkeeping keys, the data root)
+left out; a moved data folder reuses the run and a changed recipe does not. ``config_key`` is
+a short hash of the config, for people to tell records apart.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Any
 import yaml
 
 from ssl_ema.config import Config, to_dict
-from ssl_ema.engine.run import flatten
+from ssl_ema.engine.run import config_changes, flatten
 from ssl_ema.engine.sweep import BOOKKEEPING, Job
 from ssl_ema.engine.tracking import read_metrics
 
@@ -91,10 +93,10 @@ class Store:
         self.analysis: dict[str, Any] = dict(raw.get("analysis", {}))
 
     def find(self, job: Job) -> dict[str, Any] | None:
-        """The stored record of this job's exact config, if any."""
-        key = config_key(job.cfg)
-        return next((r for r in self.records if (r["variant"], r["seed"], r["key"]) ==
-                     (job.variant, job.seed, key)), None)
+        """The stored record of this job's config, if any."""
+        return next((r for r in self.records if (r["variant"], r["seed"]) ==
+                     (job.variant, job.seed) and not config_changes(
+                         flatten(r["config"]), job.cfg, IDENTITY_IGNORES)), None)
 
     def current(self, jobs: Sequence[Job]) -> list[dict[str, Any]]:
         """Records that match the study's jobs as planned now (a changed recipe drops them)."""
