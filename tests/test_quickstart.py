@@ -19,6 +19,9 @@ def launch(recipe: str, tmp_path: Path, env: dict[str, str], *overrides: str) ->
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "teacher (EMA of student)" in proc.stdout and "random init backbone" in proc.stdout
     assert "random init, BN recomputed" in proc.stdout
+    # What the table shows against the fair floor, where the run is, what to run next.
+    assert "BatchNorm statistics" in proc.stdout and f"Run: {tmp_path}" in proc.stdout
+    assert "tools/export.py" in proc.stdout
     (results,) = tmp_path.glob("*/*/results.json")
     return json.loads(results.read_text())
 
