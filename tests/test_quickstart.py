@@ -1,4 +1,5 @@
-"""The CPU recipes end to end via `accelerate launch`: the teacher must beat a random backbone."""
+"""The CPU recipes end to end via `accelerate launch`: the teacher must beat a random backbone
+(the quick start: the fair floor, random weights with recomputed BatchNorm statistics)."""
 
 from __future__ import annotations
 
@@ -26,18 +27,17 @@ def launch(recipe: str, tmp_path: Path, env: dict[str, str], *overrides: str) ->
     return json.loads(results.read_text())
 
 
-def test_quickstart_teacher_beats_random_backbone(
+def test_quickstart_teacher_beats_the_fair_floor(
     tmp_path: Path, tools_env: dict[str, str]
 ) -> None:
     r = launch("quickstart.yaml", tmp_path, tools_env)
-    assert r["step"] == 220 and r["samples_seen"] == 20 * 11 * 128
-    # Measured on 2 CPU cores: teacher 0.814, random 0.742 (docs/RESULTS.md); the margin asked
-    # for is 5 points.
-    assert r["knn_teacher"] > r["knn_random"] + 0.05
-    # The same random weights with BatchNorm statistics recomputed on the training images: 0.872.
-    # Most of the gap above is normalisation, which is why the table reports this floor too (the
-    # quick start's teacher does not clear it; README says so).
-    assert r["knn_random_bn"] > r["knn_random"] + 0.05
+    assert r["step"] == 330 and r["samples_seen"] == 30 * 11 * 128
+    # The fair floor: the same random weights with BatchNorm statistics recomputed on the
+    # training images, scored with the same kNN (k = 20). The teacher and the student must clear
+    # it by 3 points (docs/RESULTS.md: seed 0 measured TEACHER_S0 / STUDENT_S0 against FLOOR_S0).
+    assert r["knn_teacher"] > r["knn_random_bn"] + 0.03
+    assert r["knn_student"] > r["knn_random_bn"] + 0.03
+    assert r["knn_random_bn"] > r["knn_random"] + 0.05  # normalising alone is worth this much
 
 
 def test_dino_digits_teacher_beats_random_backbone(
