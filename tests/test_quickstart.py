@@ -1,4 +1,5 @@
-"""The CPU recipes end to end via `accelerate launch`: the teacher must beat a random backbone."""
+"""The CPU recipes end to end via `accelerate launch`: the teacher must beat a random backbone
+(the quick start: the fair floor, random weights with recomputed BatchNorm statistics)."""
 
 from __future__ import annotations
 
@@ -19,22 +20,24 @@ def launch(recipe: str, tmp_path: Path, env: dict[str, str], *overrides: str) ->
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "teacher (EMA of student)" in proc.stdout and "random init backbone" in proc.stdout
     assert "random init, BN recomputed" in proc.stdout
+    # What the table shows against the fair floor, where the run is, what to run next.
+    assert "BatchNorm statistics" in proc.stdout and f"Run: {tmp_path}" in proc.stdout
+    assert "tools/export.py" in proc.stdout
     (results,) = tmp_path.glob("*/*/results.json")
     return json.loads(results.read_text())
 
 
-def test_quickstart_teacher_beats_random_backbone(
+def test_quickstart_teacher_beats_the_fair_floor(
     tmp_path: Path, tools_env: dict[str, str]
 ) -> None:
     r = launch("quickstart.yaml", tmp_path, tools_env)
-    assert r["step"] == 220 and r["samples_seen"] == 20 * 11 * 128
-    # Measured on 2 CPU cores: teacher 0.814, random 0.742 (docs/RESULTS.md); the margin asked
-    # for is 5 points.
-    assert r["knn_teacher"] > r["knn_random"] + 0.05
-    # The same random weights with BatchNorm statistics recomputed on the training images: 0.872.
-    # Most of the gap above is normalisation, which is why the table reports this floor too (the
-    # quick start's teacher does not clear it; README says so).
-    assert r["knn_random_bn"] > r["knn_random"] + 0.05
+    assert r["step"] == 330 and r["samples_seen"] == 30 * 11 * 128
+    # The fair floor: the same random weights with BatchNorm statistics recomputed on the
+    # training images, scored with the same kNN (k = 20). The teacher and the student must clear
+    # it by 3 points (docs/RESULTS.md, one thread: seed 0 0.872 / 0.886 against 0.803).
+    assert r["knn_teacher"] > r["knn_random_bn"] + 0.03
+    assert r["knn_student"] > r["knn_random_bn"] + 0.03
+    assert r["knn_random_bn"] > r["knn_random"] + 0.05  # normalising alone is worth this much
 
 
 def test_dino_digits_teacher_beats_random_backbone(

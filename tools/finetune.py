@@ -2,7 +2,7 @@
 """Fine-tune an exported backbone end to end on a labelled data set, with its own recipe.
 
     python tools/export.py runs/quickstart/RUN                       # -> RUN/export/*.safetensors
-    accelerate launch tools/finetune.py RUN/export/step_00000220-teacher.safetensors \\
+    accelerate launch tools/finetune.py RUN/export/step_00000330-teacher.safetensors \\
         recipes/finetune_digits.yaml [key.sub=value ...]
 
 The recipe trains a classifier: ``method.name=supervised`` (a linear classifier on the backbone,

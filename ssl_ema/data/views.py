@@ -99,8 +99,18 @@ def _digits_view(size: int, scale: tuple[float, float], mean: float, std: float)
 
 
 def digits_views(image_size: int, mean: float, std: float) -> Transform:
-    """(1, 8, 8) float tensor in [0, 1] -> two augmented (1, S, S) views."""
-    return TwoViews(_digits_view(image_size, (0.5, 1.0), mean, std))
+    """(1, 8, 8) float tensor in [0, 1] -> two augmented (1, S, S) BYOL views.
+
+    Milder than the multi-crop views: an 8x8 digit fills its frame, so a crop of half of it
+    drops the strokes that tell classes apart, and shear and pixel noise on 64 pixels do the
+    same; BYOL then learns invariances that merge classes (docs/RESULTS.md, issue 15).
+    """
+    return TwoViews(v2.Compose([
+        v2.Resize(image_size, antialias=True),
+        v2.RandomResizedCrop(image_size, scale=(0.8, 1.0), ratio=(0.85, 1.18), antialias=True),
+        v2.RandomAffine(degrees=10),
+        v2.Normalize([mean], [std]),
+    ]))
 
 
 def digits_multicrop(image_size: int, mean: float, std: float, *, local_views: int,

@@ -86,9 +86,9 @@ class KNNEvaluation:
         return out
 
     def table(self, result: dict[str, Any]) -> str:
-        from ssl_ema.engine.report import knn_table
+        from ssl_ema.engine.report import knn_report
 
-        return knn_table(result, self.trainer)
+        return knn_report(result, self.trainer)
 
 
 EVALUATIONS: dict[str, type[Evaluation]] = {"knn": KNNEvaluation,  # type: ignore[dict-item]
