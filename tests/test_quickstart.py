@@ -1,5 +1,6 @@
-"""The CPU recipes end to end via `accelerate launch`: the teacher must beat a random backbone
-(the quick start: the fair floor, random weights with recomputed BatchNorm statistics)."""
+"""The CPU recipes end to end via `accelerate launch`: they must beat the fair floor, random
+weights with recomputed BatchNorm statistics (the quick start's teacher and student, DINO's
+student in a shortened run)."""
 
 from __future__ import annotations
 
@@ -40,10 +41,14 @@ def test_quickstart_teacher_beats_the_fair_floor(
     assert r["knn_random_bn"] > r["knn_random"] + 0.05  # normalising alone is worth this much
 
 
-def test_dino_digits_teacher_beats_random_backbone(
+def test_dino_digits_student_beats_the_fair_floor(
     tmp_path: Path, tools_env: dict[str, str]
 ) -> None:
-    # 8 of the recipe's 20 epochs: measured teacher 0.864 against random 0.742 (0.858 at 20).
+    # 8 of the recipe's 30 epochs (docs/RESULTS.md, seed 0, one thread, k = 20): student 0.894
+    # and teacher 0.819 against the floor's 0.803 and the random backbone's 0.731. In 88 steps the
+    # teacher (momentum 0.996 -> 1, a horizon of ~250 steps) still lags; the full recipe's
+    # teacher clears the floor by 9.4 points.
     r = launch("dino_digits.yaml", tmp_path, tools_env, "train.epochs=8", "eval.every_epochs=0")
     assert r["step"] == 8 * 11
-    assert r["knn_teacher"] > r["knn_random"] + 0.04
+    assert r["knn_student"] > r["knn_random_bn"] + 0.03
+    assert r["knn_teacher"] > r["knn_random"] + 0.05

@@ -8,7 +8,7 @@ DINO uses multi-crop (Caron et al. 2021, Sec. 3.1 / Caron et al. 2020): two glob
 ``data.image_size`` and N local views at ``dino.local_size`` from smaller crops; RGB images use
 lightly's DINOTransform (blur off on small images, as above).
 
-The 8x8 grey digits get their own small set: resized crops, a small rotation and pixel noise.
+The 8x8 grey digits get their own small set: mildly resized crops and a small rotation.
 Colour jitter, grey-scaling and flips make no sense for them (a flipped 2 is not a 2).
 """
 
@@ -69,14 +69,6 @@ class TwoViews:
         return [self.view(x), self.view(x)]  # type: ignore[list-item]
 
 
-class AddNoise:
-    def __init__(self, std: float):
-        self.std = std
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.std * torch.randn_like(x)
-
-
 class MultiCrop:
     """Two global views, then ``n_local`` local views of the same image."""
 
@@ -89,28 +81,20 @@ class MultiCrop:
 
 
 def _digits_view(size: int, scale: tuple[float, float], mean: float, std: float) -> Transform:
+    # An 8x8 digit fills its frame: a crop of half of it, shear or pixel noise on 64 pixels drop
+    # the strokes that tell classes apart, and BYOL or DINO then learns invariances that merge
+    # classes (docs/RESULTS.md, issue 15). So: mild crops, a small rotation, nothing else.
     return v2.Compose([
         v2.Resize(size, antialias=True),
-        v2.RandomResizedCrop(size, scale=scale, ratio=(0.75, 1.33), antialias=True),
-        v2.RandomAffine(degrees=15, shear=10),
-        AddNoise(0.1),
+        v2.RandomResizedCrop(size, scale=scale, ratio=(0.85, 1.18), antialias=True),
+        v2.RandomAffine(degrees=10),
         v2.Normalize([mean], [std]),
     ])
 
 
 def digits_views(image_size: int, mean: float, std: float) -> Transform:
-    """(1, 8, 8) float tensor in [0, 1] -> two augmented (1, S, S) BYOL views.
-
-    Milder than the multi-crop views: an 8x8 digit fills its frame, so a crop of half of it
-    drops the strokes that tell classes apart, and shear and pixel noise on 64 pixels do the
-    same; BYOL then learns invariances that merge classes (docs/RESULTS.md, issue 15).
-    """
-    return TwoViews(v2.Compose([
-        v2.Resize(image_size, antialias=True),
-        v2.RandomResizedCrop(image_size, scale=(0.8, 1.0), ratio=(0.85, 1.18), antialias=True),
-        v2.RandomAffine(degrees=10),
-        v2.Normalize([mean], [std]),
-    ]))
+    """(1, 8, 8) float tensor in [0, 1] -> two augmented (1, S, S) BYOL views, 80-100% crops."""
+    return TwoViews(_digits_view(image_size, (0.8, 1.0), mean, std))
 
 
 def digits_multicrop(image_size: int, mean: float, std: float, *, local_views: int,
