@@ -36,7 +36,9 @@ def test_sweep_trains_each_variant_then_reuses_and_resumes(tmp_path: Path,
         assert results["step"] == 3
         assert first[name]["metrics"] == {k: results[k] for k in
                                           ("knn_random", "knn_teacher", "knn_student",
-                                           "knn_random_bn")}
+                                           "knn_random_bn", "best_knn_teacher",
+                                           "best_knn_student", "best_knn_teacher_epoch",
+                                           "best_knn_student_epoch")}
     table = capsys.readouterr().out.splitlines()
     fast = next(line for line in table if line.startswith("fast ") and "trained" in line)
     assert f"{first['fast']['metrics']['knn_teacher']:.4f}" in fast
