@@ -4,8 +4,8 @@ every rank.
 SIGTERM (a cluster pre-empting the job), SIGINT (Ctrl-C) and SIGUSR1 (SLURM's ``--signal``)
 only set a flag; the trainer reads it at optimizer-step boundaries, writes a checkpoint and
 stops with :class:`Stopped` (exit code 128 + the signal's number, as a shell reports a process
-killed by that signal). A second signal while the first is being handled stops at once, without
-a checkpoint, for a user who does not want to wait. A deadline (``tools/train.py --stop-after``,
+killed by that signal). A second signal while the first is being handled (a second or more later) stops at once,
+without a checkpoint, for a user who does not want to wait. A deadline (``tools/train.py --stop-after``,
 a budgeted run of ``tools/reproduce.py``) stops the same way with exit code 3: a budget is a
 pre-emption the run knows about in advance.
 
@@ -32,6 +32,10 @@ if TYPE_CHECKING:  # torch only for several processes: tools import this module 
     import torch
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# A launcher's death arrives as several SIGTERMs at once: Linux sends the PR_SET_PDEATHSIG
+# signal once per thread that inherited the setting (prctl(2); kernel/exit.c, reparent_leader),
+# and torch's threads inherit it. Only a signal this long after the first is a user's second.
+REPEAT_AFTER_S = 1.0
 
 
 DEADLINE_EXIT = 3  # --stop-after: distinct from 128 + N, so a budget runner knows it was its own
@@ -52,6 +56,7 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.received = 0  # signal number, 0 while none arrived
+        self._received_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignals:
@@ -67,9 +72,11 @@ class StopSignals:
         self._previous.clear()
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if self.received:  # the second signal: stop now (no output: a handler must not print)
-            os._exit(128 + signum)
-        self.received = signum
+        now = time.monotonic()
+        if not self.received:
+            self.received, self._received_at = signum, now
+        elif now - self._received_at >= REPEAT_AFTER_S:
+            os._exit(128 + signum)  # the second signal: stop now (a handler must not print)
 
 
 class StopPoints:
