@@ -22,6 +22,7 @@ from lightly.transforms.dino_transform import DINOTransform
 from lightly.transforms.simclr_transform import SimCLRTransform
 from torchvision import transforms as T
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
 Transform = Callable[..., object]
 
@@ -80,29 +81,50 @@ class MultiCrop:
         return views + [self.local_view(x) for _ in range(self.n_local)]  # type: ignore[operator]
 
 
-def _digits_view(size: int, scale: tuple[float, float], mean: float, std: float) -> Transform:
-    # An 8x8 digit fills its frame: a crop of half of it, shear or pixel noise on 64 pixels drop
-    # the strokes that tell classes apart, and BYOL or DINO then learns invariances that merge
-    # classes (docs/RESULTS.md, issue 15). So: mild crops, a small rotation, nothing else.
-    return v2.Compose([
-        v2.Resize(size, antialias=True),
-        v2.RandomResizedCrop(size, scale=scale, ratio=(0.85, 1.18), antialias=True),
-        v2.RandomAffine(degrees=10),
-        v2.Normalize([mean], [std]),
-    ])
+class DigitsView:
+    """One mild digits view: resized to ``size``, a crop of ``scale`` of the area resized back,
+    a rotation of up to 10 degrees (nearest, zero fill), normalised.
+
+    An 8x8 digit fills its frame: a crop of half of it, shear or pixel noise on 64 pixels drop
+    the strokes that tell classes apart, and BYOL or DINO then learns invariances that merge
+    classes (docs/RESULTS.md, issue 15). So: mild crops, a small rotation, nothing else.
+
+    The draws and pixels of ``v2.Compose([Resize, RandomResizedCrop, RandomAffine, Normalize])``
+    (tests/test_data.py), with torchvision's kernels called directly: on 64 pixels the
+    Compose's per-call dispatch (input flattening, type checks) costs more than the kernels,
+    and the quick start spent most of its CPU time there (docs/RESULTS.md, "Quick start").
+    """
+
+    def __init__(self, size: int, scale: tuple[float, float], mean: float, std: float):
+        self.size, self.mean, self.std = size, [mean], [std]
+        self.crop = v2.RandomResizedCrop(size, scale=scale, ratio=(0.85, 1.18), antialias=True)
+        self.rotate = v2.RandomAffine(degrees=10)
+
+    def compose(self) -> v2.Compose:
+        """The same view as a torchvision pipeline (the reference the tests compare with)."""
+        return v2.Compose([v2.Resize(self.size, antialias=True), self.crop, self.rotate,
+                           v2.Normalize(self.mean, self.std)])
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.resize_image(x, [self.size], antialias=True)
+        box = self.crop.make_params([x])
+        x = F.resized_crop_image(x, **box, size=[self.size, self.size], antialias=True)
+        turn = self.rotate.make_params([x])
+        x = F.affine_image(x, **turn, interpolation=v2.InterpolationMode.NEAREST, fill=0.0)
+        return F.normalize_image(x, mean=self.mean, std=self.std)
 
 
 def digits_views(image_size: int, mean: float, std: float) -> Transform:
     """(1, 8, 8) float tensor in [0, 1] -> two augmented (1, S, S) BYOL views, 80-100% crops."""
-    return TwoViews(_digits_view(image_size, (0.8, 1.0), mean, std))
+    return TwoViews(DigitsView(image_size, (0.8, 1.0), mean, std))
 
 
 def digits_multicrop(image_size: int, mean: float, std: float, *, local_views: int,
                      local_size: int, global_scale: tuple[float, float],
                      local_scale: tuple[float, float]) -> Transform:
     """Digits multi-crop: two global (1, S, S) views and ``local_views`` (1, s, s) views."""
-    return MultiCrop(_digits_view(image_size, global_scale, mean, std),
-                     _digits_view(local_size, local_scale, mean, std), local_views)
+    return MultiCrop(DigitsView(image_size, global_scale, mean, std),
+                     DigitsView(local_size, local_scale, mean, std), local_views)
 
 
 def digits_eval(image_size: int, mean: float, std: float) -> Transform:
