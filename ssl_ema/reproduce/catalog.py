@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from ssl_ema.reproduce.analyses import best_within, ema_curve_rule, ema_gain, final_rule
 from ssl_ema.reproduce.study import Study, StudyVariant
+from ssl_ema.reproduce.tool_analyses import quadratic_rule, throughput
 
 V = StudyVariant
 CIFAR10 = ("data.dataset=imagefolder", "data.root={data}/cifar10", "data.corrupt=trust")
@@ -125,6 +126,55 @@ SCALING_CPU = Study(
                                    (16, "k16_ema", "k16_optimizer")],
                             "acc_teacher_test", "acc_student_test"))
 
+NOISY_QUADRATIC = Study(
+    name="noisy-quadratic", title="The EMA Scaling Rule on a noisy quadratic (synthetic, CPU)",
+    claim="with the rule (lr × κ, ρ^κ) the EMA's loss curve against samples seen matches κ = 1 "
+          "within 3% at every κ ≤ 16; without it (ρ kept) it is off by ≥ 15% at κ = 8 and 16, "
+          "also when the EMA feeds back into training (coupling c = 2)",
+    paper="Busbridge et al. 2023, Sec. 3 (an SDE argument; checked on a noisy problem): with the "
+          "rule the iterate and its EMA follow κ = 1's trajectory in samples seen (figures; no "
+          "number quoted here)",
+    schedule="SGD + EMA on ½ xᵀ diag(1, 0.5) x with per-sample gradient noise σ = 5, lr 0.002 "
+             "and ρ 0.995 per sample, 3,200 samples, 2,000 float64 replicas, κ ∈ {1, 2, 4, 8, 16}",
+    recipe="", tool="tools/noisy_quadratic.py",
+    variants=(V("c0", ("--coupling", "0", "--no-plot")),
+              V("c2", ("--coupling", "2", "--no-plot"))),
+    device="cpu", minutes_per_run=0.5, estimate_source="~10 s each on 2 idle cores "
+    "(docs/RESULTS.md)", plot_keys=("ema/1", "ema/16", "optimizer/16"),
+    analysis=quadratic_rule({"c0": "c = 0", "c2": "c = 2 (EMA feeds back)"}))
+
+BENCH_EMA = "tools/bench_ema.py"
+THROUGHPUT = Study(
+    name="throughput", title="Throughput: one EMA update and BYOL training images/s (GPU)",
+    claim="our EMA update is faster than lightly's, timm's and torch's at K = 1 and 5 momenta "
+          "for every model, and BYOL trains at ≥ 4× a lightly-style loader and ≥ 0.85× the "
+          "compute bound",
+    paper="README: 21k images/s on one H100, 4.5× a lightly-style loader, 0.90× the compute "
+          "bound (BYOL ResNet-18, batch 512, commit 6da4c94)",
+    schedule="bench_ema: ResNet-18, ResNet-50, ViT-B/16, median of 20 updates; bench_train: "
+             "recipes/byol_r18.yaml, 40 warm-up + 120 timed steps, 16 loader workers",
+    recipe="", tool="tools/bench_train.py",
+    variants=(V("ema", ("--device", "cuda", "--models", "resnet18", "resnet50",
+                        "vit_base_patch16_224"), tool=BENCH_EMA, minutes=1.5),
+              V("byol_r18", ("recipes/byol_r18.yaml", *CIFAR10, "data.num_workers=16",
+                             "--warmup", "40", "--steps", "120", "--workers", "16"))),
+    minutes_per_run=4.0, estimate_source="unmeasured as a whole: bench_train's parts on the "
+    "H100 took under 3 minutes (docs/RESULTS.md, issue 7)",
+    analysis=throughput(ema="ema", train="byol_r18"))
+
+THROUGHPUT_CPU = Study(
+    name="throughput-cpu", title="One EMA update on the CPU: ours against the libraries",
+    claim="our EMA update is faster than lightly's, timm's and torch's at K = 1 and 5 momenta",
+    paper="docs/RESULTS.md 'One EMA update: ours against the libraries (CPU)': 1.1-1.8× faster "
+          "than the peers (2-core CPU, one thread)",
+    schedule="bench_ema on ResNet-18, one thread, median of 7 updates after 2",
+    recipe="", tool=BENCH_EMA,
+    variants=(V("ema", ("--device", "cpu", "--models", "resnet18", "--repeats", "7",
+                        "--warmup", "2")),),
+    device="cpu", minutes_per_run=1.0, estimate_source="a guess: 7 implementations × 2 K × 9 "
+    "updates of ResNet-18 plus one torch.compile", env={"OMP_NUM_THREADS": "1"},
+    analysis=throughput(ema="ema"))
+
 RECIPES = Study(
     name="recipes", title="Every shipped CIFAR-10 recipe at its full schedule",
     claim="each recipe's final number is measured (README's recipe table)",
@@ -138,10 +188,10 @@ RECIPES = Study(
     common=(*CIFAR10, "data.num_workers=16"), minutes_per_run=10.0,
     estimate_source="BYOL measured (581 s); the others guessed from their CPU step times")
 
-# Priority order (issue 20). noisy-quadratic and throughput are tools of their own
-# (tools/noisy_quadratic.py, bench_train.py, bench_ema.py), not wired in yet.
+# Priority order (issue 20).
 STUDIES: tuple[Study, ...] = (BYOL_PARITY, BYOL_SCALING, EMA_BENEFITS, DINO_SCALING,
-                              PSEUDO_LABEL, SCALING_CPU, RECIPES)
+                              PSEUDO_LABEL, SCALING_CPU, NOISY_QUADRATIC, THROUGHPUT,
+                              THROUGHPUT_CPU, RECIPES)
 
 
 def by_name(names: list[str]) -> list[Study]:
