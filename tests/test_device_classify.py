@@ -157,3 +157,18 @@ def test_supervised_on_the_device_pipeline_trains_and_resumes(
     b = full.accelerator.unwrap_model(full.method).state_dict()
     for name in b:
         assert torch.equal(a[name], b[name]), name
+
+
+@pytest.mark.slow
+def test_pseudo_label_on_the_device_pipeline_trains(tmp_path: Path, folder: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SSL_EMA_CPU_THREADS", "1")
+    trainer, result = run(tmp_path, "method.name=pseudo_label", "data.dataset=imagefolder",
+                          f"data.root={folder}", "data.pipeline=device", "data.image_size=8",
+                          "data.eval_subset=0", "model.backbone=resnet10t",
+                          "model.cifar_stem=false", "labels.per_class=4", "pseudo_label.mu=2",
+                          "train.batch_size=16", "train.max_steps=0",
+                          "train.grad_accumulation=1", "eval.every_epochs=1")
+    # 200 training images: 40 labelled, 160 unlabelled in pairs -> 80 items, 5 steps of 16
+    assert trainer.state.step == 5 and trainer.state.samples_seen == 80
+    assert 0.0 <= result["mask_rate"] <= 1.0 and 0.0 <= result["acc_teacher_test"] <= 1.0

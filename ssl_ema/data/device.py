@@ -1,9 +1,10 @@
 """The data set held on the accelerator as uint8, views made there (``data.pipeline=device``).
 
 CIFAR-10 is 150 MB as uint8: decoded once and kept in GPU memory, a training batch is an index
-gather plus the batched ops of `gpu_augment`, with no loader workers, no host-to-device copy and
-no host sync. The loader pipeline (``data.pipeline=loader``: DataLoader workers running lightly's
-transforms) stays for data sets that do not fit or whose images differ in size.
+gather plus the batched ops of `gpu_augment` (the classification methods' weak and strong views:
+`device_classify`), with no loader workers, no host-to-device copy and no host sync. The
+loader pipeline (``data.pipeline=loader``: DataLoader workers running lightly's transforms)
+stays for data sets that do not fit or whose images differ in size.
 
 Order and views are functions of (seed, epoch, sample index), as in the loader pipeline: the
 epoch's permutation and every sample's view parameters are drawn at `set_epoch`. Under several
