@@ -160,8 +160,10 @@ class SupervisedStream(ClassifyStream):
     """``(weak, labels)``: every training image once per epoch, in a seeded order."""
 
     def __init__(self, images: Tensor, labels: Tensor, weak: ClassifySpec,
-                 mean: Sequence[float], std: Sequence[float], batch: int, **kw: object):
-        super().__init__(images, len(images), mean, std, batch, **kw)  # type: ignore[arg-type]
+                 mean: Sequence[float], std: Sequence[float], batch: int, *, seed: int,
+                 rank: int = 0, world: int = 1, channels_last: bool = False):
+        super().__init__(images, len(images), mean, std, batch, seed=seed, rank=rank,
+                         world=world, channels_last=channels_last)
         self.labels, self.weak = labels, weak
 
     def draw(self, g: torch.Generator) -> None:
@@ -182,9 +184,10 @@ class SemiSupervisedStream(ClassifyStream):
 
     def __init__(self, images: Tensor, labels: Tensor, true_labels: Tensor, labelled: Tensor,
                  unlabelled: Tensor, mu: int, weak: ClassifySpec, strong: ClassifySpec,
-                 mean: Sequence[float], std: Sequence[float], batch: int, **kw: object):
-        super().__init__(images, len(unlabelled) // mu, mean, std, batch,
-                         **kw)  # type: ignore[arg-type]
+                 mean: Sequence[float], std: Sequence[float], batch: int, *, seed: int,
+                 rank: int = 0, world: int = 1, channels_last: bool = False):
+        super().__init__(images, len(unlabelled) // mu, mean, std, batch, seed=seed, rank=rank,
+                         world=world, channels_last=channels_last)
         self.labels, self.true_labels, self.mu = labels, true_labels, mu
         self.labelled, self.unlabelled = labelled, unlabelled
         self.weak, self.strong = weak, strong
