@@ -62,8 +62,8 @@ def test_magnitudes_are_torchvisions_bins() -> None:
 
 
 def supervised(x: torch.Tensor, batch: int, rank: int = 0, world: int = 1) -> SupervisedStream:
-    return SupervisedStream(x, torch.arange(len(x)), WEAK, MEAN, STD, batch, seed=3, rank=rank,
-                            world=world)
+    return SupervisedStream(x, torch.arange(len(x), device=x.device), WEAK, MEAN, STD, batch,
+                            seed=3, rank=rank, world=world)
 
 
 def epoch(s: SupervisedStream | SemiSupervisedStream, e: int, start: int = 0) -> list:
@@ -103,9 +103,10 @@ def test_pad_crop_flip_moves_pixels() -> None:
 
 
 def semi(x: torch.Tensor, batch: int = 4) -> SemiSupervisedStream:
-    n = len(x)
-    labelled, unlabelled = torch.arange(0, n, 5), torch.tensor([i for i in range(n) if i % 5])
-    return SemiSupervisedStream(x, torch.arange(n), 1000 + torch.arange(n), labelled,
+    n, on = len(x), {"device": x.device}
+    labelled = torch.arange(0, n, 5, **on)
+    unlabelled = torch.tensor([i for i in range(n) if i % 5], **on)
+    return SemiSupervisedStream(x, torch.arange(n, **on), 1000 + torch.arange(n, **on), labelled,
                                 unlabelled, 2, WEAK, STRONG, MEAN, STD, batch, seed=3)
 
 
@@ -131,6 +132,17 @@ def test_semi_supervised_views_and_labels() -> None:
     again = epoch(semi(x), 0)
     for a, b in zip(again, batches):
         assert all(torch.equal(p, q) for p, q in zip(a, b))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_views_equal_cpu_views() -> None:
+    x = uint8_images(40, 8)
+    for a, b in zip(epoch(supervised(x, 8), 0), epoch(supervised(x.cuda(), 8), 0)):
+        torch.testing.assert_close(a[0], b[0].cpu(), atol=1e-5, rtol=0)
+    for a, b in zip(epoch(semi(x), 0), epoch(semi(x.cuda()), 0)):
+        assert torch.equal(a[3], b[3].cpu())
+        # nearest sampling may round a coordinate on the other side of .5 on another device
+        assert ((a[2] - b[2].cpu()).abs() > 1e-4).float().mean() < 0.01
 
 
 @pytest.fixture(scope="module")
