@@ -24,11 +24,9 @@ def validate(cfg: Config) -> None:
         hint = f"; similar: {', '.join(close)}" if close else "; see timm.list_models()"
         raise ConfigError(f"model.backbone: unknown timm model '{cfg.model.backbone}'{hint}")
     if cfg.data.pipeline == "device" and cfg.data.dataset == "digits":
-        raise ConfigError("data.pipeline=device makes RGB views (BYOL/DINO colour ops); the grey "
+        raise ConfigError("data.pipeline=device makes RGB views (colour ops); the grey "
                           "digits use data.pipeline=loader")
-    if cfg.data.pipeline == "device" and cfg.method.name not in ("byol", "dino"):
-        raise ConfigError(f"data.pipeline=device makes BYOL/DINO views; method.name="
-                          f"{cfg.method.name} uses data.pipeline=loader (RandAugment views)")
+
     positive = {
         "train.epochs": cfg.train.epochs,
         "train.batch_size": cfg.train.batch_size,

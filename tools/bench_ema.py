@@ -239,7 +239,7 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> _Parser:
     p = _Parser(prog="bench_ema.py", description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS), metavar="MODEL",
                    help=f"timm models, random init, default heads (choices: {', '.join(MODELS)})")
@@ -250,6 +250,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=20, help="timed updates (median)")
     p.add_argument("--warmup", type=int, default=3, help="untimed updates first")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="write results here")
+    return p
+
+
+def resolve(argv: Sequence[str]) -> dict[str, Any]:
+    """What the result depends on, defaults filled in (tools/reproduce.py keys its record on
+    it); not where it is written. Pass --device: its default depends on the machine."""
+    args = vars(build_parser().parse_args(argv))
+    args.pop("json")
+    return {**args, "momenta": list(MOMENTA), "tolerance": TOL}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda requested but CUDA is not available (use --device cpu)")

@@ -169,7 +169,7 @@ def lightly_loader(cfg: Config, tr: Trainer, steps: int, workers: int) -> dict[s
     return {"loader_alone": alone, "loader_and_step": timed(device, steps, fed, batch)}
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("recipe", help="recipe YAML (e.g. recipes/byol_r18.yaml)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
@@ -177,8 +177,34 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=100, help="timed steps")
     p.add_argument("--workers", type=int, default=16, help="loader workers for lightly's path")
     p.add_argument("--skip-lightly", action="store_true", help="skip the lightly-style loader")
-    p.add_argument("--out", type=Path, help="write the results here (JSON)")
-    return p.parse_args(argv)
+    p.add_argument("--out", "--json", type=Path, help="write the results here (JSON)")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+def bench_config(args: argparse.Namespace) -> Config:
+    """The recipe as the bench trains it (ConfigError if it is rejected)."""
+    return load_config(args.recipe, [
+        *args.overrides, "data.pipeline=device", "eval.every_epochs=0",
+        "data.eval_subset=1024", "train.checkpoint_every=0", "train.checkpoint_every_minutes=0",
+        f"train.max_steps={args.warmup + args.steps}",
+        f"train.log_every={math.gcd(args.warmup, args.steps)}"])
+
+
+def resolve(argv: Sequence[str]) -> dict[str, Any]:
+    """What the result depends on (tools/reproduce.py keys its record on it): the resolved
+    training config (where the data lives aside) and the bench's own counts."""
+    from ssl_ema.config import to_dict
+    from ssl_ema.engine.run import flatten
+
+    args = parse_args(argv)
+    config = {k: v for k, v in flatten(to_dict(bench_config(args))).items()
+              if k not in ("data.root", "run.output_dir", "run.name")}
+    return {"config": config, "warmup": args.warmup, "steps": args.steps,
+            "workers": args.workers, "skip_lightly": args.skip_lightly}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -187,11 +213,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("bench_train: --warmup and --steps must be positive", file=sys.stderr)
         return 2
     try:
-        cfg = load_config(args.recipe, [
-            *args.overrides, "data.pipeline=device", "eval.every_epochs=0",
-            "data.eval_subset=1024", "train.checkpoint_every=0", "train.checkpoint_every_minutes=0",
-            f"train.max_steps={args.warmup + args.steps}",
-            f"train.log_every={math.gcd(args.warmup, args.steps)}"])
+        cfg = bench_config(args)
     except ConfigError as e:
         print(f"bench_train: {e}", file=sys.stderr)
         return 2

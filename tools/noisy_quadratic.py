@@ -2,6 +2,7 @@
 """Noisy-quadratic check of the EMA Scaling Rule.
 
     python tools/noisy_quadratic.py [--out runs/noisy_quadratic] [--coupling C] [--replicas N]
+                                    [--json PATH]
 
 Busbridge et al., "How to Scale Your EMA" (NeurIPS 2023), Sec. 3: when the batch grows by kappa,
 SGD's lr becomes lr * kappa and every EMA momentum rho becomes rho ** kappa; an SDE argument then
@@ -204,7 +205,7 @@ def plot(curves: dict[str, list[float]], coupling: float, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("runs/noisy_quadratic"))
@@ -213,6 +214,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replicas", type=int, default=Setup.replicas)
     parser.add_argument("--seed", type=int, default=Setup.seed)
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib)")
+    parser.add_argument("--json", type=Path, default=None, metavar="PATH",
+                        help="also write the result here (tools/reproduce.py's record)")
+    return parser
+
+
+def resolve(argv: list[str]) -> dict:
+    """What the result depends on, defaults filled in (tools/reproduce.py keys its record on
+    it): the whole Setup, the coupling and the claim's thresholds; not where files go."""
+    args = build_parser().parse_args(argv)
+    return {"setup": asdict(Setup(replicas=args.replicas, seed=args.seed)),
+            "coupling": args.coupling, "kappas": list(KAPPAS), "tolerance": TOLERANCE,
+            "separation": SEPARATION}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not 0.0 <= args.coupling < float("inf"):
         parser.error(f"--coupling must be a finite number >= 0, got {args.coupling}")
@@ -236,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"setup": asdict(setup), "coupling": args.coupling, "tolerance": TOLERANCE,
               "claim": claim, "rows": [asdict(r) for r in rows], "curves": curves}
     (args.out / "noisy_quadratic.json").write_text(json.dumps(result, indent=1))
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=1))
     if not args.no_plot:
         plot(curves, args.coupling, args.out / "noisy_quadratic.png")
     print(f"wrote {args.out}")

@@ -1,9 +1,10 @@
 """The data set held on the accelerator as uint8, views made there (``data.pipeline=device``).
 
 CIFAR-10 is 150 MB as uint8: decoded once and kept in GPU memory, a training batch is an index
-gather plus the batched ops of `gpu_augment`, with no loader workers, no host-to-device copy and
-no host sync. The loader pipeline (``data.pipeline=loader``: DataLoader workers running lightly's
-transforms) stays for data sets that do not fit or whose images differ in size.
+gather plus the batched ops of `gpu_augment` (the classification methods' weak and strong views:
+`device_classify`), with no loader workers, no host-to-device copy and no host sync. The
+loader pipeline (``data.pipeline=loader``: DataLoader workers running lightly's transforms)
+stays for data sets that do not fit or whose images differ in size.
 
 Order and views are functions of (seed, epoch, sample index), as in the loader pipeline: the
 epoch's permutation and every sample's view parameters are drawn at `set_epoch`. Under several
@@ -26,6 +27,7 @@ from torchvision.transforms.v2 import functional as TF
 from ssl_ema.config import Config
 from ssl_ema.data import gpu_augment
 from ssl_ema.data.datasets import DataBundle, DataError, Transformed
+from ssl_ema.data.device_classify import ClassifyStream, classify_streams
 from ssl_ema.data.gpu_augment import ViewParams, ViewSpec
 
 
@@ -136,6 +138,11 @@ class DeviceEvalStream:
             yield x.contiguous(memory_format=self.memory_format), self.labels[lo:lo + self.batch]
 
 
+# The classification methods' streams (device_classify.py): weak views, + strong for pseudo_label.
+CLASSIFY_METHODS = ("supervised", "pseudo_label")
+TrainStream = DeviceTrainStream | ClassifyStream
+
+
 def _source(ds: Dataset) -> tuple[Any, list[int] | None]:
     """The ``(image, label)`` source under an eval set, and the subset's indices if any."""
     if isinstance(ds, Subset):
@@ -143,7 +150,7 @@ def _source(ds: Dataset) -> tuple[Any, list[int] | None]:
     return ds.source, None  # type: ignore[attr-defined]
 
 
-def _check_fits(images: Tensor, device: torch.device) -> None:
+def check_fits(images: Tensor, device: torch.device) -> None:
     if device.type != "cuda":
         return
     free, _ = torch.cuda.mem_get_info(device)
@@ -155,20 +162,24 @@ def _check_fits(images: Tensor, device: torch.device) -> None:
 
 def device_streams(bundle: DataBundle, cfg: Config, per_device: dict[int, int],
                    device: torch.device, rank: int, world: int
-                   ) -> tuple[dict[int, DeviceTrainStream], DeviceEvalStream, DeviceEvalStream]:
+                   ) -> tuple[dict[int, TrainStream], DeviceEvalStream, DeviceEvalStream]:
     """Decode the bundle's images once, move them to ``device``, and build the streams."""
     workers = cfg.data.num_workers
-    train_source, _ = _source(bundle.train)  # type: ignore[arg-type]
-    train_x, train_y = decode_uint8(train_source, workers)
-    _check_fits(train_x, device)
-    train_x, train_y = train_x.to(device), train_y.to(device)
+    mean, std, flags = bundle.mean, bundle.std, cfg.train
+    train: dict[int, TrainStream]
+    if cfg.method.name in CLASSIFY_METHODS:  # weak/strong views (issue 20; wiring)
+        train, train_x, train_y = classify_streams(bundle, cfg, per_device, device, rank, world)
+    else:
+        train_source, _ = _source(bundle.train)  # type: ignore[arg-type]
+        train_x, train_y = decode_uint8(train_source, workers)
+        check_fits(train_x, device)
+        train_x, train_y = train_x.to(device), train_y.to(device)
+        train = {b: DeviceTrainStream(train_x, train_y, view_specs(cfg), mean, std, per,
+                                      seed=cfg.run.seed, rank=rank, world=world,
+                                      channels_last=flags.channels_last, compile=flags.compile)
+                 for b, per in per_device.items()}
     test_source, test_index = _source(bundle.test_eval)
     test_x, test_y = decode_uint8(test_source, workers)
-    mean, std, flags = bundle.mean, bundle.std, cfg.train
-    train = {b: DeviceTrainStream(train_x, train_y, view_specs(cfg), mean, std, per,
-                                  seed=cfg.run.seed, rank=rank, world=world,
-                                  channels_last=flags.channels_last, compile=flags.compile)
-             for b, per in per_device.items()}
 
     def eval_stream(x: Tensor, y: Tensor, index: list[int] | None) -> DeviceEvalStream:
         if index is not None:

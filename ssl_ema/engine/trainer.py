@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from ssl_ema.config import Config, ConfigError, dump_yaml
 from ssl_ema.data import DataBundle, build_data
-from ssl_ema.data.device import DeviceTrainStream, device_streams
+from ssl_ema.data.device import TrainStream, device_streams
 from ssl_ema.data.synthetic_noise import describe_noise
 from ssl_ema.ema import EMA
 from ssl_ema.engine.checkpoint import checkpoints, load_checkpoint, save_checkpoint
@@ -62,7 +62,7 @@ class TrainState:
         self.__dict__.update(state)
 
 
-TrainBatches = DataLoader | DeviceTrainStream
+TrainBatches = DataLoader | TrainStream
 
 
 def per_device_batch(cfg: Config, world_size: int, batch: int | None = None) -> int:
@@ -355,7 +355,7 @@ class Trainer:
         self.hyper(st.epoch).apply(self.optimizer, [self.model])
         epoch_loader.set_epoch(st.epoch)  # data order: a function of (seed, epoch)
         self.data.train.set_epoch(st.epoch)  # augmentations: of (seed, epoch, index)
-        if isinstance(epoch_loader, DeviceTrainStream):
+        if isinstance(epoch_loader, TrainStream):  # any device stream (issue 20)
             loader: Iterable[Any] = epoch_loader.iter_from(st.batch_in_epoch)
         elif st.batch_in_epoch:
             loader = acc.skip_first_batches(epoch_loader, st.batch_in_epoch)

@@ -61,8 +61,8 @@ def figure(study: Study, records: Sequence[dict[str, Any]], folder: Path) -> str
 
 def _runs_table(study: Study, records: Sequence[dict[str, Any]]) -> list[str]:
     keys = list(study.plot_keys) or sorted({k for r in records for k in r["metrics"]})[:4]
-    lines = ["| variant | seeds | " + " | ".join(f"final {k}" for k in keys) +
-             " | wall s per run | device | commit | date |",
+    lines = ["| " + " | ".join(["variant", "seeds", *(f"final {k}" for k in keys),
+                                 "wall s per run", "device", "commit", "date"]) + " |",
              "|---|---|" + "---|" * len(keys) + "---|---|---|---|"]
     for name, runs in by_variant(records).items():
         cells = []
@@ -71,8 +71,8 @@ def _runs_table(study: Study, records: Sequence[dict[str, Any]]) -> list[str]:
             m, sd = mean_std(xs) if xs else (float("nan"), 0.0)
             cells.append(f"{m:.4f} ± {sd:.4f}" if len(xs) > 1 else f"{m:.4f}")
         wall = mean_std([r["wall_s"] for r in runs])[0]
-        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) +
-                     f" | {wall:.0f} | {runs[0]['device']} | "
+        lines.append(f"| {name} | {len(runs)} | " + "".join(f"{c} | " for c in cells) +
+                     f"{wall:.0f} | {runs[0]['device']} | "
                      f"{', '.join(sorted({r['commit'] for r in runs}))} | "
                      f"{', '.join(sorted({r['date'] for r in runs}))} |")
     return lines

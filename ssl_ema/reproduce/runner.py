@@ -8,6 +8,7 @@ the study's runs on this kind of device, per variant first), else the study's st
 ``spend`` starts pending jobs in priority order while they fit the remaining budget, each with
 a ``--stop-after`` deadline before the budget's end so it checkpoints and exits cleanly; a job
 longer than a whole budget is started whenever a useful slice is left, and resumes next time.
+A tool study's jobs (``tool_runs.py``) are planned by their resolved arguments and run whole.
 """
 
 from __future__ import annotations
@@ -26,6 +27,14 @@ from ssl_ema.engine.checkpoint import checkpoints
 from ssl_ema.engine.sweep import Job, Variant, finished_run, locate, plan, train_command
 from ssl_ema.reproduce.store import IDENTITY_IGNORES, Store, add_wall, record
 from ssl_ema.reproduce.study import Study
+from ssl_ema.reproduce.tool_runs import (
+    RESULT,
+    ToolJob,
+    after_tool,
+    plan_tool,
+    tool_command,
+    tool_record,
+)
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: recipes/, tools/
 NO_DATA = "$SSL_EMA_DATA"  # stands in for a data root not given
@@ -37,7 +46,7 @@ class StudyPlan:
     """A study's jobs as planned now, or why it cannot be planned (recipe missing, no data)."""
 
     study: Study
-    jobs: list[Job] = field(default_factory=list)
+    jobs: list[Job | ToolJob] = field(default_factory=list)
     blocked: str = ""
     no_data: bool = False  # planned, but cannot run without --data
 
@@ -55,6 +64,8 @@ class StudyPlan:
 def plan_study(study: Study, runs_root: Path, data_root: str | None) -> StudyPlan:
     """The study's jobs, seed-major (every variant of seed 0 first, so a cut budget still
     leaves comparable sets)."""
+    if study.tool:
+        return _plan_tool_study(study, runs_root, data_root)
     missing = sorted({study.recipe_of(v) for v in study.variants
                       if not (ROOT / study.recipe_of(v)).is_file()})
     if missing:
@@ -63,7 +74,7 @@ def plan_study(study: Study, runs_root: Path, data_root: str | None) -> StudyPla
     # identity), so `list` shows them; `run` skips them (StudyPlan.no_data).
     root = data_root or NO_DATA
     common = [o.replace("{data}", root) for o in study.common]
-    jobs: list[Job] = []
+    jobs: list[Job | ToolJob] = []
     try:
         for v in study.variants:
             overrides = tuple(o.replace("{data}", root) for o in v.overrides)
@@ -78,6 +89,20 @@ def plan_study(study: Study, runs_root: Path, data_root: str | None) -> StudyPla
     return StudyPlan(study, jobs, no_data=study.needs_data and not data_root)
 
 
+def _plan_tool_study(study: Study, runs_root: Path, data_root: str | None) -> StudyPlan:
+    missing = sorted({study.tool_of(v) for v in study.variants
+                      if not (ROOT / study.tool_of(v)).is_file()})
+    if missing:
+        return StudyPlan(study, blocked=f"tool missing: {', '.join(missing)}")
+    try:
+        jobs = plan_tool(study, ROOT, runs_root, data_root or NO_DATA)
+    except (ValueError, ConfigError) as e:
+        if not data_root and study.needs_data:
+            return StudyPlan(study, blocked="needs the data root (--data DIR or SSL_EMA_DATA)")
+        return StudyPlan(study, blocked=f"arguments rejected: {e}")
+    return StudyPlan(study, list(jobs), no_data=study.needs_data and not data_root)
+
+
 def this_device() -> str:
     """``cuda (<name>)`` or ``cpu``: the kind of device estimates are matched on."""
     import torch
@@ -89,7 +114,7 @@ def device_kind(device: str) -> str:
     return "cpu" if device.startswith("cpu") else device
 
 
-def status(job: Job, store: Store) -> tuple[str, float]:
+def status(job: Job | ToolJob, store: Store) -> tuple[str, float]:
     """(done | partial | pending, fraction trained)."""
     if store.find(job) is not None or job.action == "reuse":
         return "done", 1.0
@@ -100,7 +125,7 @@ def status(job: Job, store: Store) -> tuple[str, float]:
     return "pending", 0.0
 
 
-def estimate_s(study: Study, job: Job, store: Store, device: str) -> tuple[float, str]:
+def estimate_s(study: Study, job: Job | ToolJob, store: Store, device: str) -> tuple[float, str]:
     """Seconds for the whole job on ``device`` and where the figure comes from (measured, or
     the study's stated figure: ``study.estimate_source``)."""
     kind = device_kind(device)
@@ -169,14 +194,18 @@ def spend(plans: Sequence[StudyPlan], stores: dict[str, Store], budget: Budget, 
                 log(f"{p.study.name} {job.variant} seed {job.seed}: skipped, needs ~{need / 60:.1f}"
                     f" min, {max(usable, 0) / 60:.1f} min left")
                 continue
-            cmd = train_command(launch, str(ROOT / p.study.recipe_of(
-                next(v for v in p.study.variants if v.name == job.variant))), job, usable)
+            cmd = tool_command(ROOT, job) if isinstance(job, ToolJob) else \
+                train_command(launch, str(ROOT / p.study.recipe_of(
+                    next(v for v in p.study.variants if v.name == job.variant))), job, usable)
             log(f"== {p.study.name} {job.variant} seed {job.seed} ({job.action}, "
                 f"~{need / 60:.1f} min, {usable / 60:.1f} min usable)")
             t0 = clock()
             code = run_process(cmd, child_env(p.study), left)
             wall = clock() - t0
-            _after(p.study, job, store, wall, code, log)
+            if isinstance(job, ToolJob):
+                _after_tool(job, store, wall, code, device, log)
+            else:
+                _after(p.study, job, store, wall, code, log)
             changed.append(p.study.name)
     return list(dict.fromkeys(changed))
 
@@ -186,7 +215,7 @@ def collect(plan: StudyPlan, store: Store) -> bool:
     added = False
     for job in plan.jobs:
         if job.action == "reuse" and job.run_dir is not None and store.find(job) is None:
-            store.put(record(job, job.run_dir))
+            store.put(tool_record(job) if isinstance(job, ToolJob) else record(job, job.run_dir))
             added = True
     return added
 
@@ -204,3 +233,15 @@ def _after(study: Study, job: Job, store: Store, wall: float, code: int,
     else:
         log(f"   {'cut by the budget' if code in (3, -15, 143) else f'exit code {code}'} "
             f"after {wall:.0f} s" + (f"; resumes from {run_dir}" if run_dir else ""))
+
+
+def _after_tool(job: ToolJob, store: Store, wall: float, code: int, device: str,
+                log: Callable[[str], None]) -> None:
+    """A tool run has no checkpoint: it is stored when it wrote its JSON and exited 0."""
+    if code == 0 and (job.home / RESULT).is_file():
+        after_tool(job, device, wall)
+        store.put(tool_record(job))
+        log(f"   finished in {wall:.0f} s")
+    else:
+        log(f"   {'cut by the budget' if code in (-15, 143) else f'exit code {code}'} after "
+            f"{wall:.0f} s (a tool run starts again next time)")

@@ -25,6 +25,7 @@ from ssl_ema.config import Config, to_dict
 from ssl_ema.engine.run import config_changes, flatten
 from ssl_ema.engine.sweep import BOOKKEEPING, Job
 from ssl_ema.engine.tracking import read_metrics
+from ssl_ema.reproduce.tool_runs import ToolJob, matches
 
 # Where the data lives, not what it is: a run is the same run wherever its data root is.
 IDENTITY_IGNORES = BOOKKEEPING | {"data.root", "labels.noisy_file"}
@@ -92,13 +93,15 @@ class Store:
         self.records: list[dict[str, Any]] = list(raw.get("runs", []))
         self.analysis: dict[str, Any] = dict(raw.get("analysis", {}))
 
-    def find(self, job: Job) -> dict[str, Any] | None:
-        """The stored record of this job's config, if any."""
+    def find(self, job: Job | ToolJob) -> dict[str, Any] | None:
+        """The stored record of this job's config (a tool's: its resolved arguments), if any."""
+        if isinstance(job, ToolJob):
+            return next((r for r in self.records if matches(r, job)), None)
         return next((r for r in self.records if (r["variant"], r["seed"]) ==
                      (job.variant, job.seed) and not config_changes(
                          flatten(r["config"]), job.cfg, IDENTITY_IGNORES)), None)
 
-    def current(self, jobs: Sequence[Job]) -> list[dict[str, Any]]:
+    def current(self, jobs: Sequence[Job | ToolJob]) -> list[dict[str, Any]]:
         """Records that match the study's jobs as planned now (a changed recipe drops them)."""
         return [r for j in jobs if (r := self.find(j)) is not None]
 
@@ -106,7 +109,7 @@ class Store:
         self.records = [r for r in self.records
                         if (r["variant"], r["seed"]) != (rec["variant"], rec["seed"])] + [rec]
 
-    def save(self, jobs: Sequence[Job]) -> None:
+    def save(self, jobs: Sequence[Job | ToolJob]) -> None:
         """Write the records that match ``jobs`` (stale ones are dropped) and the analysis."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         out = {"study": self.study, "analysis": self.analysis, "runs": self.current(jobs)}

@@ -19,6 +19,7 @@ class StudyVariant:
     overrides: tuple[str, ...] = ()
     recipe: str | None = None
     minutes: float | None = None  # stated estimate of this arm, if it differs from the study's
+    tool: str | None = None  # a tool study's arm with its own tools/ script
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,7 @@ class Study:
     claim: str  # what "holds" means, in one sentence
     paper: str  # the paper's number (or finding) and where it comes from
     schedule: str  # stated beside every number of this study
-    recipe: str
+    recipe: str  # "" for a tool study
     variants: tuple[StudyVariant, ...]
     seeds: tuple[int, ...] = (0,)
     common: tuple[str, ...] = ()  # may contain {data}: the data root (--data / SSL_EMA_DATA)
@@ -48,6 +49,8 @@ class Study:
     env: Mapping[str, str] = field(default_factory=dict)  # for each tools/train.py process
     plot_keys: tuple[str, ...] = ()  # evaluation keys drawn against samples seen (report.py)
     analysis: Callable[[Study, Sequence[Record]], Analysis] | None = None
+    tool: str = ""  # a tools/ script run instead of training: variants' overrides are its
+    # arguments and its resolved arguments are the run's identity (tool_runs.py)
 
     @property
     def needs_data(self) -> bool:
@@ -58,3 +61,6 @@ class Study:
 
     def recipe_of(self, variant: StudyVariant) -> str:
         return variant.recipe or self.recipe
+
+    def tool_of(self, variant: StudyVariant) -> str:
+        return variant.tool or self.tool
