@@ -4,10 +4,10 @@ every rank.
 SIGTERM (a cluster pre-empting the job), SIGINT (Ctrl-C) and SIGUSR1 (SLURM's ``--signal``)
 only set a flag; the trainer reads it at optimizer-step boundaries, writes a checkpoint and
 stops with :class:`Stopped` (exit code 128 + the signal's number, as a shell reports a process
-killed by that signal). A second signal while the first is being handled (a second or more later) stops at once,
-without a checkpoint, for a user who does not want to wait. A deadline (``tools/train.py --stop-after``,
-a budgeted run of ``tools/reproduce.py``) stops the same way with exit code 3: a budget is a
-pre-emption the run knows about in advance.
+killed by that signal). A second signal while the first is being handled (a second or more
+later) stops at once, without a checkpoint, for a user who does not want to wait. A deadline
+(``tools/train.py --stop-after``, a budgeted run of ``tools/reproduce.py``) stops the same way
+with exit code 3: a budget is a pre-emption the run knows about in advance.
 
 Several processes must stop at the same step (a checkpoint is a collective save), and so must
 they agree on when a wall-clock checkpoint is due (their clocks differ). The local flags are
