@@ -23,10 +23,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 from torchvision.transforms.v2 import functional as TF
 
-from ssl_ema.config import Config
+from ssl_ema.config_schema import Config
 from ssl_ema.data import gpu_augment
 from ssl_ema.data.datasets import DataBundle, DataError, Transformed
 from ssl_ema.data.gpu_augment import ViewParams, ViewSpec
+from ssl_ema.methods.registry import method_spec
 
 
 def _pil_to_uint8(image: Any) -> Tensor:
@@ -54,15 +55,13 @@ def decode_uint8(source: Any, num_workers: int) -> tuple[Tensor, Tensor]:
 
 
 def view_specs(cfg: Config) -> tuple[ViewSpec, ...]:
-    """The method's view distributions, as the loader pipeline's lightly transforms."""
-    size = cfg.data.image_size
-    if cfg.method.name == "dino":
-        d = cfg.dino
-        return gpu_augment.dino_specs(size, d.local_size, d.local_views, d.global_scale,
-                                      d.local_scale)
-    if cfg.data.views == "simclr":
-        return gpu_augment.simclr_specs(size, cfg.data.jitter_strength)
-    return gpu_augment.byol_specs(size)
+    """The registered method's view distributions on the device (config_checks refuses
+    data.pipeline=device for a method that has none)."""
+    device_views = method_spec(cfg.method.name).device_views
+    if device_views is None:
+        raise DataError(f"method {cfg.method.name} has no device-pipeline views; use "
+                        "data.pipeline=loader")
+    return device_views(cfg)
 
 
 class DeviceTrainStream:
