@@ -280,7 +280,8 @@ def to_dict(cfg: Config) -> dict[str, Any]:
         return v
 
     tree = plain(dataclasses.asdict(cfg))
-    return {**tree, **tree.pop("sections")}  # method sections at the top, as in a recipe
+    sections = tree.pop("sections")
+    return {**tree, **sections}  # method sections at the top level, as in a recipe
 
 
 def dump_yaml(cfg: Config) -> str:

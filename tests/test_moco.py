@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import yaml
 from lightly.loss import NTXentLoss
 
-from ssl_ema.config import ConfigError, load_config
+from ssl_ema.config import ConfigError, dump_yaml, from_dict, load_config
 from ssl_ema.data.datasets import build_data
 from ssl_ema.methods import build_method
 from ssl_ema.methods.moco import KeyQueue, MoCo, MoCoConfig, _gather
@@ -88,6 +89,10 @@ def test_recipe_section_views_and_checks() -> None:
         load_config(None, [*SMALL, "moco.temperature=0"])
     with pytest.raises(ConfigError, match="unknown key 'moco.size'"):
         load_config(None, [*SMALL, "moco.size=3"])
+    # A run's config.yaml (resume, tools/eval.py) reads back to the same config.
+    dumped = yaml.safe_load(dump_yaml(cfg))
+    assert "sections" not in dumped and dumped["moco"]["temperature"] == 0.2
+    assert from_dict(dumped) == cfg
 
 
 def _push_on_rank(rank: int, folder: str) -> None:
