@@ -1,13 +1,25 @@
 """Checks of a whole `Config` that its field types cannot express: registered choices, timm model
-names, value ranges, labels and their files, batch divisibility. `config.from_dict` runs them, so
-every bad recipe or override fails as one `ConfigError` line before any work.
+names, value ranges, labels and their files, batch divisibility, and each method's own checks
+(`MethodSpec.check`). `config.from_dict` runs them, so every bad recipe or override fails as one
+`ConfigError` line before any work.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from ssl_ema.config import CHOICES, CLASSIFICATION_METHODS, Config, ConfigError
+import timm
+
+from ssl_ema.config_schema import Config, ConfigError
+from ssl_ema.methods.registry import METHODS, classification_methods, method_spec
+
+# Valid choices for string fields that name a registered component. Backbones are checked
+# against timm's registry below.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.dataset": ("digits", "cifar10", "cifar100", "imagefolder"),
+    "method.name": tuple(METHODS),
+    "optim.name": ("sgd", "lars", "adam", "adamw"),
+}
 
 
 def validate(cfg: Config) -> None:
@@ -17,8 +29,7 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), key)
         if value not in valid:
             raise ConfigError(f"{dotted}: unknown value '{value}'; valid: {', '.join(valid)}")
-    import timm  # deferred: importing timm takes a second
-
+    spec = method_spec(cfg.method.name)
     if not timm.is_model(cfg.model.backbone):
         close = timm.list_models(f"*{cfg.model.backbone.split('_')[0]}*")[:8]
         hint = f"; similar: {', '.join(close)}" if close else "; see timm.list_models()"
@@ -26,7 +37,11 @@ def validate(cfg: Config) -> None:
     if cfg.data.pipeline == "device" and cfg.data.dataset == "digits":
         raise ConfigError("data.pipeline=device makes RGB views (colour ops); the grey "
                           "digits use data.pipeline=loader")
-
+    if cfg.data.pipeline == "device" and spec.device_views is None and not spec.device_classify:
+        device = ", ".join(name for name, s in METHODS.items()
+                           if s.device_views is not None or s.device_classify)
+        raise ConfigError(f"data.pipeline=device makes the views of {device}; method.name="
+                          f"{cfg.method.name} uses data.pipeline=loader")
     positive = {
         "train.epochs": cfg.train.epochs,
         "train.batch_size": cfg.train.batch_size,
@@ -34,12 +49,6 @@ def validate(cfg: Config) -> None:
         "train.keep_checkpoints": cfg.train.keep_checkpoints,
         "train.log_every": cfg.train.log_every,
         "data.image_size": cfg.data.image_size,
-        "dino.output_dim": cfg.dino.output_dim,
-        "dino.local_size": cfg.dino.local_size,
-        "dino.student_temp": cfg.dino.student_temp,
-        "dino.teacher_temp": cfg.dino.teacher_temp,
-        "dino.warmup_teacher_temp": cfg.dino.warmup_teacher_temp,
-        "dino.head_layers": cfg.dino.head_layers,
         "data.jitter_strength": cfg.data.jitter_strength,
         "scaling.reference_batch": cfg.scaling.reference_batch,
         "ema.period": cfg.ema.period,
@@ -50,7 +59,6 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}: must be positive, got {value}")
     momenta = {"method.momentum": cfg.method.momentum,
                "method.momentum_end": cfg.method.momentum_end,
-               "dino.center_momentum": cfg.dino.center_momentum,
                **{f"ema.extra_momenta[{i}]": m for i, m in enumerate(cfg.ema.extra_momenta)}}
     for key, value in momenta.items():
         if not 0.0 <= value <= 1.0:
@@ -58,9 +66,11 @@ def validate(cfg: Config) -> None:
     if cfg.train.checkpoint_every_minutes < 0:
         raise ConfigError("train.checkpoint_every_minutes: must be >= 0 (0 = off), got "
                           f"{cfg.train.checkpoint_every_minutes}")
-    if cfg.data.views != "byol" and cfg.method.name != "byol":
+    if cfg.data.views != "byol" and not spec.pair_views:
+        pair = ", ".join(name for name, s in METHODS.items() if s.pair_views)
         raise ConfigError(f"data.views={cfg.data.views}: chooses BYOL's view pair; method "
-                          f"{cfg.method.name} makes its own views, so leave data.views=byol")
+                          f"{cfg.method.name} makes its own views, so leave data.views=byol "
+                          f"(it applies to {pair})")
     grey = {"data.views": cfg.data.views != "byol",
             "data.normalize": cfg.data.normalize != "dataset"}
     for key, changed in grey.items():
@@ -75,20 +85,17 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"eval.knn_temperature: must be positive, got {cfg.eval.knn_temperature}")
     _validate_batches(cfg)
     _validate_labels(cfg)
-
-
+    if spec.check is not None:
+        spec.check(cfg)
 
 
 def _validate_labels(cfg: Config) -> None:
-    lab, pl, name = cfg.labels, cfg.pseudo_label, cfg.method.name
-    classify = name in CLASSIFICATION_METHODS
-    if not classify and (lab.per_class or lab.noisy != "clean" or lab.val_fraction
-                         or lab.symmetric_noise or cfg.model.init_from):
+    lab, name = cfg.labels, cfg.method.name
+    if method_spec(name).labels == "none" and (
+            lab.per_class or lab.noisy != "clean" or lab.val_fraction or lab.symmetric_noise
+            or cfg.model.init_from):
         raise ConfigError(f"labels.* and model.init_from apply to the methods "
-                          f"{', '.join(CLASSIFICATION_METHODS)}; method '{name}' trains on none")
-    if name == "pseudo_label" and lab.per_class <= 0:
-        raise ConfigError("labels.per_class: pseudo_label needs a labelled subset; set it > 0 "
-                          "(e.g. 400 for CIFAR-10 with 4,000 labels)")
+                          f"{', '.join(classification_methods())}; method '{name}' trains on none")
     if lab.per_class < 0:
         raise ConfigError(f"labels.per_class: must be >= 0, got {lab.per_class}")
     if not 0.0 <= lab.val_fraction < 1.0:
@@ -108,14 +115,6 @@ def _validate_labels(cfg: Config) -> None:
     if cfg.model.init_from and not Path(cfg.model.init_from).is_file():
         raise ConfigError(f"model.init_from: '{cfg.model.init_from}' is not a file; pass a "
                           ".safetensors or torch state dict of the backbone")
-    if not 0.0 <= pl.threshold <= 1.0:
-        raise ConfigError(f"pseudo_label.threshold: must lie in [0, 1], got {pl.threshold}")
-    if pl.mu < 1 or pl.unlabelled_weight < 0:
-        raise ConfigError(f"pseudo_label.mu must be >= 1 and pseudo_label.unlabelled_weight "
-                          f">= 0, got {pl.mu} and {pl.unlabelled_weight}")
-    if not 0.0 <= cfg.supervised.label_smoothing < 1.0:
-        raise ConfigError("supervised.label_smoothing: must lie in [0, 1), got "
-                          f"{cfg.supervised.label_smoothing}")
 
 
 def _validate_batches(cfg: Config) -> None:

@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from ssl_ema.config import load_config
-from ssl_ema.data import DataError, build_data
-from ssl_ema.data.datasets import digits_split
+from ssl_ema.data.datasets import DataError, build_data, digits_split
 from ssl_ema.data.views import DigitsView
 from tests.conftest import SHARED_DATA
 

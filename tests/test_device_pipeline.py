@@ -10,7 +10,8 @@ import torch
 
 from ssl_ema.config import ConfigError, load_config
 from ssl_ema.data import gpu_augment as A
-from ssl_ema.data.device import DeviceTrainStream, decode_uint8
+from ssl_ema.data.device import DeviceTrainStream
+from ssl_ema.data.uint8 import decode_uint8
 from ssl_ema.engine.checkpoint import checkpoints
 from ssl_ema.engine.trainer import Trainer
 from tests.test_training import run

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ssl_ema.config import load_config
-from ssl_ema.data import build_data
+from ssl_ema.data.datasets import build_data
 from ssl_ema.methods.dino import DINO
 
 SMALL = ["method.name=dino", "data.image_size=16", "dino.local_size=8", "dino.local_views=2",

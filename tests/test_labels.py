@@ -11,8 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ssl_ema.config import load_config
-from ssl_ema.data import build_data
-from ssl_ema.data.datasets import digits_split
+from ssl_ema.data.datasets import build_data, digits_split
 from ssl_ema.data.labels import per_class_subset, stratified_split
 from ssl_ema.data.noisy_labels import (
     attach_noisy_labels,

@@ -46,7 +46,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ssl_ema.config import load_config
-from ssl_ema.data import build_data
+from ssl_ema.data.datasets import build_data
 from ssl_ema.engine.trainer import Trainer
 from ssl_ema.eval.evaluations import KNNEvaluation
 from ssl_ema.eval.features import extract_features

@@ -32,8 +32,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ssl_ema.config import Config, ConfigError, load_config
-from ssl_ema.data import build_data
-from ssl_ema.data.datasets import Transformed
+from ssl_ema.data.datasets import Transformed, build_data
 from ssl_ema.data.device import DeviceTrainStream
 from ssl_ema.data.views import byol_rgb_views
 from ssl_ema.engine.tracking import read_metrics

@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def evaluate_checkpoint(path: str, args: argparse.Namespace, device: torch.device
                         ) -> dict[str, ProbeResult]:
-    from ssl_ema.data import build_data
+    from ssl_ema.data.datasets import build_data
     from ssl_ema.eval.protocols import embed, run_protocol
     from ssl_ema.eval.trained import load_run
 

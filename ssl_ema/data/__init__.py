@@ -1,5 +1,5 @@
-"""Data sets (digits, CIFAR, ImageFolder) and the augmented views methods train on."""
+"""Data sets (digits, CIFAR, ImageFolder) and the augmented views methods train on.
 
-from ssl_ema.data.datasets import DataBundle, DataError, build_data
-
-__all__ = ["DataBundle", "DataError", "build_data"]
+`datasets.build_data` builds what a recipe names; `batch` states the layout methods receive. The
+package imports nothing itself, so a method may import its views from here without a cycle.
+"""

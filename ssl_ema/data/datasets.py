@@ -7,7 +7,6 @@ training, and plain train/test images for kNN evaluation. Missing data is a :cla
 
 from __future__ import annotations
 
-import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +16,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from ssl_ema.config import CLASSIFICATION_METHODS, Config, ConfigError
-from ssl_ema.data import classify_views, views
+from ssl_ema.config_schema import Config, ConfigError
+from ssl_ema.data import views
+from ssl_ema.data.labels import apply_labels
+from ssl_ema.data.seeded import SeededViews, Transformed
+from ssl_ema.methods.registry import method_spec
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -27,58 +29,6 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 class DataError(ConfigError):
     """The data a recipe names is missing or unusable; the message says how to fix it."""
-
-
-class Transformed(Dataset):
-    """``(image, label)`` source + transform -> ``(*views, label)`` (or ``(x, label)`` for eval)."""
-
-    def __init__(self, source: Any, transform: Callable[[Any], Any]):
-        self.source, self.transform = source, transform
-
-    def __len__(self) -> int:
-        return len(self.source)
-
-    def __getitem__(self, i: int) -> tuple[Any, ...]:
-        image, label = self.source[i]
-        out = self.transform(image)
-        if isinstance(out, list | tuple):
-            return (*out, label)
-        return out, label
-
-
-class SeededViews(Transformed):
-    """Training views whose randomness is a function of (seed, epoch, index) alone.
-
-    Each sample's augmentation runs under its own seed, so it does not depend on which process or
-    worker loads it, in what order, or whether the run was resumed mid-epoch (a loader that reads
-    one batch ahead, as Accelerate's does, would otherwise leave the checkpointed RNG stream one
-    batch off). This is what makes resume exact and a 2-process run see the same views as a
-    1-process run. The epoch lives in shared memory so that persistent workers see `set_epoch`.
-    """
-
-    def __init__(self, source: Any, transform: Callable[[Any], Any], seed: int):
-        super().__init__(source, transform)
-        self.seed = seed
-        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
-
-    def set_epoch(self, epoch: int) -> None:
-        self._epoch[0] = epoch
-
-    def sample_seed(self, i: int) -> int:
-        return hash((self.seed, int(self._epoch[0]), i)) % 2**63  # hash of ints: deterministic
-
-    def __getitem__(self, i: int) -> tuple[Any, ...]:
-        seed = self.sample_seed(i)
-        # torch's CPU generator is restored on exit: the model's own randomness (dropout, drop
-        # path) keeps its checkpointed stream. Python's and NumPy's generators serve only
-        # transforms (lightly's blur and rotation use NumPy) and are simply re-seeded: restoring
-        # NumPy's state would cost 60 us a sample; seeding the CPU generator alone costs 1 us
-        # where torch.manual_seed (all devices) costs 100.
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(seed)
-            random.seed(seed)
-            np.random.seed(seed % 2**32)
-            return super().__getitem__(i)
 
 
 class TensorImages(Dataset):
@@ -160,33 +110,9 @@ def digits_split(seed: int = 0, test_fraction: float = 0.2) -> tuple[np.ndarray,
     )
 
 
-def _multicrop(cfg: Config) -> dict[str, Any]:
-    d = cfg.dino
-    return {"local_views": d.local_views, "local_size": d.local_size,
-            "global_scale": d.global_scale, "local_scale": d.local_scale}
-
-
-# The views each method trains on, per image family: (classifier weak/strong, DINO multi-crop,
-# BYOL pair).
-TRAIN_VIEWS = {
-    "digits": (classify_views.digits_weak_strong, views.digits_multicrop, views.digits_views),
-    "rgb": (classify_views.rgb_weak_strong, views.dino_rgb_views, views.byol_rgb_views),
-}
-
-
 def _train_views(cfg: Config, family: str, mean: Any, std: Any) -> views.Transform:
-    """The method's views for the image family: a BYOL pair, DINO's multi-crop, or a
-    classifier's weak/strong pair."""
-    weak_strong, multicrop, pair = TRAIN_VIEWS[family]
-    size = cfg.data.image_size
-    if cfg.method.name in CLASSIFICATION_METHODS:
-        pl = cfg.pseudo_label
-        return weak_strong(size, mean, std, pl.randaugment_ops, pl.randaugment_magnitude)
-    if cfg.method.name == "dino":
-        return multicrop(size, mean, std, **_multicrop(cfg))
-    if cfg.data.views == "simclr":  # RGB only (config_checks)
-        return views.simclr_rgb_views(size, mean, std, cfg.data.jitter_strength)
-    return pair(size, mean, std)
+    """The registered method's loader-pipeline views for the image family ("digits", "rgb")."""
+    return method_spec(cfg.method.name).loader_views(cfg, family, mean, std)
 
 
 def build_digits(cfg: Config) -> DataBundle:
@@ -288,10 +214,9 @@ BUILDERS: dict[str, Callable[[Config], DataBundle]] = {
 def build_data(cfg: Config) -> DataBundle:
     """Build the data a recipe names; raises DataError with the fix when it is missing."""
     bundle = BUILDERS[cfg.data.dataset](cfg)
-    if cfg.method.name in CLASSIFICATION_METHODS:  # splits, noisy labels, labelled subset
-        from ssl_ema.data.labels import apply_labels
-
-        bundle = apply_labels(bundle, cfg)
+    labels = method_spec(cfg.method.name).labels
+    if labels != "none":  # splits, noisy labels, labelled subset
+        bundle = apply_labels(bundle, cfg, semi=labels == "semi")
     n, seed = cfg.data.eval_subset, cfg.run.seed
     bundle.train_eval = _subset(bundle.train_eval, n, seed)
     bundle.test_eval = _subset(bundle.test_eval, n, seed + 1)

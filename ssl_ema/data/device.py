@@ -18,53 +18,28 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
 from torchvision.transforms.v2 import functional as TF
 
-from ssl_ema.config import Config
+from ssl_ema.config_schema import Config
 from ssl_ema.data import gpu_augment
-from ssl_ema.data.datasets import DataBundle, DataError, Transformed
+from ssl_ema.data.datasets import DataBundle, DataError
 from ssl_ema.data.device_classify import ClassifyStream, classify_streams
 from ssl_ema.data.gpu_augment import ViewParams, ViewSpec
-
-
-def _pil_to_uint8(image: Any) -> Tensor:
-    return TF.pil_to_tensor(image.convert("RGB"))  # (3, H, W) uint8
-
-
-def decode_uint8(source: Any, num_workers: int) -> tuple[Tensor, Tensor]:
-    """Every image of an ``(image, label)`` source as one uint8 tensor (N, C, H, W) + labels."""
-    data = getattr(source, "data", None)
-    if isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 4:
-        # torchvision's CIFAR keeps (N, H, W, C) uint8 in memory: no decoding at all.
-        return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous(), torch.as_tensor(
-            source.targets, dtype=torch.int64)
-    loader = DataLoader(Transformed(source, _pil_to_uint8), batch_size=500,
-                        num_workers=num_workers)
-    try:
-        batches = list(loader)
-    except RuntimeError as e:
-        if "stack expects each tensor to be equal size" not in str(e):
-            raise
-        raise DataError(
-            "data.pipeline=device keeps the data set as one tensor, but its images differ in "
-            "size; resize them to one size or use data.pipeline=loader") from e
-    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+from ssl_ema.data.uint8 import check_fits, decode_uint8
+from ssl_ema.methods.registry import method_spec
 
 
 def view_specs(cfg: Config) -> tuple[ViewSpec, ...]:
-    """The method's view distributions, as the loader pipeline's lightly transforms."""
-    size = cfg.data.image_size
-    if cfg.method.name == "dino":
-        d = cfg.dino
-        return gpu_augment.dino_specs(size, d.local_size, d.local_views, d.global_scale,
-                                      d.local_scale)
-    if cfg.data.views == "simclr":
-        return gpu_augment.simclr_specs(size, cfg.data.jitter_strength)
-    return gpu_augment.byol_specs(size)
+    """The registered method's view distributions on the device (config_checks refuses
+    data.pipeline=device for a method that has none)."""
+    device_views = method_spec(cfg.method.name).device_views
+    if device_views is None:
+        raise DataError(f"method {cfg.method.name} has no device-pipeline views; use "
+                        "data.pipeline=loader")
+    return device_views(cfg)
 
 
 class DeviceTrainStream:
@@ -138,8 +113,6 @@ class DeviceEvalStream:
             yield x.contiguous(memory_format=self.memory_format), self.labels[lo:lo + self.batch]
 
 
-# The classification methods' streams (device_classify.py): weak views, + strong for pseudo_label.
-CLASSIFY_METHODS = ("supervised", "pseudo_label")
 TrainStream = DeviceTrainStream | ClassifyStream
 
 
@@ -150,16 +123,6 @@ def _source(ds: Dataset) -> tuple[Any, list[int] | None]:
     return ds.source, None  # type: ignore[attr-defined]
 
 
-def check_fits(images: Tensor, device: torch.device) -> None:
-    if device.type != "cuda":
-        return
-    free, _ = torch.cuda.mem_get_info(device)
-    if images.numel() > free // 2:
-        raise DataError(
-            f"the data set needs {images.numel() / 2**30:.1f} GiB as uint8 but only "
-            f"{free / 2**30:.1f} GiB of device memory is free; use data.pipeline=loader")
-
-
 def device_streams(bundle: DataBundle, cfg: Config, per_device: dict[int, int],
                    device: torch.device, rank: int, world: int
                    ) -> tuple[dict[int, TrainStream], DeviceEvalStream, DeviceEvalStream]:
@@ -167,7 +130,7 @@ def device_streams(bundle: DataBundle, cfg: Config, per_device: dict[int, int],
     workers = cfg.data.num_workers
     mean, std, flags = bundle.mean, bundle.std, cfg.train
     train: dict[int, TrainStream]
-    if cfg.method.name in CLASSIFY_METHODS:  # weak/strong views (issue 20; wiring)
+    if method_spec(cfg.method.name).device_classify:  # weak (+ strong) views with labels
         train, train_x, train_y = classify_streams(bundle, cfg, per_device, device, rank, world)
     else:
         train_source, _ = _source(bundle.train)  # type: ignore[arg-type]

@@ -29,10 +29,11 @@ from torch import Tensor
 from torch.utils.data import Subset
 from torchvision.transforms.v2 import functional as TF
 
-from ssl_ema.config import Config
+from ssl_ema.config_schema import Config
 from ssl_ema.data.datasets import DataBundle
 from ssl_ema.data.gpu_randaugment import draw_ops, rand_augment
 from ssl_ema.data.labels import LabelledUnlabelled
+from ssl_ema.data.uint8 import check_fits, decode_uint8
 
 
 @dataclass(frozen=True)
@@ -225,7 +226,6 @@ def classify_streams(bundle: DataBundle, cfg: Config, per_device: dict[int, int]
                      ) -> tuple[dict[int, ClassifyStream], Tensor, Tensor]:
     """The training streams per batch size, and the training images and labels they hold (in
     the order of ``bundle.train_eval``, the BatchNorm-recomputation and kNN bank)."""
-    from ssl_ema.data.device import check_fits, decode_uint8  # device.py dispatches here
 
     data = bundle.train.source
     workers, weak_strong = cfg.data.num_workers, classify_specs(cfg)

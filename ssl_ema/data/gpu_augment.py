@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ssl_ema.config_schema import Config
+
 # torchvision.transforms.functional.rgb_to_grayscale (ITU-R 601-2 luma, as PIL's "L" mode)
 LUMA = (0.2989, 0.587, 0.114)
 SOLARIZE_THRESHOLD = 128 / 255  # lightly's RandomSolarization -> PIL ImageOps.solarize(128)
@@ -301,3 +303,10 @@ def dino_specs(image_size: int, local_size: int, local_views: int,
     g1 = ViewSpec(image_size, scale=global_scale, blur=0.0 if small else 0.1, solarize=0.2)
     local = ViewSpec(local_size, scale=local_scale, blur=0.0 if small else 0.5)
     return (g0, g1, *([local] * local_views))
+
+
+def pair_specs(cfg: Config) -> tuple[ViewSpec, ViewSpec]:
+    """The device pipeline's view pair that ``data.views`` names (`views.pair_views`)."""
+    if cfg.data.views == "simclr":
+        return simclr_specs(cfg.data.image_size, cfg.data.jitter_strength)
+    return byol_specs(cfg.data.image_size)

@@ -23,13 +23,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Subset
 
-from ssl_ema.config import Config, ConfigError
+from ssl_ema.config_schema import Config, ConfigError
 from ssl_ema.data.classify_views import WeakStrong
 from ssl_ema.data.noisy_labels import (
     attach_noisy_labels,
     imagefolder_original_index,
     load_cifar10n,
 )
+from ssl_ema.data.seeded import SeededViews, Transformed
 from ssl_ema.data.synthetic_noise import noise_rate, symmetric_noise
 
 
@@ -130,10 +131,9 @@ def _noisy(source: Any, targets: np.ndarray, cfg: Config) -> np.ndarray:
     return attach_noisy_labels(targets, index, sets, cfg.labels.noisy)
 
 
-def apply_labels(bundle: Any, cfg: Config) -> Any:
-    """The bundle a classification method trains on (see the module docstring)."""
-    from ssl_ema.data.datasets import SeededViews, Transformed  # datasets imports this module
-
+def apply_labels(bundle: Any, cfg: Config, semi: bool) -> Any:
+    """The bundle a classification method trains on (see the module docstring); ``semi``: a
+    labelled subset plus unlabelled groups (the registry's ``labels="semi"``)."""
     lab, seed = cfg.labels, cfg.run.seed
     source, views = bundle.train.source, bundle.train.transform
     plain = bundle.train_eval.transform
@@ -151,7 +151,7 @@ def apply_labels(bundle: Any, cfg: Config) -> Any:
             noise["realised_val"] = noise_rate(labels[val_idx], true[val_idx])
     data = Relabelled(source, labels)
     val = Transformed(Subset(data, val_idx.tolist()), plain) if len(val_idx) else None
-    if cfg.method.name == "pseudo_label":
+    if semi:
         labelled = train_idx[per_class_subset(labels[train_idx], lab.per_class, seed)]
         unlabelled = np.setdiff1d(train_idx, labelled)
         pl = cfg.pseudo_label

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ssl_ema.config import ConfigError
+from ssl_ema.config_schema import ConfigError
 
 LABEL_SETS = {"clean": "clean_label", "aggre": "aggre_label", "worse": "worse_label",
               "random1": "random_label1", "random2": "random_label2", "random3": "random_label3"}

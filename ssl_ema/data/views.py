@@ -15,6 +15,7 @@ Colour jitter, grey-scaling and flips make no sense for them (a flipped 2 is not
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from lightly.transforms.byol_transform import BYOLTransform, BYOLView1Transform, BYOLView2Transform
@@ -23,6 +24,8 @@ from lightly.transforms.simclr_transform import SimCLRTransform
 from torchvision import transforms as T
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
+
+from ssl_ema.config_schema import Config
 
 Transform = Callable[..., object]
 
@@ -129,3 +132,14 @@ def digits_multicrop(image_size: int, mean: float, std: float, *, local_views: i
 
 def digits_eval(image_size: int, mean: float, std: float) -> Transform:
     return v2.Compose([v2.Resize(image_size, antialias=True), v2.Normalize([mean], [std])])
+
+
+def pair_views(cfg: Config, family: str, mean: Any, std: Any) -> Transform:
+    """Two views of an image for BYOL-like methods: the digits pair, or the RGB pair that
+    ``data.views`` names (BYOL's asymmetric pair, or SimCLR's)."""
+    size = cfg.data.image_size
+    if family == "digits":
+        return digits_views(size, mean, std)
+    if cfg.data.views == "simclr":
+        return simclr_rgb_views(size, mean, std, cfg.data.jitter_strength)
+    return byol_rgb_views(size, mean, std)

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ssl_ema.config import Config, ConfigError, dump_yaml
-from ssl_ema.data import DataBundle, build_data
+from ssl_ema.data.datasets import DataBundle, build_data
 from ssl_ema.data.device import TrainStream, device_streams
 from ssl_ema.data.synthetic_noise import describe_noise
 from ssl_ema.ema import EMA

@@ -21,7 +21,7 @@ from torch import nn
 from ssl_ema.config import Config, ConfigError, load_config
 from ssl_ema.engine.checkpoint import PREFIX, checkpoints
 from ssl_ema.methods import TeacherStudentMethod, build_method
-from ssl_ema.models.backbones import build_backbone
+from ssl_ema.models.backbones import backbone_from_config
 
 MODEL_FILE = "model.safetensors"
 BEST_EMA_FILE = "best_ema.safetensors"  # eval/early_stopping.py
@@ -101,9 +101,7 @@ def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
 
 def _input_channels(cfg: Config, state: dict) -> int:
     """Channels of the first convolution/patch embedding, read off the saved weights."""
-    m = cfg.model
-    probe = build_backbone(m.backbone, in_chans=3, image_size=cfg.data.image_size,
-                           cifar_stem=m.cifar_stem, patch_size=m.patch_size)
+    probe = backbone_from_config(cfg, in_chans=3)
     for name, p in probe.named_parameters():
         if p.dim() == 4:
             return int(state[f"student.backbone.{name}"].shape[1])

@@ -1,30 +1,27 @@
-"""Method registries: name -> constructor.
+"""Methods: one file each, registered in `ssl_ema.methods.registry` when imported.
 
-Self-supervised methods (``METHODS``) are built from ``(cfg, in_chans)``; classification methods
-(``CLASSIFIERS``) also need the number of classes.
+Every module of this package is imported here (in name order), so a new method is one new file:
+its ``register(MethodSpec(...))`` call makes it known to the config, the checks, the data
+pipelines and the tests.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+import pkgutil
 
-from ssl_ema.config import Config
+from ssl_ema.config_schema import Config
 from ssl_ema.methods.base import TeacherStudentMethod
-from ssl_ema.methods.byol import BYOL
-from ssl_ema.methods.dino import DINO
-from ssl_ema.methods.pseudo_label import PseudoLabel
-from ssl_ema.methods.supervised import Supervised
+from ssl_ema.methods.registry import METHODS, MethodSpec, method_spec
 
-METHODS: dict[str, Callable[[Config, int], TeacherStudentMethod]] = {"byol": BYOL, "dino": DINO}
-CLASSIFIERS: dict[str, Callable[[Config, int, int], TeacherStudentMethod]] = {
-    "supervised": Supervised, "pseudo_label": PseudoLabel}
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 
 def build_method(cfg: Config, in_chans: int, num_classes: int = 0) -> TeacherStudentMethod:
-    name = cfg.method.name
-    if name in CLASSIFIERS:
-        return CLASSIFIERS[name](cfg, in_chans, num_classes)
-    return METHODS[name](cfg, in_chans)
+    """The registered method ``cfg.method.name``, for images of ``in_chans`` channels and (for
+    the classification methods) ``num_classes`` classes."""
+    return method_spec(cfg.method.name).build(cfg, in_chans, num_classes)
 
 
-__all__ = ["CLASSIFIERS", "METHODS", "TeacherStudentMethod", "build_method"]
+__all__ = ["METHODS", "MethodSpec", "TeacherStudentMethod", "build_method", "method_spec"]

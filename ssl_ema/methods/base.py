@@ -8,10 +8,13 @@ ModuleDicts; one level of inheritance).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
+
+from ssl_ema.config_schema import Config
+from ssl_ema.schedules import cosine
 
 
 class TeacherStudentMethod(nn.Module, ABC):
@@ -30,9 +33,12 @@ class TeacherStudentMethod(nn.Module, ABC):
     # frozen backbone features, or "classify" (top-1 of the method's own classifier).
     evaluation: str = "knn"
 
-    def __init__(self, build_modules: Callable[[], dict[str, nn.Module]], teacher_keys: list[str],
-                 num_ema_copies: int = 0):
+    def __init__(self, cfg: Config, build_modules: Callable[[], dict[str, nn.Module]],
+                 teacher_keys: list[str]):
         super().__init__()
+        # Teacher momentum, cosine from method.momentum to method.momentum_end over progress
+        # (BYOL, Grill et al. 2020, Sec. 3.2; DINO, MoCo and the model EMAs alike).
+        self.momentum_start, self.momentum_end = cfg.method.momentum, cfg.method.momentum_end
         self.student = nn.ModuleDict(build_modules())
 
         def averaged_copy() -> nn.ModuleDict:
@@ -43,7 +49,7 @@ class TeacherStudentMethod(nn.Module, ABC):
             return copy.requires_grad_(False)
 
         self.teacher = averaged_copy()
-        self.ema_copies = nn.ModuleList(averaged_copy() for _ in range(num_ema_copies))
+        self.ema_copies = nn.ModuleList(averaged_copy() for _ in cfg.ema.extra_momenta)
 
     def student_for_ema(self) -> nn.ModuleDict:
         """The student modules the teacher averages, in the teacher's key order."""
@@ -70,10 +76,12 @@ class TeacherStudentMethod(nn.Module, ABC):
         summed over processes, e.g. pseudo-label counts. Default: none."""
         return {}
 
-    @abstractmethod
     def momentum(self, progress: float) -> float:
-        """Teacher momentum at training progress in [0, 1] (fraction of samples seen)."""
+        """Teacher momentum at training progress in [0, 1] (fraction of samples seen), at the
+        reference batch: the engine applies the EMA Scaling Rule and the update period."""
+        return cosine(self.momentum_start, self.momentum_end, progress)
 
     @abstractmethod
-    def forward(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
-        """Loss (with graph) under key ``loss`` plus detached metrics."""
+    def forward(self, batch: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Loss (with graph) under key ``loss`` plus detached metrics; ``batch`` as
+        `ssl_ema.data.batch` describes for the method's views."""

@@ -7,30 +7,27 @@ of the other view (Sec. 3.1, Eq. 2-3), with cosine momentum 0.99 -> 1 (Sec. 3.2)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from lightly.loss import NegativeCosineSimilarity
 from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
 from torch import nn
 
-from ssl_ema.config import Config
+from ssl_ema.config_schema import Config
+from ssl_ema.data import gpu_augment, views
+from ssl_ema.data.batch import Views
 from ssl_ema.methods.base import TeacherStudentMethod
-from ssl_ema.models.backbones import build_backbone
-from ssl_ema.schedules import cosine
+from ssl_ema.methods.registry import MethodSpec, register
+from ssl_ema.models.backbones import backbone_from_config
 
 
 class BYOL(TeacherStudentMethod):
-    def __init__(self, cfg: Config, in_chans: int):
+    def __init__(self, cfg: Config, in_chans: int, num_classes: int = 0):
         m = cfg.method
 
         def build() -> dict[str, nn.Module]:
-            backbone = build_backbone(
-                cfg.model.backbone,
-                in_chans=in_chans,
-                image_size=cfg.data.image_size,
-                cifar_stem=cfg.model.cifar_stem,
-                init=cfg.model.init,
-                stem_activation=cfg.model.stem_activation,
-            )
+            backbone = backbone_from_config(cfg, in_chans)
             dim = backbone.num_features
             return {
                 "backbone": backbone,
@@ -40,15 +37,10 @@ class BYOL(TeacherStudentMethod):
                 ),
             }
 
-        super().__init__(build, teacher_keys=["backbone", "projection"],
-                         num_ema_copies=len(cfg.ema.extra_momenta))
-        self.momentum_start, self.momentum_end = m.momentum, m.momentum_end
+        super().__init__(cfg, build, teacher_keys=["backbone", "projection"])
         # -cos(p, z), averaged over the two directions as in lightly's CIFAR-10 benchmark, so its
         # learning rates carry over. BYOL's 2 - 2cos summed over directions has 4x the gradient.
         self.criterion = NegativeCosineSimilarity()
-
-    def momentum(self, progress: float) -> float:
-        return cosine(self.momentum_start, self.momentum_end, progress)
 
     def _student(self, x: torch.Tensor) -> torch.Tensor:
         s = self.student
@@ -59,9 +51,13 @@ class BYOL(TeacherStudentMethod):
         t = self.teacher
         return t["projection"](t["backbone"](x))
 
-    def forward(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
-        view0, view1 = batch[0], batch[1]  # (B, C, H, W) each
+    def forward(self, batch: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        view0, view1 = Views.of(batch).views  # (B, C, H, W) each
         p0, p1 = self._student(view0), self._student(view1)  # (B, D)
         z0, z1 = self._teacher(view0), self._teacher(view1)  # (B, D), no graph
         loss = 0.5 * (self.criterion(p0, z1) + self.criterion(p1, z0))
         return {"loss": loss, "cosine": -loss.detach()}
+
+
+register(MethodSpec(name="byol", build=BYOL, loader_views=views.pair_views,
+                    device_views=gpu_augment.pair_specs, pair_views=True))

@@ -12,16 +12,21 @@ momentum goes through the EMA Scaling Rule (``prepare_step``), like the teacher'
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 from lightly.loss import DINOLoss
 from lightly.models.modules import DINOProjectionHead
 from lightly.models.modules.heads import ProjectionHead
 from torch import nn
 
-from ssl_ema.config import Config, DINOConfig
+from ssl_ema.config_schema import Config, ConfigError, DINOConfig
+from ssl_ema.data import gpu_augment, views
+from ssl_ema.data.batch import Views
 from ssl_ema.methods.base import TeacherStudentMethod
-from ssl_ema.models.backbones import build_backbone
-from ssl_ema.schedules import cosine
+from ssl_ema.methods.registry import MethodSpec, register
+from ssl_ema.models.backbones import backbone_from_config
 
 
 def dino_head(input_dim: int, d: DINOConfig) -> DINOProjectionHead:
@@ -43,20 +48,14 @@ def dino_head(input_dim: int, d: DINOConfig) -> DINOProjectionHead:
 
 
 class DINO(TeacherStudentMethod):
-    def __init__(self, cfg: Config, in_chans: int):
-        d, m = cfg.dino, cfg.method
+    def __init__(self, cfg: Config, in_chans: int, num_classes: int = 0):
+        d = cfg.dino
 
         def build() -> dict[str, nn.Module]:
-            backbone = build_backbone(
-                cfg.model.backbone, in_chans=in_chans, image_size=cfg.data.image_size,
-                cifar_stem=cfg.model.cifar_stem, patch_size=cfg.model.patch_size,
-                init=cfg.model.init, stem_activation=cfg.model.stem_activation,
-            )
+            backbone = backbone_from_config(cfg, in_chans)
             return {"backbone": backbone, "head": dino_head(backbone.num_features, d)}
 
-        super().__init__(build, teacher_keys=["backbone", "head"],
-                         num_ema_copies=len(cfg.ema.extra_momenta))
-        self.momentum_start, self.momentum_end = m.momentum, m.momentum_end
+        super().__init__(cfg, build, teacher_keys=["backbone", "head"])
         self.warmup_teacher_temp, self.final_teacher_temp = d.warmup_teacher_temp, d.teacher_temp
         # Warm-ups stated in epochs are fractions of the samples to be seen.
         self.temp_warmup = min(d.warmup_teacher_temp_epochs / cfg.train.epochs, 1.0)
@@ -66,9 +65,6 @@ class DINO(TeacherStudentMethod):
                                   student_temp=d.student_temp, center_momentum=d.center_momentum)
         self.progress, self.teacher_temp = 0.0, d.warmup_teacher_temp
         self.batch_views = d.batch_views
-
-    def momentum(self, progress: float) -> float:
-        return cosine(self.momentum_start, self.momentum_end, progress)
 
     def teacher_temperature(self, progress: float) -> float:
         """Linear warm-up from warmup_teacher_temp to teacher_temp, then constant (Sec. 3.1)."""
@@ -98,9 +94,9 @@ class DINO(TeacherStudentMethod):
         out = modules["head"](modules["backbone"](torch.cat(views)))
         return list(out.chunk(len(views)))
 
-    def forward(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
-        *views, _labels = batch
-        global_views, local_views = list(views[:2]), list(views[2:])
+    def forward(self, batch: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        crops = Views.of(batch).views
+        global_views, local_views = list(crops[:2]), list(crops[2:])
         with torch.no_grad():
             teacher_out = self._forward(self.teacher, global_views)  # 2 x (B, D)
         student_out = self._forward(self.student, global_views)
@@ -109,3 +105,42 @@ class DINO(TeacherStudentMethod):
         loss = self.criterion(teacher_out, student_out, teacher_temp=self.teacher_temp)
         return {"loss": loss, "teacher_temp": torch.tensor(self.teacher_temp),
                 "center_norm": self.criterion.center.norm()}
+
+
+def _multicrop(cfg: Config) -> dict[str, Any]:
+    d = cfg.dino
+    return {"local_views": d.local_views, "local_size": d.local_size,
+            "global_scale": d.global_scale, "local_scale": d.local_scale}
+
+
+def loader_views(cfg: Config, family: str, mean: Any, std: Any) -> views.Transform:
+    """Multi-crop: two global views at data.image_size, dino.local_views local ones."""
+    multicrop = views.digits_multicrop if family == "digits" else views.dino_rgb_views
+    return multicrop(cfg.data.image_size, mean, std, **_multicrop(cfg))
+
+
+def device_views(cfg: Config) -> tuple[gpu_augment.ViewSpec, ...]:
+    d = cfg.dino
+    return gpu_augment.dino_specs(cfg.data.image_size, d.local_size, d.local_views,
+                                  d.global_scale, d.local_scale)
+
+
+def check(cfg: Config) -> None:
+    d = cfg.dino
+    for key, value in {"output_dim": d.output_dim, "local_size": d.local_size,
+                       "student_temp": d.student_temp, "teacher_temp": d.teacher_temp,
+                       "warmup_teacher_temp": d.warmup_teacher_temp,
+                       "head_layers": d.head_layers}.items():
+        if value <= 0:
+            raise ConfigError(f"dino.{key}: must be positive, got {value}")
+    if not 0.0 <= d.center_momentum <= 1.0:
+        raise ConfigError(f"dino.center_momentum: a momentum must lie in [0, 1], got "
+                          f"{d.center_momentum}")
+
+
+register(MethodSpec(
+    name="dino", build=DINO, loader_views=loader_views, device_views=device_views,
+    check=check,
+    tiny_overrides=("dino.output_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16",
+                    "dino.local_views=2", "dino.local_size=4", "optim.clip_grad_norm=0.5",
+                    "optim.weight_decay=0.04", "optim.weight_decay_end=0.4")))

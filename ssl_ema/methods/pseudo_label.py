@@ -18,12 +18,16 @@ method without the unlabelled term), so this class extends `Supervised` rather t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
-from ssl_ema.config import Config
+from ssl_ema.config_schema import Config, ConfigError
+from ssl_ema.data.batch import Semi
 from ssl_ema.losses.pseudo_label import pseudo_label_loss, pseudo_labels
-from ssl_ema.methods.supervised import Supervised
+from ssl_ema.methods.registry import MethodSpec, register
+from ssl_ema.methods.supervised import Supervised, weak_strong_views
 
 
 class PseudoLabel(Supervised):
@@ -41,8 +45,8 @@ class PseudoLabel(Supervised):
         self.counts = torch.zeros_like(self.counts)
         return sums
 
-    def forward(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
-        x, u_weak, u_strong, labels = batch  # (B,C,H,W), (B,mu,C,H,W) x2, (B, 1 + mu)
+    def forward(self, batch: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        x, u_weak, u_strong, labels = Semi.of(batch)  # (B,C,H,W), (B,mu,C,H,W) x2, (B, 1 + mu)
         u_weak, u_strong = u_weak.flatten(0, 1), u_strong.flatten(0, 1)  # (B*mu, C, H, W)
         y, u_true = labels[:, 0], labels[:, 1:].flatten()  # (B,), (B*mu,): u_true hidden
         s, t = self.student, self.teacher
@@ -60,3 +64,19 @@ class PseudoLabel(Supervised):
         return {"loss": loss_l + self.unlabelled_weight * loss_u,
                 "loss_labelled": loss_l.detach(), "loss_unlabelled": loss_u.detach(),
                 "mask_rate": targets.mask_rate}  # accuracy: per epoch (eval/classify.py)
+
+
+def check(cfg: Config) -> None:
+    pl = cfg.pseudo_label
+    if cfg.labels.per_class <= 0:
+        raise ConfigError("labels.per_class: pseudo_label needs a labelled subset; set it > 0 "
+                          "(e.g. 400 for CIFAR-10 with 4,000 labels)")
+    if not 0.0 <= pl.threshold <= 1.0:
+        raise ConfigError(f"pseudo_label.threshold: must lie in [0, 1], got {pl.threshold}")
+    if pl.mu < 1 or pl.unlabelled_weight < 0:
+        raise ConfigError(f"pseudo_label.mu must be >= 1 and pseudo_label.unlabelled_weight "
+                          f">= 0, got {pl.mu} and {pl.unlabelled_weight}")
+
+
+register(MethodSpec(name="pseudo_label", build=PseudoLabel, loader_views=weak_strong_views,
+                    labels="semi", check=check, device_classify=True))

@@ -9,32 +9,52 @@ Fine-tuning a pretrained backbone is this method with ``model.init_from``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
-from ssl_ema.config import Config
+from ssl_ema.config_schema import Config, ConfigError
+from ssl_ema.data import classify_views
+from ssl_ema.data.batch import Views
 from ssl_ema.methods.base import TeacherStudentMethod
+from ssl_ema.methods.registry import MethodSpec, register
 from ssl_ema.models.classifier import classifier_modules
-from ssl_ema.schedules import cosine
 
 
 class Supervised(TeacherStudentMethod):
     evaluation = "classify"
 
     def __init__(self, cfg: Config, in_chans: int, num_classes: int):
-        super().__init__(lambda: classifier_modules(cfg, in_chans, num_classes),
-                         teacher_keys=["backbone", "classifier"],
-                         num_ema_copies=len(cfg.ema.extra_momenta))
-        self.momentum_start, self.momentum_end = cfg.method.momentum, cfg.method.momentum_end
+        super().__init__(cfg, lambda: classifier_modules(cfg, in_chans, num_classes),
+                         teacher_keys=["backbone", "classifier"])
         self.label_smoothing = cfg.supervised.label_smoothing
 
-    def momentum(self, progress: float) -> float:
-        return cosine(self.momentum_start, self.momentum_end, progress)
-
-    def forward(self, batch: tuple[torch.Tensor, ...]) -> dict[str, torch.Tensor]:
-        x, y = batch[0], batch[1]  # (B, C, H, W), (B,)
+    def forward(self, batch: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+        (x,), y = Views.of(batch)  # (B, C, H, W), (B,)
         s = self.student
         logits = s["classifier"](s["backbone"](x))  # (B, K)
         loss = F.cross_entropy(logits.float(), y, label_smoothing=self.label_smoothing)
         accuracy = (logits.detach().argmax(dim=1) == y).float().mean()
         return {"loss": loss, "train_accuracy": accuracy}
+
+
+def weak_strong_views(cfg: Config, family: str, mean: Any, std: Any) -> classify_views.WeakStrong:
+    """Weak views (pad-crop + flip) for training, with the strong RandAugment views that
+    pseudo-labelling also draws."""
+    weak_strong = classify_views.digits_weak_strong if family == "digits" \
+        else classify_views.rgb_weak_strong
+    pl = cfg.pseudo_label
+    return weak_strong(cfg.data.image_size, mean, std, pl.randaugment_ops,
+                       pl.randaugment_magnitude)
+
+
+def check(cfg: Config) -> None:
+    if not 0.0 <= cfg.supervised.label_smoothing < 1.0:
+        raise ConfigError("supervised.label_smoothing: must lie in [0, 1), got "
+                          f"{cfg.supervised.label_smoothing}")
+
+
+register(MethodSpec(name="supervised", build=Supervised, loader_views=weak_strong_views,
+                    labels="all", check=check, device_classify=True))

@@ -6,7 +6,7 @@ import timm
 from timm.models.resnet import ResNet
 from torch import nn
 
-from ssl_ema.config import ConfigError
+from ssl_ema.config_schema import Config, ConfigError
 
 
 def apply_cifar_stem(model: nn.Module) -> None:
@@ -95,3 +95,13 @@ def build_backbone(
     if init == "torch":
         reset_to_torch_defaults(model)
     return model
+
+
+def backbone_from_config(cfg: Config, in_chans: int) -> nn.Module:
+    """The one way to build the recipe's backbone: `build_backbone` with every ``model.*`` key
+    that shapes it (name, CIFAR stem, patch size, init, stem activation) and the training image
+    size, for images of ``in_chans`` channels."""
+    m = cfg.model
+    return build_backbone(m.backbone, in_chans=in_chans, image_size=cfg.data.image_size,
+                          cifar_stem=m.cifar_stem, patch_size=m.patch_size, init=m.init,
+                          stem_activation=m.stem_activation)

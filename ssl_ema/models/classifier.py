@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ssl_ema.config import Config, ConfigError
-from ssl_ema.models.backbones import build_backbone
+from ssl_ema.config_schema import Config, ConfigError
+from ssl_ema.models.backbones import backbone_from_config
 
 
 def read_state_dict(path: str | Path, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -45,10 +45,7 @@ def load_backbone(backbone: nn.Module, path: str | Path, prefix: str = "") -> No
 
 def classifier_modules(cfg: Config, in_chans: int, num_classes: int) -> dict[str, nn.Module]:
     """``{"backbone": timm model without head, "classifier": nn.Linear}``."""
-    backbone = build_backbone(cfg.model.backbone, in_chans=in_chans,
-                              image_size=cfg.data.image_size, cifar_stem=cfg.model.cifar_stem,
-                              patch_size=cfg.model.patch_size, init=cfg.model.init,
-                              stem_activation=cfg.model.stem_activation)
+    backbone = backbone_from_config(cfg, in_chans)
     if cfg.model.init_from:
         load_backbone(backbone, cfg.model.init_from, cfg.model.init_prefix)
     return {"backbone": backbone, "classifier": nn.Linear(backbone.num_features, num_classes)}

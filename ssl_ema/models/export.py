@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ssl_ema.config import ConfigError
+from ssl_ema.config_schema import ConfigError
 from ssl_ema.models.backbones import build_backbone, create_timm_backbone
 
 FORMAT = "ssl_ema.backbone/1"
