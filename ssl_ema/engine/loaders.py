@@ -3,16 +3,20 @@ loader per batch size of ``train.batch_schedule``, and the evaluation loaders.""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
 
 import torch
+from accelerate import Accelerator
+from torch import nn
 from torch.utils.data import DataLoader
 
 from ssl_ema.config import Config, ConfigError
 from ssl_ema.data import DataBundle
+from ssl_ema.data.device import DeviceTrainStream, device_streams
 
 EVAL_BATCH = 256
+TrainBatches = DataLoader | DeviceTrainStream
 
 
 def per_device_batch(cfg: Config, world_size: int, batch: int | None = None) -> int:
@@ -53,3 +57,32 @@ def val_loader(data: DataBundle, cfg: Config) -> DataLoader | None:
     if data.val_eval is None:
         return None
     return DataLoader(data.val_eval, batch_size=EVAL_BATCH, num_workers=cfg.data.num_workers)
+
+
+class Prepared(NamedTuple):
+    method: nn.Module  # wrapped for the process group (DDP) where there is one
+    optimizer: torch.optim.Optimizer
+    train: dict[int, TrainBatches]  # by effective batch
+    bank: Iterable[Any]
+    query: Iterable[Any]
+    val: Iterable[Any] | None
+
+
+def prepare(accelerator: Accelerator, method: nn.Module, optimizer: torch.optim.Optimizer,
+            data: DataBundle, cfg: Config, per_device: Mapping[int, int]) -> Prepared:
+    """The model, optimizer and loaders through ``accelerator.prepare``. Under
+    ``data.pipeline=device`` the data is already on the device and sharded: nothing for
+    Accelerate to wrap there."""
+    if cfg.data.pipeline == "device":
+        method, optimizer = accelerator.prepare(method, optimizer)
+        train, bank, query = device_streams(data, cfg, dict(per_device), accelerator.device,
+                                            accelerator.process_index,
+                                            accelerator.num_processes)
+    else:
+        loaders, bank, query = build_loaders(data, cfg, per_device)
+        method, optimizer, bank, query, *loaders = accelerator.prepare(
+            method, optimizer, bank, query, *loaders)
+        train = dict(zip(per_device, loaders))
+    val = val_loader(data, cfg)
+    return Prepared(method, optimizer, dict(train), bank, query,
+                    None if val is None else accelerator.prepare(val))

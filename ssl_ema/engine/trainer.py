@@ -15,25 +15,24 @@ import json
 import math
 import sys
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate.utils import set_seed
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ssl_ema.config import Config, ConfigError
 from ssl_ema.data import DataBundle, build_data
-from ssl_ema.data.device import DeviceTrainStream, device_streams
+from ssl_ema.data.device import DeviceTrainStream
 from ssl_ema.ema import EMA
 from ssl_ema.engine.accelerator import build_accelerator
-from ssl_ema.engine.checkpoint import checkpoints, load_checkpoint, save_checkpoint
-from ssl_ema.engine.guard import NonFiniteGuard, NonFiniteLoss
+from ssl_ema.engine.checkpoint import load_checkpoint, save_checkpoint
+from ssl_ema.engine.guard import NonFiniteGuard
 from ssl_ema.engine.header import header_text, run_header, write_run_files
-from ssl_ema.engine.loaders import build_loaders, per_device_batch, val_loader
+from ssl_ema.engine.loaders import TrainBatches, per_device_batch, prepare
 from ssl_ema.engine.optim import (
     build_optimizer,
     scheduled_lr_and_weight_decay,
@@ -41,14 +40,12 @@ from ssl_ema.engine.optim import (
 )
 from ssl_ema.engine.scaled import ScaledHyperparams, resolve
 from ssl_ema.engine.state import TrainState
-from ssl_ema.engine.stop import DEADLINE_EXIT, Stopped, StopPoints, StopSignals, signal_name
+from ssl_ema.engine.stop import Stopped, StopPoints, StopSignals, signal_name
 from ssl_ema.engine.tracking import MetricsLog
 from ssl_ema.eval.context import EvalContext
 from ssl_ema.eval.evaluations import Evaluation, build_evaluation
 from ssl_ema.methods import TeacherStudentMethod, build_method
 from ssl_ema.schedules import batch_at_epoch
-
-TrainBatches = DataLoader | DeviceTrainStream
 
 
 class RunFinished(Exception):
@@ -80,20 +77,9 @@ class Trainer:
         method.to(self.accelerator.device)  # before the optimizer: fused kernels need it there
         optimizer = build_optimizer(method.student, cfg.optim, self.hyper(0).optimizer.lr.value)
         self.on_device = cfg.data.pipeline == "device"
-        self.train_loaders: Mapping[int, TrainBatches]
-        if self.on_device:  # already on the device and sharded: nothing for Accelerate to wrap
-            self.method, self.optimizer = self.accelerator.prepare(method, optimizer)
-            acc = self.accelerator
-            self.train_loaders, self.bank_loader, self.query_loader = device_streams(
-                self.data, cfg, self.per_device, acc.device, acc.process_index, world)
-        else:
-            train_loaders, bank, query = build_loaders(self.data, cfg, self.per_device)
-            self.method, self.optimizer, self.bank_loader, self.query_loader, *loaders = (
-                self.accelerator.prepare(method, optimizer, bank, query, *train_loaders)
-            )
-            self.train_loaders = dict(zip(self.batches, loaders))
-        val = val_loader(self.data, cfg)
-        self.val_loader = None if val is None else self.accelerator.prepare(val)
+        self.method, self.optimizer, self.train_loaders, self.bank_loader, self.query_loader, \
+            self.val_loader = prepare(self.accelerator, method, optimizer, self.data, cfg,
+                                      self.per_device)
         # torch.compile wraps the prepared (DDP) module for the forward only, so checkpoints,
         # `accumulate` and the EMA see the plain modules.
         self.forward = torch.compile(self.method) if cfg.train.compile else self.method
@@ -235,7 +221,7 @@ class Trainer:
         st = self.state
         if st.step % self.cfg.train.log_every and st.step != self.total_steps:
             return
-        self._check_finite()
+        self.guard.check(self.run_dir)
         metrics = {k: float(v.detach()) for k, v in out.items()}  # host sync only here
         sched = {k: float(v.detach()) if torch.is_tensor(v) else float(v)
                  for k, v in sched.items()}
@@ -262,15 +248,12 @@ class Trainer:
         """A stop signal (``signum``) or the deadline (``signum`` 0) reached this step on some
         process: checkpoint, then stop every rank."""
         st = self.state
-        cause = signal_name(signum) if signum else "deadline"
         # An epoch ended at this step and its evaluation (run after the step) is still due.
         pending = st.batch_in_epoch == 0 and self._more() and self._eval_due(st.epoch)
         path = self._save({"eval_pending": pending})
-        self.log.write({"event": "stopped", "signal": cause, "step": st.step, "epoch": st.epoch})
-        raise Stopped(f"stopped by {cause if signum else 'the --stop-after deadline'} at step "
-                      f"{st.step} (epoch {st.epoch}), checkpoint written to {path}; continue "
-                      f"with: tools/train.py --resume {self.run_dir}",
-                      128 + signum if signum else DEADLINE_EXIT)
+        self.log.write({"event": "stopped", "signal": signal_name(signum) if signum else
+                        "deadline", "step": st.step, "epoch": st.epoch})
+        raise Stopped.at(signum, st.step, st.epoch, path, self.run_dir)
 
     # ----------------------------------------------------------------------------- evaluation
     def eval_context(self) -> EvalContext:
@@ -291,7 +274,7 @@ class Trainer:
         return every > 0 and epoch_done % every == 0
 
     def _log_eval(self) -> dict[str, float]:
-        self._check_finite()
+        self.guard.check(self.run_dir)
         result = self.evaluate()
         st = self.state
         self.log.write({"event": "eval", "step": st.step, "epoch": st.epoch,
@@ -346,20 +329,8 @@ class Trainer:
     def _mark(self) -> None:
         self._log_mark = (time.perf_counter(), self.state.samples_seen)
 
-    def _check_finite(self) -> None:
-        """Before anything is written: stop if a loss was NaN/inf (train.nonfinite=fail)."""
-        bad = self.guard.first_nonfinite()
-        if bad is None:
-            return
-        saved = checkpoints(self.run_dir)
-        where = f"resume from {saved[-1]}" if saved else "no checkpoint was written yet"
-        raise NonFiniteLoss(
-            f"non-finite loss at step {bad[0]} (epoch {bad[1]}); nothing was written after it; "
-            f"{where} with a lower optim.lr, or set train.nonfinite=skip"
-        )
-
     def _save(self, extra: dict[str, Any] | None = None) -> Path:
-        self._check_finite()
+        self.guard.check(self.run_dir)
         path = save_checkpoint(self.accelerator, self.run_dir, self.state.step,
                                self.cfg.train.keep_checkpoints,
                                {"train": self.state.state_dict(), "ema": self.ema.state_dict(),
