@@ -83,7 +83,8 @@ class MultiCrop:
 def _digits_view(size: int, scale: tuple[float, float], mean: float, std: float) -> Transform:
     # An 8x8 digit fills its frame: a crop of half of it, shear or pixel noise on 64 pixels drop
     # the strokes that tell classes apart, and BYOL or DINO then learns invariances that merge
-    # classes (docs/RESULTS.md, issue 15). So: mild crops, a small rotation, nothing else.
+    # classes (docs/RESULTS.md, "Clearing the fair floor on digits (issue 15)"). So: mild crops,
+    # a small rotation, nothing else.
     return v2.Compose([
         v2.Resize(size, antialias=True),
         v2.RandomResizedCrop(size, scale=scale, ratio=(0.85, 1.18), antialias=True),
