@@ -43,7 +43,6 @@ from lightly.models.utils import deactivate_requires_grad, update_momentum
 from lightly.transforms import SimCLRTransform
 from lightly.utils.benchmarking import knn_predict
 from torch import nn
-from tqdm import tqdm
 
 from ssl_ema.config import load_config
 from ssl_ema.data.datasets import build_data
@@ -283,10 +282,8 @@ def train_ours(cfg, tmp_path: Path, theirs: nn.Module, batches: list) -> tuple[n
         before_step()
 
     trainer.forward, model.before_optimizer_step = recording_forward, recording_before_step
-    bar = tqdm(disable=True)
-    trainer._mark()  # as fit does before the first step
     while trainer.state.step < STEPS:
-        trainer._train_epoch(bar)
+        trainer.train_epoch()
     return model, record
 
 
@@ -420,10 +417,10 @@ def test_knn_predicts_as_lightlys_benchmark_module() -> None:
 
 
 def test_best_over_evaluations_is_reported_and_resumed() -> None:
-    ev = KNNEvaluation(trainer=None)  # type: ignore[arg-type]
+    ev = KNNEvaluation(None)
     for epoch, (t, s) in enumerate([(0.50, 0.40), (0.70, 0.65), (0.60, 0.66)], start=1):
         ev._track_best({"knn_teacher": t, "knn_student": s}, epoch)
-    again = KNNEvaluation(trainer=None)  # type: ignore[arg-type]
+    again = KNNEvaluation(None)
     again.load_state_dict(ev.state_dict())
     assert again.summary() == {"best_knn_teacher": 0.70, "best_knn_teacher_epoch": 2,
                                "best_knn_student": 0.66, "best_knn_student_epoch": 3}

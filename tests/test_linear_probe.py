@@ -7,7 +7,8 @@ import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
 
-from ssl_ema.eval.linear import fit_logistic, stratified_split, train_linear_probe
+from ssl_ema.data.labels import stratified_split
+from ssl_ema.eval.linear import fit_logistic, train_linear_probe
 
 
 def separable(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,7 +58,11 @@ def test_lbfgs_reaches_scikit_learns_optimum() -> None:
 
 
 def test_stratified_split_holds_out_each_class() -> None:
-    y = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
-    train, val = stratified_split(y, 0.1, seed=0)
-    assert sorted(torch.cat([train, val]).tolist()) == list(range(100))
-    assert torch.bincount(y[val]).tolist() == [5, 3, 2]
+    """The probe's split (``min_per_class=1``): 10 % of each class, at least one image of a
+    class of 3 (10 % rounds to none), none of a singleton class."""
+    y = np.array([0] * 50 + [1] * 30 + [2] * 3 + [3])
+    train, val = stratified_split(y, 0.1, seed=0, min_per_class=1)
+    assert sorted(np.concatenate([train, val]).tolist()) == list(range(84))
+    assert np.bincount(y[val], minlength=4).tolist() == [5, 3, 1, 0]
+    assert np.bincount(y[stratified_split(y, 0.1, seed=0)[1]], minlength=4).tolist() == \
+        [5, 3, 0, 0]  # the classification runs' validation split (labels.val_fraction)

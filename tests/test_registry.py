@@ -1,11 +1,9 @@
 """The method registry: everything that lists methods derives from it, so a new method file gets
-these generic checks for free; and the package has no import cycles."""
+these generic checks for free (import cycles: test_imports.py)."""
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-from pathlib import Path
 
 import pytest
 import torch
@@ -66,75 +64,3 @@ def test_byol_with_a_vit_honours_patch_size() -> None:
         assert role["backbone"].patch_embed.patch_size == (4, 4)
     x = torch.randn(2, 1, 16, 16)
     assert role["backbone"].forward_features(x).shape[1] == 16 + 1  # (16/4)^2 patches + class
-
-
-def _imports(path: Path, module: str) -> set[str]:
-    """Every ssl_ema module ``path`` imports, deferred ones included, plus the packages whose
-    ``__init__`` an import runs (but not the module's own, which run first)."""
-    found: set[str] = set()
-    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                base = ".".join(package.split(".")[:len(package.split(".")) - node.level + 1]
-                                + ([base] if base else []))
-            names = [base] + [f"{base}.{alias.name}" for alias in node.names]
-        elif isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        else:
-            continue
-        for name in names:
-            parts = name.split(".")
-            found |= {".".join(parts[:i]) for i in range(2, len(parts) + 1)}
-    # A module's own packages are always initialised before it: no dependency.
-    own = {".".join(module.split(".")[:i]) for i in range(1, module.count(".") + 1)}
-    return {m for m in found if m.startswith("ssl_ema.")} - own
-
-
-def test_no_import_cycles() -> None:
-    root = Path(__file__).parents[1] / "ssl_ema"
-    modules = {}
-    for path in root.rglob("*.py"):
-        name = ".".join(("ssl_ema", *path.relative_to(root).with_suffix("").parts))
-        modules[name.removesuffix(".__init__")] = path
-    graph = {m: _imports(p, m) & set(modules) - {m} for m, p in modules.items()}
-    # ssl_ema/methods/__init__.py imports every module of its package (discovery).
-    graph["ssl_ema.methods"] |= {m for m in modules if m.startswith("ssl_ema.methods.")}
-    cycles = _strongly_connected(graph)
-    # engine <-> eval and eval.classify <-> eval.classify_report are issue 17's other half.
-    left = [c for c in cycles if not all(m.startswith(("ssl_ema.engine", "ssl_ema.eval"))
-                                         for m in c)]
-    assert left == []
-
-
-def _strongly_connected(graph: dict[str, set[str]]) -> list[set[str]]:
-    """Tarjan's components of more than one module."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    out: list[set[str]] = []
-
-    def visit(v: str) -> None:
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        for w in graph[v]:
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in stack:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            component = set()
-            while True:
-                w = stack.pop()
-                component.add(w)
-                if w == v:
-                    break
-            if len(component) > 1:
-                out.append(component)
-
-    for v in graph:
-        if v not in index:
-            visit(v)
-    return out

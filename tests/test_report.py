@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from types import SimpleNamespace
 
-from ssl_ema.engine.report import knn_report, next_steps, verdict
+from ssl_ema.eval.tables import knn_report, next_steps, verdict
 
 RESULT = {"knn_teacher": 0.9083, "knn_student": 0.9, "knn_random": 0.7417,
           "knn_random_bn": 0.8722, "step": 220}
@@ -33,9 +33,7 @@ def test_next_steps_name_the_run_and_cifar_only_after_digits() -> None:
 def test_report_is_table_then_verdict_then_next() -> None:
     cfg = SimpleNamespace(eval=SimpleNamespace(knn_k=20, knn_temperature=0.1),
                           data=SimpleNamespace(dataset="digits"))
-    trainer = SimpleNamespace(cfg=cfg, data=SimpleNamespace(test_eval=[0] * 360),
-                              run_dir=Path("runs/x"))
-    lines = knn_report(RESULT, trainer).splitlines()
+    lines = knn_report(RESULT, cfg, 360, Path("runs/x")).splitlines()  # type: ignore[arg-type]
     assert lines[0] == "kNN top-1 (k=20, t=0.1) on 360 held-out digits images after 220 steps:"
     assert lines[2] == "  teacher (EMA of student)     0.9083"
     assert lines[5] == "  random init, BN recomputed   0.8722"

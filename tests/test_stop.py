@@ -39,15 +39,16 @@ def run_dir_of(out: Path) -> Path:
 
 
 def signal_at_step(monkeypatch: pytest.MonkeyPatch, step: int, signum: int) -> None:
-    """Send ``signum`` to this process while optimizer step ``step`` runs."""
-    optimizer_step = Trainer._optimizer_step
+    """Send ``signum`` to this process while optimizer step ``step`` runs (at its gradient
+    clipping, between the backward and the optimizer's step)."""
+    clip = Trainer._clip_gradients
 
-    def step_and_signal(self: Trainer, micro_batches: int) -> dict:
+    def clip_and_signal(self: Trainer) -> torch.Tensor | None:
         if self.state.step + 1 == step:
             os.kill(os.getpid(), signum)
-        return optimizer_step(self, micro_batches)
+        return clip(self)
 
-    monkeypatch.setattr(Trainer, "_optimizer_step", step_and_signal)
+    monkeypatch.setattr(Trainer, "_clip_gradients", clip_and_signal)
 
 
 def test_sigint_checkpoints_stops_and_resumes_bitwise(

@@ -18,6 +18,7 @@ Peak GPU memory is reported for the training loop. Prints a table and writes ``-
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -111,13 +112,17 @@ def phases(tr: Trainer, stream: DeviceTrainStream, steps: int) -> dict[str, floa
 
 def host_syncs_per_step(tr: Trainer, stream: DeviceTrainStream, steps: int = 5) -> float:
     """Host syncs the trainer's step makes (CUDA's sync debug mode counts them; CUDA only)."""
-    batches = stream.iter_from(0)
+    # After `fit` (which ends at a log point): up to ``steps`` more steps of the loop, stopping
+    # before the next log point and before ``total_steps`` (whose log lines sync by design).
+    log_every = tr.cfg.train.log_every
+    steps = min(steps, log_every - 1) if log_every > 1 else steps
+    tr.total_steps = tr.state.step + steps + 1
+    batches = itertools.islice(stream.iter_from(0), steps)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            for _ in range(steps):
-                tr.train_step(next(batches), 1)
+            tr.train_on(batches, tr.hyper(0), len(stream))
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught

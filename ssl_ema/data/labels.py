@@ -47,14 +47,19 @@ def per_class_subset(labels: np.ndarray, per_class: int, seed: int) -> np.ndarra
     return np.sort(np.concatenate(chosen))
 
 
-def stratified_split(labels: np.ndarray, fraction: float, seed: int
+def stratified_split(labels: np.ndarray, fraction: float, seed: int, min_per_class: int = 0
                      ) -> tuple[np.ndarray, np.ndarray]:
-    """(train, held-out) sorted indices; ``fraction`` of each class held out (rounded)."""
+    """(train, held-out) sorted indices; ``fraction`` of each class held out (rounded), at least
+    ``min_per_class`` of a class with more than one member. The one split of the package: the
+    validation split of classification runs (``labels.val_fraction``) and the linear probe's
+    weight-decay split (``min_per_class=1``)."""
     rng = np.random.default_rng(seed)
     train, held = [], []
     for c in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == c))
         n = int(round(fraction * len(members)))
+        if len(members) > 1:
+            n = max(n, min_per_class)
         held.append(members[:n])
         train.append(members[n:])
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(held))

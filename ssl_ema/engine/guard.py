@@ -10,8 +10,11 @@ Under several processes the decision is all-reduced, so every rank takes the sam
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+from ssl_ema.engine.checkpoint import checkpoints
 
 
 class NonFiniteLoss(RuntimeError):
@@ -54,6 +57,19 @@ class NonFiniteGuard:
             return None
         step, epoch = (self._reduce_min(t) for t in self._first_bad)
         return None if step == float("inf") else (int(step), int(epoch))
+
+    def check(self, run_dir: Path) -> None:
+        """Before anything is written: raise `NonFiniteLoss` if a loss was NaN/inf (deferred
+        mode), naming the step and the checkpoint to resume from."""
+        bad = self.first_nonfinite()
+        if bad is None:
+            return
+        saved = checkpoints(run_dir)
+        where = f"resume from {saved[-1]}" if saved else "no checkpoint was written yet"
+        raise NonFiniteLoss(
+            f"non-finite loss at step {bad[0]} (epoch {bad[1]}); nothing was written after it; "
+            f"{where} with a lower optim.lr, or set train.nonfinite=skip"
+        )
 
     def _reduce_min(self, flag: torch.Tensor) -> float:
         if self._all_reduce_min is not None:

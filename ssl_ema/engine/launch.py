@@ -52,11 +52,9 @@ def train(recipe: str | None, overrides: Sequence[str], resume: str | None = Non
     # Free the process group while the interpreter is alive. destroy_process_group (in
     # end_training) alone is not enough: the DDP wrapper keeps the group, and gloo frees each
     # finished collective, with the tensors Python handed it, in a worker thread that needs the
-    # GIL; a late thread meeting interpreter finalisation aborts the rank ("terminate called
-    # without an active exception": CI on a loaded 2-core machine, the core dump showing
-    # ~AsyncAllgatherWork in ProcessGroupGloo::runLoop; pytorch/pytorch#179291 is the same
-    # race). Dropping the trainer and collecting runs the group's destructor now, which drains
-    # and joins those threads.
+    # GIL; a late thread meeting interpreter finalisation aborts the rank (pytorch/pytorch#179291;
+    # the aborts we saw: docs/RESULTS.md, "Test suite"). Dropping the trainer and collecting
+    # runs the group's destructor now, which drains and joins those threads.
     trainer.accelerator.end_training()
     del trainer
     gc.collect()

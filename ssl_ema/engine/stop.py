@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -48,6 +49,14 @@ class Stopped(RuntimeError):
     def __init__(self, message: str, code: int):
         super().__init__(message)
         self.code = code
+
+    @classmethod
+    def at(cls, signum: int, step: int, epoch: int, checkpoint: Path, run_dir: Path) -> Stopped:
+        """Stopped by signal ``signum`` (0: the deadline) at ``step``, after ``checkpoint``."""
+        cause = signal_name(signum) if signum else "the --stop-after deadline"
+        return cls(f"stopped by {cause} at step {step} (epoch {epoch}), checkpoint written to "
+                   f"{checkpoint}; continue with: tools/train.py --resume {run_dir}",
+                   128 + signum if signum else DEADLINE_EXIT)
 
 
 class StopSignals:

@@ -16,25 +16,24 @@ an evaluation never changes the run (resume stays exact). The pseudo-labelling e
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from ssl_ema.ema import recompute_batchnorm
 from ssl_ema.eval.calibration import expected_calibration_error, negative_log_likelihood
+from ssl_ema.eval.context import EvalContext
 from ssl_ema.eval.early_stopping import BestModel, Choice
 from ssl_ema.eval.features import extract_features
+from ssl_ema.eval.tables import classification_table
 from ssl_ema.eval.teacher_student import sync_buffers
-
-if TYPE_CHECKING:
-    from ssl_ema.engine.trainer import Trainer
 
 
 @torch.no_grad()
-def classifier_scores(model: nn.Module, loader: DataLoader, accelerator: Any
+def classifier_scores(model: nn.Module, loader: Iterable[Any], accelerator: Any
                       ) -> dict[str, float]:
     """``acc`` (top-1), ``nll`` and ``ece`` (15 equal-mass bins) of one pass over ``loader``."""
     logits, labels = extract_features(model, loader, accelerator, normalize=False)  # (N, K)
@@ -62,57 +61,48 @@ class ClassifierEvaluation:
 
     baseline_key, baseline_name = "acc_student_test", "random_init_test"
 
-    def __init__(self, trainer: Trainer):
-        self.trainer, acc = trainer, trainer.accelerator
-        self.splits: dict[str, DataLoader] = {}
-        if trainer.data.val_eval is not None:
-            val = DataLoader(trainer.data.val_eval, batch_size=256,
-                             num_workers=trainer.cfg.data.num_workers)
-            self.splits["val"] = acc.prepare(val)
-        self.splits["test"] = trainer.query_loader
-        self.best = BestModel(trainer.run_dir, acc.is_main_process) if "val" in self.splits \
-            else None
-
-    def models(self) -> list[tuple[str, nn.ModuleDict]]:
-        m, momenta = self.trainer.model, self.trainer.cfg.ema.extra_momenta
-        return [("student", m.student), ("teacher", m.teacher),
-                *((f"ema_{x:g}", copy) for x, copy in zip(momenta, m.ema_copies))]
+    def __init__(self, ctx: EvalContext):
+        self.ctx = ctx
+        self.splits: dict[str, Iterable[Any]] = {} if ctx.val is None else {"val": ctx.val}
+        self.splits["test"] = ctx.query
+        self.best = BestModel(ctx.run_dir, ctx.accelerator.is_main_process) \
+            if ctx.val is not None else None
 
     def _scores(self, net: nn.Module) -> dict[str, dict[str, float]]:
         """split -> {acc, nll, ece}."""
-        acc = self.trainer.accelerator
+        acc = self.ctx.accelerator
         with acc.autocast():
             return {split: classifier_scores(net, loader, acc)
                     for split, loader in self.splits.items()}
 
-    def evaluate(self, epoch: int) -> dict[str, float]:
-        t, acc = self.trainer, self.trainer.accelerator
+    def evaluate(self, epoch: int, step: int) -> dict[str, float]:
+        ctx, acc = self.ctx, self.ctx.accelerator
         sums = {k: acc.reduce(v.to(acc.device), "sum")
-                for k, v in t.model.epoch_metrics().items()}
+                for k, v in ctx.model.epoch_metrics().items()}
         out: dict[str, float] = pseudo_label_rates(sums)
-        sync_buffers(t.model, acc)
-        batches = t.cfg.ema.recompute_bn_batches
-        for name, modules in self.models():
+        sync_buffers(ctx.model, acc)
+        batches = ctx.cfg.ema.recompute_bn_batches
+        for name, modules in ctx.roles().items():
             net = nn.Sequential(modules["backbone"], modules["classifier"])
-            self._record(out, name, False, self._scores(net), modules, epoch)
+            self._record(out, name, False, self._scores(net), modules, epoch, step)
             if batches:
                 saved = {k: b.clone() for k, b in net.named_buffers()}
-                recompute_batchnorm(net, t.bank_loader, batches, acc.device,
+                recompute_batchnorm(net, ctx.bank, batches, acc.device,
                                     lambda x: acc.reduce(x, "mean"))
-                self._record(out, name, True, self._scores(net), modules, epoch)
+                self._record(out, name, True, self._scores(net), modules, epoch, step)
                 for k, b in net.named_buffers():
                     b.copy_(saved[k])
         return out
 
     def _record(self, out: dict[str, float], name: str, bn: bool,
-                scores: dict[str, dict[str, float]], modules: nn.ModuleDict, epoch: int) -> None:
+                scores: dict[str, dict[str, float]], modules: nn.ModuleDict, epoch: int,
+                step: int) -> None:
         suffix = "_bn" if bn else ""
         for split, metrics in scores.items():
             for metric, value in metrics.items():
                 out[f"{metric}_{name}_{split}{suffix}"] = value
         if self.best is not None:
-            choice = Choice(name, bn, epoch, self.trainer.state.step, scores["val"]["acc"],
-                            scores["test"]["acc"])
+            choice = Choice(name, bn, epoch, step, scores["val"]["acc"], scores["test"]["acc"])
             self.best.offer(choice, modules.state_dict())
 
     def state_dict(self) -> dict[str, Any]:
@@ -128,6 +118,5 @@ class ClassifierEvaluation:
         return {f"best_{kind}": asdict(c) for kind, c in self.best.best.items()}
 
     def table(self, result: dict[str, Any]) -> str:
-        from ssl_ema.eval.classify_report import classification_table
-
-        return classification_table(result, self)
+        return classification_table(result, self.ctx.cfg, list(self.ctx.roles()),
+                                    self.ctx.held_out)

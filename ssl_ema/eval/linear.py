@@ -20,10 +20,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ssl_ema.data.labels import stratified_split
+
 DEFAULT_WEIGHT_DECAYS = tuple(10.0 ** e for e in range(-6, 1))  # 1e-6 ... 1
 # Below this many feature values a CPU fit runs on one thread: L-BFGS spends its time in tiny
 # vector ops (its two-loop recursion: ~40 dot products an iteration), where BLAS threads only
-# add synchronisation; on a loaded 2-core machine one thread was 5x faster for 1,437 x 512.
+# add synchronisation (docs/RESULTS.md, "Issue 17: the step as one loop, evaluation without the
+# Trainer").
 SINGLE_THREAD_BELOW = 1 << 22
 
 
@@ -43,20 +46,6 @@ class LinearProbe:
     def logits(self, features: torch.Tensor) -> torch.Tensor:
         x = (features.to(self.mean) - self.mean) / self.std
         return x @ self.weight.t() + self.bias  # (N, C)
-
-
-def stratified_split(labels: torch.Tensor, val_fraction: float, seed: int = 0
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices (train, val): ``val_fraction`` of every class (at least one item) held out."""
-    g = torch.Generator().manual_seed(seed)
-    train, val = [], []
-    for c in torch.unique(labels.cpu()):
-        idx = torch.nonzero(labels.cpu() == c).flatten()
-        idx = idx[torch.randperm(len(idx), generator=g)]
-        n_val = max(1, round(val_fraction * len(idx))) if len(idx) > 1 else 0
-        val.append(idx[:n_val])
-        train.append(idx[n_val:])
-    return torch.cat(train).sort().values, torch.cat(val).sort().values
 
 
 def fit_logistic(x: torch.Tensor, y: torch.Tensor, num_classes: int, weight_decay: float,
@@ -121,8 +110,8 @@ def train_linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes
     validation accuracy has long stopped changing by then.
     """
     x, y = features.double(), labels.to(features.device).long()
-    train_idx, val_idx = stratified_split(y, val_fraction, seed)
-    train_idx, val_idx = train_idx.to(x.device), val_idx.to(x.device)
+    train_idx, val_idx = (torch.from_numpy(i).to(x.device) for i in
+                          stratified_split(y.cpu().numpy(), val_fraction, seed, min_per_class=1))
     mean = x[train_idx].mean(0)
     std = x[train_idx].std(0).clamp_min(1e-6)  # constant features (dead ReLUs) stay at 0
     z = (x - mean) / std

@@ -1,4 +1,5 @@
-"""kNN evaluation of every model a teacher-student run holds: teacher, student, EMA copies.
+"""kNN evaluation of every model a teacher-student run holds: teacher, student, EMA copies (the
+evaluation of the self-supervised methods, BYOL and DINO).
 
 Runs on every process (features are gathered), so all ranks must hold the same models first:
 BatchNorm statistics are taken from rank 0, as DDP does before each forward. EMA models can have
@@ -8,18 +9,17 @@ their BatchNorm statistics recomputed on training images first (Morales-Brotons 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from torch import nn
 
-from ssl_ema.config import Config
 from ssl_ema.ema import recompute_batchnorm
+from ssl_ema.eval.context import EvalContext
 from ssl_ema.eval.features import extract_features
 from ssl_ema.eval.knn import knn_accuracy
-from ssl_ema.methods import TeacherStudentMethod
+from ssl_ema.eval.tables import knn_report
 
 
 def sync_buffers(module: nn.Module, accelerator: Accelerator) -> None:
@@ -29,60 +29,97 @@ def sync_buffers(module: nn.Module, accelerator: Accelerator) -> None:
             torch.distributed.broadcast(buf, src=0)
 
 
-def backbones(model: TeacherStudentMethod, extra_momenta: Sequence[float]
-              ) -> list[tuple[str, nn.Module]]:
-    """(role, backbone) for the teacher, the student and each EMA copy (``ema_<momentum>``)."""
-    return [("teacher", model.teacher_backbone), ("student", model.student_backbone),
-            *((f"ema_{m:g}", copy["backbone"]) for m, copy in zip(extra_momenta, model.ema_copies))]
-
-
-def knn_evaluate(model: TeacherStudentMethod, cfg: Config, accelerator: Accelerator,
-                 bank_loader: Iterable[Any], query_loader: Iterable[Any], num_classes: int,
-                 gather: bool = True) -> dict[str, float]:
-    """Weighted kNN top-1 of every backbone: ``{"knn_teacher": ..., "knn_student": ...}``.
-
-    ``gather``: the loaders are sharded across processes (prepared DataLoaders); False when
-    every process holds all the images (the device pipeline).
-    """
-    sync_buffers(model, accelerator)
-    roles = backbones(model, cfg.ema.extra_momenta)
-    batches = cfg.ema.recompute_bn_batches
-    for role, backbone in roles:
+def knn_evaluate(ctx: EvalContext) -> dict[str, float]:
+    """Weighted kNN top-1 of every backbone: ``{"knn_teacher": ..., "knn_student": ...}``."""
+    acc = ctx.accelerator
+    sync_buffers(ctx.model, acc)
+    backbones = {role: modules["backbone"] for role, modules in ctx.roles().items()}
+    batches = ctx.cfg.ema.recompute_bn_batches
+    for role, backbone in backbones.items():
         if batches and role != "student":  # EMA models get their own statistics (ema.py)
-            recompute_batchnorm(backbone, bank_loader, batches, accelerator.device,
-                                lambda x: accelerator.reduce(x, "mean"))
-    return {f"knn_{role}": knn_score(backbone, cfg, accelerator, bank_loader, query_loader,
-                                     num_classes, gather)
-            for role, backbone in roles}
+            recompute_batchnorm(backbone, ctx.bank, batches, acc.device,
+                                lambda x: acc.reduce(x, "mean"))
+    return {f"knn_{role}": knn_score(backbone, ctx) for role, backbone in backbones.items()}
 
 
-def knn_score(backbone: nn.Module, cfg: Config, accelerator: Accelerator,
-              bank_loader: Iterable[Any], query_loader: Iterable[Any], num_classes: int,
-              gather: bool = True) -> float:
+def knn_score(backbone: nn.Module, ctx: EvalContext) -> float:
     """Weighted kNN top-1 of one backbone's features (bank: training images, queries: test)."""
     # Features in fp32, whatever the training precision: bf16 features cost a random-init
-    # ResNet-18 8.5 kNN points on CIFAR-10 (0.228 vs 0.313, H100, docs/RESULTS.md).
-    shard = accelerator if gather else None
-    bank, bank_y = extract_features(backbone, bank_loader, shard)
-    query, query_y = extract_features(backbone, query_loader, shard)
-    return knn_accuracy(bank, bank_y, query, query_y, num_classes, cfg.eval.knn_k,
-                        cfg.eval.knn_temperature)
+    # ResNet-18 several kNN points on CIFAR-10 (docs/RESULTS.md, "BYOL on CIFAR-10 on one H100:
+    # the 200-epoch run").
+    shard = ctx.accelerator if ctx.gather else None
+    bank, bank_y = extract_features(backbone, ctx.bank, shard)
+    query, query_y = extract_features(backbone, ctx.query, shard)
+    return knn_accuracy(bank, bank_y, query, query_y, ctx.num_classes, ctx.cfg.eval.knn_k,
+                        ctx.cfg.eval.knn_temperature)
 
 
-def knn_random_calibrated(model: TeacherStudentMethod, cfg: Config, accelerator: Accelerator,
-                          bank_loader: Iterable[Any], query_loader: Iterable[Any],
-                          num_classes: int, gather: bool = True) -> float:
+def knn_random_calibrated(ctx: EvalContext) -> float:
     """kNN top-1 of the (still random) student backbone with BatchNorm statistics recomputed.
 
     The fair floor for "did training learn anything": a random network scored with its initial
     statistics (mean 0, var 1) is badly normalised, and any run fixes that within a few steps
-    just by forwarding training images. On the digits quick start (seed 0) the untrained
-    ResNet-10-T scores 0.872 with statistics recomputed here against 0.742 with its initial
-    ones, above the trained teacher's 0.814 (docs/RESULTS.md).
+    just by forwarding training images; on the digits quick start the recomputed floor is above
+    the trained teacher (docs/RESULTS.md, "The fair floor: random weights with recomputed
+    BatchNorm statistics").
     Statistics come from all bank batches (training images, evaluation transform), or from
     ``ema.recompute_bn_batches`` of them when that is set.
     """
-    backbone = copy.deepcopy(model.student_backbone)
-    recompute_batchnorm(backbone, bank_loader, cfg.ema.recompute_bn_batches or None,
-                        accelerator.device, lambda x: accelerator.reduce(x, "mean"))
-    return knn_score(backbone, cfg, accelerator, bank_loader, query_loader, num_classes, gather)
+    acc = ctx.accelerator
+    backbone = copy.deepcopy(ctx.model.student_backbone)
+    recompute_batchnorm(backbone, ctx.bank, ctx.cfg.ema.recompute_bn_batches or None,
+                        acc.device, lambda x: acc.reduce(x, "mean"))
+    return knn_score(backbone, ctx)
+
+
+class KNNEvaluation:
+    """kNN of every model; before training also the random student with recomputed BatchNorm
+    statistics (``knn_random_bn``), the floor a run must beat to have learnt features.
+
+    Also the best score of each model over the evaluations after training started, with its
+    epoch (``best["knn_student"] = (accuracy, epoch)``): what lightly's benchmarks report (the
+    maximum over per-epoch evaluations), so set ``eval.every_epochs=1`` to compare with them.
+    """
+
+    baseline_key, baseline_name = "knn_student", "knn_random"
+
+    def __init__(self, ctx: EvalContext | None):
+        self.ctx = ctx
+        self.knn_random_bn: float | None = None
+        self.best: dict[str, tuple[float, int]] = {}
+
+    def _track_best(self, scores: dict[str, float], epoch: int) -> None:
+        for key, value in scores.items():
+            if key not in self.best or value > self.best[key][0]:
+                self.best[key] = (value, epoch)
+
+    def evaluate(self, epoch: int, step: int) -> dict[str, float]:
+        assert self.ctx is not None
+        out = knn_evaluate(self.ctx)
+        if step == 0 and self.knn_random_bn is None:
+            self.knn_random_bn = knn_random_calibrated(self.ctx)
+            out["knn_random_bn"] = self.knn_random_bn
+        elif step > 0:
+            self._track_best(out, epoch)
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"best": {k: list(v) for k, v in self.best.items()}}
+        if self.knn_random_bn is not None:
+            state["knn_random_bn"] = self.knn_random_bn
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.knn_random_bn = state.get("knn_random_bn")
+        self.best = {k: (float(v[0]), int(v[1])) for k, v in state.get("best", {}).items()}
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {} if self.knn_random_bn is None else \
+            {"knn_random_bn": self.knn_random_bn}
+        for key, (value, epoch) in self.best.items():
+            out[f"best_{key}"], out[f"best_{key}_epoch"] = value, epoch
+        return out
+
+    def table(self, result: dict[str, Any]) -> str:
+        assert self.ctx is not None
+        return knn_report(result, self.ctx.cfg, self.ctx.held_out["test"], self.ctx.run_dir)

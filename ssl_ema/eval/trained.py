@@ -13,13 +13,13 @@ from collections.abc import Sequence
 from copy import deepcopy
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import cast
 
 from safetensors.torch import load_file
 from torch import nn
 
 from ssl_ema.config import Config, ConfigError, load_config
 from ssl_ema.engine.checkpoint import PREFIX, checkpoints
+from ssl_ema.eval.context import roles as run_roles
 from ssl_ema.methods import TeacherStudentMethod, build_method
 from ssl_ema.models.backbones import backbone_from_config
 
@@ -39,10 +39,8 @@ class TrainedRun:
 
     def backbones(self, roles: Sequence[str]) -> dict[str, nn.Module]:
         """Backbones by role: ``teacher``, ``student``, ``ema_<momentum>`` (extra momenta)."""
-        available = {"teacher": self.method.teacher_backbone,
-                     "student": self.method.student_backbone}
-        for m, copy in zip(self.cfg.ema.extra_momenta, self.method.ema_copies):
-            available[f"ema_{m:g}"] = cast(nn.ModuleDict, copy)["backbone"]
+        held = run_roles(self.method, self.cfg.ema.extra_momenta)
+        available = {role: modules["backbone"] for role, modules in held.items()}
         return _pick(available, roles)
 
     def classifiers(self, roles: Sequence[str]) -> dict[str, nn.Module]:
@@ -52,9 +50,8 @@ class TrainedRun:
         (``best_ema.safetensors``, with the BatchNorm statistics it was chosen with), whatever
         the checkpoint: the model the paper reports under noisy labels.
         """
-        method, momenta = self.method, self.cfg.ema.extra_momenta
-        available = {"teacher": method.teacher, "student": method.student,
-                     **{f"ema_{m:g}": copy for m, copy in zip(momenta, method.ema_copies)}}
+        method = self.method
+        available: dict[str, nn.Module] = dict(run_roles(method, self.cfg.ema.extra_momenta))
         if "classifier" not in method.student:
             raise no_classifier(self.run_dir, self.cfg.method.name)
         best = self.run_dir / BEST_EMA_FILE

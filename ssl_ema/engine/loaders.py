@@ -1,0 +1,88 @@
+"""The loaders of a run: each effective batch split over processes and accumulation, one training
+loader per batch size of ``train.batch_schedule``, and the evaluation loaders."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, NamedTuple
+
+import torch
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ssl_ema.config import Config, ConfigError
+from ssl_ema.data.datasets import DataBundle
+from ssl_ema.data.device import TrainStream, device_streams
+
+EVAL_BATCH = 256
+TrainBatches = DataLoader | TrainStream
+
+
+def per_device_batch(cfg: Config, world_size: int, batch: int | None = None) -> int:
+    """Split an effective batch over processes and accumulation; error if it does not divide."""
+    batch = cfg.train.batch_size if batch is None else batch
+    div = world_size * cfg.train.grad_accumulation
+    if batch % div:
+        raise ConfigError(
+            f"effective batch {batch} is not divisible by world size {world_size} "
+            f"x train.grad_accumulation {cfg.train.grad_accumulation}; pick a multiple of {div}"
+        )
+    return batch // div
+
+
+def build_loaders(data: DataBundle, cfg: Config, per_device: Mapping[int, int]
+                  ) -> tuple[list[DataLoader], DataLoader, DataLoader]:
+    """(a training loader per effective batch, in ``per_device``'s order; the bank loader of
+    training images with the evaluation transform; the query loader of test images)."""
+    workers = cfg.data.num_workers
+    common: dict[str, Any] = {"num_workers": workers, "persistent_workers": workers > 0,
+                              "pin_memory": torch.cuda.is_available()}
+    train = []
+    for b, per_device_b in per_device.items():
+        loader = DataLoader(data.train, batch_size=per_device_b, shuffle=True, drop_last=True,
+                            **common)
+        if len(loader) == 0:
+            raise ConfigError(
+                f"batch {b} exceeds the {len(data.train)} training images; lower it"  # type: ignore[arg-type]
+            )
+        train.append(loader)
+    bank = DataLoader(data.train_eval, batch_size=EVAL_BATCH, **common)
+    query = DataLoader(data.test_eval, batch_size=EVAL_BATCH, **common)
+    return train, bank, query
+
+
+def val_loader(data: DataBundle, cfg: Config) -> DataLoader | None:
+    """The validation split of a classification run (EMA early stopping), if it has one."""
+    if data.val_eval is None:
+        return None
+    return DataLoader(data.val_eval, batch_size=EVAL_BATCH, num_workers=cfg.data.num_workers)
+
+
+class Prepared(NamedTuple):
+    method: nn.Module  # wrapped for the process group (DDP) where there is one
+    optimizer: torch.optim.Optimizer
+    train: dict[int, TrainBatches]  # by effective batch
+    bank: Iterable[Any]
+    query: Iterable[Any]
+    val: Iterable[Any] | None
+
+
+def prepare(accelerator: Accelerator, method: nn.Module, optimizer: torch.optim.Optimizer,
+            data: DataBundle, cfg: Config, per_device: Mapping[int, int]) -> Prepared:
+    """The model, optimizer and loaders through ``accelerator.prepare``. Under
+    ``data.pipeline=device`` the data is already on the device and sharded: nothing for
+    Accelerate to wrap there."""
+    if cfg.data.pipeline == "device":
+        method, optimizer = accelerator.prepare(method, optimizer)
+        train, bank, query = device_streams(data, cfg, dict(per_device), accelerator.device,
+                                            accelerator.process_index,
+                                            accelerator.num_processes)
+    else:
+        loaders, bank, query = build_loaders(data, cfg, per_device)
+        method, optimizer, bank, query, *loaders = accelerator.prepare(
+            method, optimizer, bank, query, *loaders)
+        train = dict(zip(per_device, loaders))
+    val = val_loader(data, cfg)
+    return Prepared(method, optimizer, dict(train), bank, query,
+                    None if val is None else accelerator.prepare(val))
