@@ -11,6 +11,15 @@ SHARED_DATA = ROOT.parent / "shared" / "data"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # Under pytest-xdist (pyproject: one worker per core) each worker and the tools it starts
+    # get one thread: two workers at two threads each on two cores wait for each other's
+    # cores, which made tiny steps several times slower (docs/RESULTS.md, "Test suite").
+    os.environ["SSL_EMA_CPU_THREADS"] = os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 
 @pytest.fixture
 def tools_env() -> dict[str, str]:
