@@ -37,6 +37,7 @@ def test_limit_formula(bench: ModuleType) -> None:
     assert bench.limit_bytes(p, 5) == 11 * p * 4
 
 
+@pytest.mark.slow
 def test_bench_model_tiny(bench: ModuleType) -> None:
     model = tiny()
     num_params = sum(p.numel() for p in model.parameters())
@@ -71,6 +72,7 @@ def _run(args: list[str], env: dict[str, str], cwd: object) -> subprocess.Comple
                           text=True, timeout=60)
 
 
+@pytest.mark.slow
 def test_cli_unknown_model_exits_2_one_line(tools_env: dict[str, str], tmp_path: object) -> None:
     proc = _run(["--models", "resnet9000", "--device", "cpu"], tools_env, tmp_path)
     assert proc.returncode == 2 and proc.stdout == ""

@@ -18,6 +18,8 @@ from tests.test_reliability import STEPS
 from tests.test_stop import FAST
 from tests.test_training import run
 
+pytestmark = pytest.mark.slow  # trains, or runs the tools, through the real trainer
+
 
 def test_resume_falls_back_past_damaged_checkpoints(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]

@@ -56,6 +56,7 @@ def train(tmp_path: Path, recipe: str, *overrides: str) -> tuple[dict[str, Any],
     return json.loads(results.read_text()), results.parent
 
 
+@pytest.mark.slow
 def test_supervised_ema_smoke_and_ema_early_stopping(tmp_path: Path, capsys: Any) -> None:
     r, run_dir = train(tmp_path, "supervised_ema_digits.yaml", "train.epochs=3",
                        "ema.extra_momenta=[0.9]", "ema.recompute_bn_batches=1",
@@ -84,6 +85,7 @@ def test_supervised_ema_smoke_and_ema_early_stopping(tmp_path: Path, capsys: Any
                                            for b in ("", "_bn"))
 
 
+@pytest.mark.slow
 def test_pseudo_label_smoke(tmp_path: Path) -> None:
     r, run_dir = train(tmp_path, "pseudo_label_digits.yaml", "train.epochs=4",
                        "pseudo_label.threshold=0.7")
@@ -102,6 +104,7 @@ def test_pseudo_label_smoke(tmp_path: Path) -> None:
     assert all(math.isfinite(x["loss_unlabelled"]) for x in train_rows)
 
 
+@pytest.mark.slow
 def test_pseudo_label_resume_is_bitwise_exact(tmp_path: Path) -> None:
     steps = [*SMALL, "method.name=pseudo_label", "labels.per_class=10", "pseudo_label.mu=2",
              "pseudo_label.threshold=0.5", "train.batch_size=64", "train.epochs=1",
@@ -120,6 +123,7 @@ def test_pseudo_label_resume_is_bitwise_exact(tmp_path: Path) -> None:
         assert torch.equal(a[name], b[name]), name
 
 
+@pytest.mark.slow
 def test_evaluation_with_batchnorm_recomputation_leaves_the_run_unchanged(tmp_path: Path
                                                                           ) -> None:
     cfg = load_config(ROOT / "recipes" / "supervised_ema_digits.yaml",
@@ -151,6 +155,7 @@ def test_evaluation_with_batchnorm_recomputation_leaves_the_run_unchanged(tmp_pa
                 for b in ("", "_bn")} <= result.keys()
 
 
+@pytest.mark.slow
 def test_init_from_loads_the_backbone_strictly(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 

@@ -85,6 +85,7 @@ def test_bad_yaml_and_missing_recipe(tmp_path: Path) -> None:
         load_config(write(tmp_path, "train: !!python/object/apply:os.system ['true']\n"))
 
 
+@pytest.mark.slow
 def test_train_cli_exits_2_before_building_anything(tmp_path: Path, tools_env) -> None:
     out = tmp_path / "runs"
     proc = subprocess.run(

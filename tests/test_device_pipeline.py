@@ -123,6 +123,7 @@ def test_digits_on_the_device_pipeline_is_a_config_error() -> None:
     load_config(None, ["data.pipeline=device", "data.dataset=cifar10", "method.name=supervised"])
 
 
+@pytest.mark.slow
 def test_device_pipeline_trains_and_resumes_exactly(tmp_path: Path, folder: Path) -> None:
     """The trainer on device batches: the same run as resumed mid-epoch, bit for bit on CPU,
     and kNN evaluated on the device-held images (every image of both splits)."""

@@ -19,6 +19,8 @@ from ssl_ema.eval.trained import load_run
 from tests.conftest import ROOT
 from tests.test_training import TINY
 
+pytestmark = pytest.mark.slow  # trains, or runs the tools, through the real trainer
+
 
 def tool(name: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")

@@ -14,6 +14,8 @@ from ssl_ema.models.export import load_backbone
 from tests.conftest import ROOT
 from tests.test_eval_tools import run_dir, tool  # noqa: F401  (the module-scoped tiny run)
 
+pytestmark = pytest.mark.slow  # trains, or runs the tools, through the real trainer
+
 RECIPE = str(ROOT / "recipes" / "finetune_digits.yaml")
 FAST = ["data.image_size=8", "train.epochs=1", "train.max_steps=2", "eval.every_epochs=0",
         "data.eval_subset=64", "ema.recompute_bn_batches=0"]

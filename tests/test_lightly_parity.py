@@ -333,6 +333,7 @@ def test_the_stem_relu_is_what_tells_the_backbones_apart(float64) -> None:
         assert torch.allclose(ours(x), theirs(x).flatten(1), rtol=0, atol=1e-12) is same
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["byol", "dino"])
 def test_training_matches_theirs(method: str, tmp_path: Path, float64) -> None:
     """The first step's loss and gradients within 1e-12; the lr of every step; student, teacher

@@ -13,6 +13,8 @@ import torch
 from tests.conftest import ROOT, python
 from tests.test_training import TINY, run
 
+pytestmark = pytest.mark.slow  # trains, or runs the tools, through the real trainer
+
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 def test_two_processes_train_one_model(tmp_path: Path, tools_env: dict[str, str]) -> None:

@@ -101,6 +101,7 @@ def test_cli_rejects_bad_input(argv: list[str], tmp_path, capsys) -> None:
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_cli_writes_plot_and_json_matching_the_table(tmp_path, tools_env) -> None:
     out = tmp_path / "nq"
     proc = subprocess.run(

@@ -12,6 +12,8 @@ from ssl_ema.engine.trainer import Trainer
 from tests.conftest import ROOT
 from tests.test_eval_tools import tool
 
+pytestmark = pytest.mark.slow  # trains, or runs the tools, through the real trainer
+
 ROLES = ("student", "teacher", "ema_0.5")
 
 

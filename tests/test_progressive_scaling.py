@@ -14,6 +14,8 @@ from ssl_ema.engine.trainer import Trainer
 from ssl_ema.schedules import warmup_cosine
 from tests.test_training import run
 
+pytestmark = pytest.mark.slow  # trains, or runs the tools, through the real trainer
+
 
 def first_conv(backbone: nn.Module) -> torch.Tensor:
     return next(m.weight for m in backbone.modules() if isinstance(m, nn.Conv2d))

@@ -9,7 +9,11 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow  # trains, or runs the tools, through the real trainer
 
 
 def launch(recipe: str, tmp_path: Path, env: dict[str, str], *overrides: str) -> dict[str, Any]:

@@ -18,6 +18,8 @@ from ssl_ema.methods.byol import BYOL
 from tests.conftest import ROOT, python
 from tests.test_training import TINY, run
 
+pytestmark = pytest.mark.slow  # trains, or runs the tools, through the real trainer
+
 STEPS = ["train.grad_accumulation=1", "train.max_steps=4", "train.checkpoint_every=1",
          "train.keep_checkpoints=5"]
 

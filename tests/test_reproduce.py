@@ -34,6 +34,7 @@ def in_process(cmd: list[str], env: dict[str, str], timeout_s: float) -> int:
     return tool("train").main(cmd[2:])
 
 
+@pytest.mark.slow
 def test_budget_cut_resume_store_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                         capsys: pytest.CaptureFixture) -> None:
     monkeypatch.setattr(runner, "run_process", in_process)

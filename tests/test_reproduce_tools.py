@@ -29,6 +29,7 @@ def in_process(cmd: list[str], env: dict[str, str], timeout_s: float) -> int:
     return load_tool(Path(cmd[1])).main(cmd[2:])
 
 
+@pytest.mark.slow
 def test_tool_study_runs_stores_reuses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(runner, "run_process", in_process)
     monkeypatch.chdir(tmp_path)  # the tool's own --out folder lands here

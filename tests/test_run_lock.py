@@ -16,6 +16,8 @@ from ssl_ema.engine.checkpoint import save_checkpoint
 from ssl_ema.engine.launch import train
 from ssl_ema.engine.lock import RunLock
 
+pytestmark = pytest.mark.slow  # trains, or runs the tools, through the real trainer
+
 
 def fake_run(run_dir: Path) -> None:
     """A run directory with its config and one (empty but sealed) checkpoint."""

@@ -11,6 +11,8 @@ from ssl_ema.config import dump_yaml, load_config
 from ssl_ema.engine.scaled import resolve
 from tests.conftest import ROOT, python
 
+pytestmark = pytest.mark.slow  # trains, or runs the tools, through the real trainer
+
 RECIPE = ROOT / "recipes" / "byol_r18.yaml"
 
 

@@ -11,6 +11,8 @@ from ssl_ema.config import ConfigError, load_config
 from ssl_ema.engine.launch import train
 from tests.test_data import tiny_imagefolder
 
+pytestmark = pytest.mark.slow  # trains, or runs the tools, through the real trainer
+
 
 def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
     (line,) = capsys.readouterr().err.strip().splitlines()

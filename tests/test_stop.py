@@ -51,6 +51,7 @@ def signal_at_step(monkeypatch: pytest.MonkeyPatch, step: int, signum: int) -> N
     monkeypatch.setattr(Trainer, "_clip_gradients", clip_and_signal)
 
 
+@pytest.mark.slow
 def test_sigint_checkpoints_stops_and_resumes_bitwise(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -98,6 +99,7 @@ def test_sigint_checkpoints_stops_and_resumes_bitwise(
     assert [r["signal"] for r in rows if r["event"] == "stopped"] == ["SIGINT"]
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_launcher_stops_its_trainer(
     tmp_path: Path, tools_env: dict[str, str]
 ) -> None:
@@ -180,6 +182,7 @@ def test_processes_compare_flags_every_k_steps() -> None:
     assert late.check(1) == (0, True, False)
 
 
+@pytest.mark.slow
 def test_a_second_signal_stops_at_once(tools_env: dict[str, str]) -> None:
     """A user who will not wait for the checkpoint: the second signal ends the process. Not a
     repeat within a second: a dying launcher sends one SIGTERM per thread of its child."""

@@ -14,6 +14,8 @@ from tests.conftest import ROOT
 from tests.test_eval_tools import tool
 from tests.test_training import TINY
 
+pytestmark = pytest.mark.slow  # trains, or runs the tools, through the real trainer
+
 RECIPE = str(ROOT / "recipes" / "quickstart.yaml")
 
 

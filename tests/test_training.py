@@ -15,6 +15,8 @@ from ssl_ema.engine.tracking import read_metrics
 from ssl_ema.engine.trainer import Trainer
 from ssl_ema.methods import METHODS
 
+pytestmark = pytest.mark.slow  # trains, or runs the tools, through the real trainer
+
 # timm's test_resnet (0.37 M parameters): what these runs check does not depend on the
 # backbone's size, and ResNet-18 made them most of the suite's time.
 TINY = ["data.image_size=8", "data.num_workers=0", "data.eval_subset=64",
