@@ -37,14 +37,14 @@ class DataConfig:
     image_size: int = 32  # side of the training views
     num_workers: int = 4
     eval_subset: int = 0  # >0: use only this many train/val/test images to evaluate (fast checks)
-    # imagefolder: files that are not readable images (checked at start-up, before any work;
-    # ~6 s for CIFAR-10's 60k files): "fail" names the first one and stops; "skip" leaves them
+    # imagefolder: files that are not readable images (checked at start-up, before any work):
+    # "fail" names the first one and stops; "skip" leaves them
     # out and reports how many; "trust" does not check (huge folders known to be clean).
     corrupt: Literal["fail", "skip", "trust"] = "fail"
     # "loader": DataLoader workers run lightly's transforms on the CPU (any data set).
     # "device": the data set is decoded once to uint8 on the accelerator and the views are made
-    # there in batched ops (data/gpu_augment.py): 4.5x a lightly-style loader's images/s on
-    # CIFAR-10 on an H100 (RGB only; docs/RESULTS.md).
+    # there in batched ops (data/gpu_augment.py; RGB only), no loader workers between the
+    # data and the model (docs/RESULTS.md, "BYOL on CIFAR-10 on one H100: throughput").
     pipeline: Literal["loader", "device"] = "loader"
     # BYOL's view pair. byol: lightly's BYOLView1/2Transform (Grill et al. 2020, Tab. 6: blur
     # and solarisation differ between the views). simclr: lightly's SimCLRTransform, both views
@@ -192,7 +192,7 @@ class TrainConfig:
     nonfinite: Literal["fail", "skip"] = "fail"
     # Several GPUs: BatchNorm statistics over the global batch (student and teachers).
     sync_batchnorm: bool = False
-    channels_last: bool = False  # NHWC activations: tensor cores run convolutions ~2x faster
+    channels_last: bool = False  # NHWC activations: the layout tensor-core convolutions use
     # torch.compile the method (Accelerate's dynamo plugin) and the device views' colour ops;
     # the first steps then take a minute longer (Triton on GPU, a C++ compiler on CPU).
     compile: bool = False

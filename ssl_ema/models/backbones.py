@@ -40,9 +40,10 @@ def reset_to_torch_defaults(model: nn.Module) -> None:
     """Re-initialise every layer with PyTorch's defaults (``reset_parameters``).
 
     timm's ResNet init (Kaiming-normal fan-out, last BN of each block zeroed) starts the
-    conv weights ~2.4x larger in norm than PyTorch's Kaiming-uniform(a=sqrt(5)) default; behind
+    conv weights larger in norm than PyTorch's Kaiming-uniform(a=sqrt(5)) default; behind
     BatchNorm the update's effect scales with 1/||w||^2 (van Laarhoven 2017), so the same SGD
-    learning rate trains ~6x slower at first. lightly's CIFAR-10 benchmarks (ResNetGenerator)
+    learning rate trains slower at first (docs/RESULTS.md, "Initialisation sets the effective
+    learning rate"). lightly's CIFAR-10 benchmarks (ResNetGenerator)
     use the defaults. Parameters that are not layers' own (a ViT's pos_embed) are left as timm
     set them.
     """
