@@ -16,10 +16,8 @@ from ssl_ema.data.device_classify import (
     SupervisedStream,
     make_view,
 )
-from ssl_ema.engine.checkpoint import checkpoints
-from ssl_ema.engine.trainer import Trainer
 from tests.test_device_pipeline import rgb_folder
-from tests.test_training import run
+from tests.test_training import resume_from, run
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 WEAK, STRONG = ClassifySpec(8), ClassifySpec(8, num_ops=2, magnitude=10)
@@ -162,13 +160,7 @@ def test_supervised_on_the_device_pipeline_trains_and_resumes(
     full, result = run(tmp_path / "full", *steps)  # 160 training images: 5 steps an epoch
     assert full.state.step == 10 and 0.0 <= result["acc_teacher_test"] <= 1.0
     run_dir = tmp_path / "full" / "run"
-    ckpt = {c.name: c for c in checkpoints(run_dir)}["step_00000003"]  # mid-epoch 0
-    resumed = Trainer(full.cfg, run_dir, ckpt)
-    resumed.fit()
-    a = resumed.accelerator.unwrap_model(resumed.method).state_dict()
-    b = full.accelerator.unwrap_model(full.method).state_dict()
-    for name in b:
-        assert torch.equal(a[name], b[name]), name
+    resume_from(full, run_dir, 3)  # mid-epoch 0
 
 
 @pytest.mark.slow

@@ -42,6 +42,21 @@ def run(tmp_path: Path, *extra: str) -> tuple[Trainer, dict[str, float]]:
     return trainer, trainer.fit()
 
 
+def resume_from(full: Trainer, run_dir: Path, step: int) -> Trainer:
+    """Resume ``full``'s run from its checkpoint at ``step``, train to the end, and check that
+    every tensor of the method (student, teachers, heads, buffers) equals the uninterrupted
+    run's, bit for bit; return the resumed trainer for further checks."""
+    ckpt = {c.name: c for c in checkpoints(run_dir)}[f"step_{step:08d}"]
+    resumed = Trainer(full.cfg, run_dir, ckpt)
+    resumed.fit()
+    a = resumed.accelerator.unwrap_model(resumed.method).state_dict()
+    b = full.accelerator.unwrap_model(full.method).state_dict()
+    assert a.keys() == b.keys()
+    for name in b:
+        assert torch.equal(a[name], b[name]), name
+    return resumed
+
+
 @pytest.mark.parametrize("method", SELF_SUPERVISED)
 def test_three_steps_with_accumulation(tmp_path: Path, method: str) -> None:
     trainer, result = run(tmp_path, f"method.name={method}", *METHOD_TINY[method])
@@ -125,20 +140,13 @@ def test_resume_is_bitwise_exact(tmp_path: Path, method: str, workers: int) -> N
     full, _ = run(tmp_path / "full", *steps)  # 1437 // 256 = 5 steps per epoch -> 10 steps
     assert full.state.step == 10
     run_dir = tmp_path / "full" / "run"
-    ckpt = {c.name: c for c in checkpoints(run_dir)}["step_00000003"]  # mid-epoch 0
-    resumed = Trainer(full.cfg, run_dir, ckpt)
-    resumed.fit()
+    resumed = resume_from(full, run_dir, 3)  # mid-epoch 0
     assert resumed.state.state_dict() == full.state.state_dict()
     # The floor measured before training (random weights, BN recomputed) comes back from the
     # checkpoint instead of being lost or recomputed on trained weights.
     assert resumed.evaluation.state_dict() == full.evaluation.state_dict()
     assert 0.0 < full.evaluation.state_dict()["knn_random_bn"] <= 1.0
     assert resumed.ema.num_updates == full.ema.num_updates == 10
-    a = resumed.accelerator.unwrap_model(resumed.method).state_dict()
-    b = full.accelerator.unwrap_model(full.method).state_dict()
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
     oa, ob = resumed.optimizer.state_dict()["state"], full.optimizer.state_dict()["state"]
     for k in ob:
         for key, value in ob[k].items():
