@@ -23,17 +23,14 @@ from ssl_ema.config_schema import (  # the schema, re-exported for the layers ab
     Config,
     ConfigError,
     DataConfig,
-    DINOConfig,
     EMAConfig,
     EvalConfig,
     LabelsConfig,
     MethodConfig,
     ModelConfig,
     OptimConfig,
-    PseudoLabelConfig,
     RunConfig,
     ScalingConfig,
-    SupervisedConfig,
     TrainConfig,
     dump_yaml,
     to_dict,
@@ -228,8 +225,8 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
 
 
 __all__ = [
-    "CHOICES", "CLASSIFICATION_METHODS", "Config", "ConfigError", "DINOConfig", "DataConfig",
-    "EMAConfig", "EvalConfig", "LabelsConfig", "MethodConfig", "ModelConfig", "OptimConfig",
-    "PseudoLabelConfig", "RunConfig", "ScalingConfig", "SupervisedConfig", "TrainConfig",
+    "CHOICES", "CLASSIFICATION_METHODS", "Config", "ConfigError", "DataConfig", "EMAConfig",
+    "EvalConfig", "LabelsConfig", "MethodConfig", "ModelConfig", "OptimConfig", "RunConfig",
+    "ScalingConfig", "TrainConfig",
     "dump_yaml", "from_dict", "load_config", "parse_overrides", "to_dict",
 ]

@@ -91,38 +91,6 @@ class MethodConfig:
 
 
 @dataclass(frozen=True)
-class DINOConfig:
-    """DINO (Caron et al. 2021); defaults are the paper's ViT-S/16 ImageNet values."""
-
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    output_dim: int = 65536
-    head_batch_norm: bool = False  # BN in the head's MLP (DINO's use_bn_in_head)
-    norm_last_layer: bool = True  # weight-normalised last layer with fixed norm
-    student_temp: float = 0.1
-    teacher_temp: float = 0.04
-    warmup_teacher_temp: float = 0.04  # linear warm-up from here to teacher_temp ...
-    warmup_teacher_temp_epochs: float = 30.0  # ... over these epochs (of samples)
-    # Centre EMA c <- m c + (1 - m) mean(teacher output), once per forward pass: an EMA, so
-    # its momentum is scaled like the teacher's (per forward, batch / accumulation samples).
-    center_momentum: float = 0.9
-    freeze_last_layer_epochs: float = 1.0  # no gradient to the last layer early on
-    local_views: int = 6  # multi-crop: 2 global views + this many local views
-    local_size: int = 96  # side of the local views (global views: data.image_size)
-    global_scale: tuple[float, float] = (0.4, 1.0)
-    local_scale: tuple[float, float] = (0.05, 0.4)
-    # Linear layers of the head's MLP before the weight-normalised last layer (the official
-    # code's nlayers; lightly's CIFAR-10 benchmark uses 2) and their init: trunc_normal (std
-    # 0.02, bias 0: official DINO, lightly's DINOProjectionHead) or torch (PyTorch's defaults,
-    # which lightly's benchmark head keeps).
-    head_layers: int = 3
-    head_init: Literal["trunc_normal", "torch"] = "trunc_normal"
-    # true: views of one resolution go through the networks in one pass (official DINO, so
-    # BatchNorm sees them together); false: one pass per view, as lightly's benchmarks.
-    batch_views: bool = True
-
-
-@dataclass(frozen=True)
 class OptimConfig:
     name: str = "lars"  # sgd | lars | adam | adamw
     lr: float = 0.2  # base learning rate at scaling.reference_batch
@@ -226,37 +194,17 @@ class LabelsConfig:
 
 
 @dataclass(frozen=True)
-class SupervisedConfig:
-    label_smoothing: float = 0.0
-
-
-@dataclass(frozen=True)
-class PseudoLabelConfig:
-    """FixMatch-style pseudo-labelling with an EMA teacher (Sohn et al. 2020; Busbridge et al.
-    2023, Sec. 3.3); the defaults are FixMatch's CIFAR-10 values."""
-
-    threshold: float = 0.95  # tau: keep pseudo-labels whose teacher confidence is >= tau
-    mu: int = 7  # unlabelled images per labelled image in a batch
-    unlabelled_weight: float = 1.0  # lambda_u
-    randaugment_ops: int = 2  # strong views: torchvision RandAugment(ops, magnitude) + erasing
-    randaugment_magnitude: int = 10
-
-
-@dataclass(frozen=True)
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
-    dino: DINOConfig = field(default_factory=DINOConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     ema: EMAConfig = field(default_factory=EMAConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     labels: LabelsConfig = field(default_factory=LabelsConfig)
-    supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
-    pseudo_label: PseudoLabelConfig = field(default_factory=PseudoLabelConfig)
     # Sections that methods register with their own dataclass (`ssl_ema.methods.registry`),
     # by top-level key; `section` reads one, its defaults when the recipe has none.
     sections: dict[str, Any] = field(default_factory=dict)

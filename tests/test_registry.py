@@ -64,3 +64,34 @@ def test_byol_with_a_vit_honours_patch_size() -> None:
         assert role["backbone"].patch_embed.patch_size == (4, 4)
     x = torch.randn(2, 1, 16, 16)
     assert role["backbone"].forward_features(x).shape[1] == 16 + 1  # (16/4)^2 patches + class
+
+
+def test_every_method_section_is_registered_in_its_own_file() -> None:
+    """Config holds only the sections every run shares; each method's keys are its own
+    dataclass, in its file, read with cfg.section and written back to resolved.yaml."""
+    from ssl_ema.config import Config, to_dict
+    from ssl_ema.methods.registry import sections
+
+    shared = {f.name for f in dataclasses.fields(Config)}
+    for name, spec in METHODS.items():
+        if spec.section is not None:
+            assert spec.section.__module__ == f"ssl_ema.methods.{name}"
+            assert spec.key not in shared
+    assert {"dino", "moco", "supervised", "pseudo_label"} <= set(sections())
+    cfg = load_config(None, ["dino.output_dim=64", "pseudo_label.mu=3"])
+    dino, pseudo_label = (sections()[k] for k in ("dino", "pseudo_label"))
+    assert cfg.section(dino).output_dim == 64 and cfg.section(pseudo_label).mu == 3
+    tree = to_dict(cfg)
+    assert tree["dino"]["output_dim"] == 64 and tree["pseudo_label"]["mu"] == 3
+    # The data code reads mu and the strong views from the method, not from its section.
+    unlabelled = METHODS["pseudo_label"].unlabelled
+    assert unlabelled is not None and unlabelled(cfg).mu == 3
+
+
+def test_a_semi_supervised_method_must_say_how_it_sees_unlabelled_images() -> None:
+    from ssl_ema.methods.registry import register
+
+    spec = dataclasses.replace(METHODS["pseudo_label"], name="fixmatch_copy", unlabelled=None,
+                               section=None)
+    with pytest.raises(ValueError, match="labels='semi' and unlabelled go together"):
+        register(spec)

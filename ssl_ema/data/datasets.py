@@ -214,9 +214,10 @@ BUILDERS: dict[str, Callable[[Config], DataBundle]] = {
 def build_data(cfg: Config) -> DataBundle:
     """Build the data a recipe names; raises DataError with the fix when it is missing."""
     bundle = BUILDERS[cfg.data.dataset](cfg)
-    labels = method_spec(cfg.method.name).labels
-    if labels != "none":  # splits, noisy labels, labelled subset
-        bundle = apply_labels(bundle, cfg, semi=labels == "semi")
+    spec = method_spec(cfg.method.name)
+    if spec.labels != "none":  # splits, noisy labels, labelled subset
+        unlabelled = spec.unlabelled(cfg) if spec.unlabelled is not None else None
+        bundle = apply_labels(bundle, cfg, unlabelled)
     n, seed = cfg.data.eval_subset, cfg.run.seed
     bundle.train_eval = _subset(bundle.train_eval, n, seed)
     bundle.test_eval = _subset(bundle.test_eval, n, seed + 1)

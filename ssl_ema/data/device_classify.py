@@ -30,10 +30,12 @@ from torch.utils.data import Subset
 from torchvision.transforms.v2 import functional as TF
 
 from ssl_ema.config_schema import Config
+from ssl_ema.data.classify_views import Unlabelled
 from ssl_ema.data.datasets import DataBundle
 from ssl_ema.data.gpu_randaugment import draw_ops, rand_augment
 from ssl_ema.data.labels import LabelledUnlabelled
 from ssl_ema.data.uint8 import check_fits, decode_uint8
+from ssl_ema.methods.registry import method_spec
 
 
 @dataclass(frozen=True)
@@ -215,10 +217,9 @@ class SemiSupervisedStream(ClassifyStream):
         return x, weak.unflatten(0, (b, mu)), strong.unflatten(0, (b, mu)), labels
 
 
-def classify_specs(cfg: Config) -> tuple[ClassifySpec, ClassifySpec]:
-    """(weak, strong) of a classification recipe (strong: ``pseudo_label.randaugment_*``)."""
-    size, pl = cfg.data.image_size, cfg.pseudo_label
-    return ClassifySpec(size), ClassifySpec(size, pl.randaugment_ops, pl.randaugment_magnitude)
+def strong_spec(size: int, unlabelled: Unlabelled) -> ClassifySpec:
+    """The strong views of a semi-supervised method's unlabelled images."""
+    return ClassifySpec(size, unlabelled.ops, unlabelled.magnitude)
 
 
 def classify_streams(bundle: DataBundle, cfg: Config, per_device: dict[int, int],
@@ -228,10 +229,13 @@ def classify_streams(bundle: DataBundle, cfg: Config, per_device: dict[int, int]
     the order of ``bundle.train_eval``, the BatchNorm-recomputation and kNN bank)."""
 
     data = bundle.train.source
-    workers, weak_strong = cfg.data.num_workers, classify_specs(cfg)
+    workers, weak = cfg.data.num_workers, ClassifySpec(cfg.data.image_size)
     flags = {"seed": cfg.run.seed, "rank": rank, "world": world,
              "channels_last": cfg.train.channels_last}
     if isinstance(data, LabelledUnlabelled):
+        spec = method_spec(cfg.method.name)
+        assert spec.unlabelled is not None  # LabelledUnlabelled data only for labels="semi"
+        strong = strong_spec(cfg.data.image_size, spec.unlabelled(cfg))
         index = np.union1d(data.labelled, data.unlabelled)  # sorted: train_eval's order
         images, labels = decode_uint8(Subset(data.source, index.tolist()), workers)
         check_fits(images, device)
@@ -243,13 +247,13 @@ def classify_streams(bundle: DataBundle, cfg: Config, per_device: dict[int, int]
 
         streams: dict[int, ClassifyStream] = {
             b: SemiSupervisedStream(images, labels, true, position(data.labelled),
-                                    position(data.unlabelled), data.mu, *weak_strong,
+                                    position(data.unlabelled), data.mu, weak, strong,
                                     bundle.mean, bundle.std, per, **flags)
             for b, per in per_device.items()}
     else:
         images, labels = decode_uint8(data, workers)
         check_fits(images, device)
         images, labels = images.to(device), labels.to(device)
-        streams = {b: SupervisedStream(images, labels, weak_strong[0], bundle.mean, bundle.std,
+        streams = {b: SupervisedStream(images, labels, weak, bundle.mean, bundle.std,
                                        per, **flags) for b, per in per_device.items()}
     return streams, images, labels

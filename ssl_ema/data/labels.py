@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 
 from ssl_ema.config_schema import Config, ConfigError
-from ssl_ema.data.classify_views import WeakStrong
+from ssl_ema.data.classify_views import Unlabelled, WeakStrong
 from ssl_ema.data.noisy_labels import (
     attach_noisy_labels,
     imagefolder_original_index,
@@ -136,9 +136,9 @@ def _noisy(source: Any, targets: np.ndarray, cfg: Config) -> np.ndarray:
     return attach_noisy_labels(targets, index, sets, cfg.labels.noisy)
 
 
-def apply_labels(bundle: Any, cfg: Config, semi: bool) -> Any:
-    """The bundle a classification method trains on (see the module docstring); ``semi``: a
-    labelled subset plus unlabelled groups (the registry's ``labels="semi"``)."""
+def apply_labels(bundle: Any, cfg: Config, unlabelled: Unlabelled | None) -> Any:
+    """The bundle a classification method trains on (see the module docstring); with
+    ``unlabelled`` (the registry's ``labels="semi"``), a labelled subset plus unlabelled groups."""
     lab, seed = cfg.labels, cfg.run.seed
     source, views = bundle.train.source, bundle.train.transform
     plain = bundle.train_eval.transform
@@ -156,12 +156,11 @@ def apply_labels(bundle: Any, cfg: Config, semi: bool) -> Any:
             noise["realised_val"] = noise_rate(labels[val_idx], true[val_idx])
     data = Relabelled(source, labels)
     val = Transformed(Subset(data, val_idx.tolist()), plain) if len(val_idx) else None
-    if semi:
+    if unlabelled is not None:
         labelled = train_idx[per_class_subset(labels[train_idx], lab.per_class, seed)]
-        unlabelled = np.setdiff1d(train_idx, labelled)
-        pl = cfg.pseudo_label
-        train: Any = SeededViews(LabelledUnlabelled(data, labelled, unlabelled, pl.mu, true, seed),
-                                 SemiViews(views), seed)
+        rest = np.setdiff1d(train_idx, labelled)
+        groups = LabelledUnlabelled(data, labelled, rest, unlabelled.mu, true, seed)
+        train: Any = SeededViews(groups, SemiViews(views), seed)
     else:  # supervised: on every training label, or on a labelled subset only
         if lab.per_class:
             train_idx = train_idx[per_class_subset(labels[train_idx], lab.per_class, seed)]

@@ -13,7 +13,8 @@ momentum goes through the EMA Scaling Rule (``prepare_step``), like the teacher'
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 from lightly.loss import DINOLoss
@@ -21,12 +22,44 @@ from lightly.models.modules import DINOProjectionHead
 from lightly.models.modules.heads import ProjectionHead
 from torch import nn
 
-from ssl_ema.config_schema import Config, ConfigError, DINOConfig
+from ssl_ema.config_schema import Config, ConfigError
 from ssl_ema.data import gpu_augment, views
 from ssl_ema.data.batch import Views
 from ssl_ema.methods.base import TeacherStudentMethod
 from ssl_ema.methods.registry import MethodSpec, register
 from ssl_ema.models.backbones import backbone_from_config
+
+
+@dataclass(frozen=True)
+class DINOConfig:
+    """DINO (Caron et al. 2021); defaults are the paper's ViT-S/16 ImageNet values."""
+
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    output_dim: int = 65536
+    head_batch_norm: bool = False  # BN in the head's MLP (DINO's use_bn_in_head)
+    norm_last_layer: bool = True  # weight-normalised last layer with fixed norm
+    student_temp: float = 0.1
+    teacher_temp: float = 0.04
+    warmup_teacher_temp: float = 0.04  # linear warm-up from here to teacher_temp ...
+    warmup_teacher_temp_epochs: float = 30.0  # ... over these epochs (of samples)
+    # Centre EMA c <- m c + (1 - m) mean(teacher output), once per forward pass: an EMA, so
+    # its momentum is scaled like the teacher's (per forward, batch / accumulation samples).
+    center_momentum: float = 0.9
+    freeze_last_layer_epochs: float = 1.0  # no gradient to the last layer early on
+    local_views: int = 6  # multi-crop: 2 global views + this many local views
+    local_size: int = 96  # side of the local views (global views: data.image_size)
+    global_scale: tuple[float, float] = (0.4, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.4)
+    # Linear layers of the head's MLP before the weight-normalised last layer (the official
+    # code's nlayers; lightly's CIFAR-10 benchmark uses 2) and their init: trunc_normal (std
+    # 0.02, bias 0: official DINO, lightly's DINOProjectionHead) or torch (PyTorch's defaults,
+    # which lightly's benchmark head keeps).
+    head_layers: int = 3
+    head_init: Literal["trunc_normal", "torch"] = "trunc_normal"
+    # true: views of one resolution go through the networks in one pass (official DINO, so
+    # BatchNorm sees them together); false: one pass per view, as lightly's benchmarks.
+    batch_views: bool = True
 
 
 def dino_head(input_dim: int, d: DINOConfig) -> DINOProjectionHead:
@@ -49,7 +82,7 @@ def dino_head(input_dim: int, d: DINOConfig) -> DINOProjectionHead:
 
 class DINO(TeacherStudentMethod):
     def __init__(self, cfg: Config, in_chans: int, num_classes: int = 0):
-        d = cfg.dino
+        d = cfg.section(DINOConfig)
 
         def build() -> dict[str, nn.Module]:
             backbone = backbone_from_config(cfg, in_chans)
@@ -108,7 +141,7 @@ class DINO(TeacherStudentMethod):
 
 
 def _multicrop(cfg: Config) -> dict[str, Any]:
-    d = cfg.dino
+    d = cfg.section(DINOConfig)
     return {"local_views": d.local_views, "local_size": d.local_size,
             "global_scale": d.global_scale, "local_scale": d.local_scale}
 
@@ -120,13 +153,13 @@ def loader_views(cfg: Config, family: str, mean: Any, std: Any) -> views.Transfo
 
 
 def device_views(cfg: Config) -> tuple[gpu_augment.ViewSpec, ...]:
-    d = cfg.dino
+    d = cfg.section(DINOConfig)
     return gpu_augment.dino_specs(cfg.data.image_size, d.local_size, d.local_views,
                                   d.global_scale, d.local_scale)
 
 
 def check(cfg: Config) -> None:
-    d = cfg.dino
+    d = cfg.section(DINOConfig)
     for key, value in {"output_dim": d.output_dim, "local_size": d.local_size,
                        "student_temp": d.student_temp, "teacher_temp": d.teacher_temp,
                        "warmup_teacher_temp": d.warmup_teacher_temp,
@@ -140,7 +173,7 @@ def check(cfg: Config) -> None:
 
 register(MethodSpec(
     name="dino", build=DINO, loader_views=loader_views, device_views=device_views,
-    check=check,
+    section=DINOConfig, check=check,
     tiny_overrides=("dino.output_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16",
                     "dino.local_views=2", "dino.local_size=4", "optim.clip_grad_norm=0.5",
                     "optim.weight_decay=0.04", "optim.weight_decay_end=0.4")))

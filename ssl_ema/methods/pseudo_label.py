@@ -19,22 +19,37 @@ method without the unlabelled term), so this class extends `Supervised` rather t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from ssl_ema.config_schema import Config, ConfigError
 from ssl_ema.data.batch import Semi
+from ssl_ema.data.classify_views import Unlabelled, WeakStrong, weak_strong
 from ssl_ema.losses.pseudo_label import pseudo_label_loss, pseudo_labels
 from ssl_ema.methods.registry import MethodSpec, register
-from ssl_ema.methods.supervised import Supervised, weak_strong_views
+from ssl_ema.methods.supervised import Supervised
+
+
+@dataclass(frozen=True)
+class PseudoLabelConfig:
+    """The ``pseudo_label:`` recipe section (Sohn et al. 2020; Busbridge et al. 2023, Sec. 3.3);
+    the defaults are FixMatch's CIFAR-10 values."""
+
+    threshold: float = 0.95  # tau: keep pseudo-labels whose teacher confidence is >= tau
+    mu: int = 7  # unlabelled images per labelled image in a batch
+    unlabelled_weight: float = 1.0  # lambda_u
+    randaugment_ops: int = 2  # strong views: torchvision RandAugment(ops, magnitude) + erasing
+    randaugment_magnitude: int = 10
 
 
 class PseudoLabel(Supervised):
     def __init__(self, cfg: Config, in_chans: int, num_classes: int):
         super().__init__(cfg, in_chans, num_classes)
-        self.threshold = cfg.pseudo_label.threshold
-        self.unlabelled_weight = cfg.pseudo_label.unlabelled_weight
+        pl = cfg.section(PseudoLabelConfig)
+        self.threshold, self.unlabelled_weight = pl.threshold, pl.unlabelled_weight
         # Over the epoch: correct masked, masked, correct (all), unlabelled images seen. A plain
         # tensor, not a buffer: DDP would broadcast rank 0's buffers over the others' counts.
         self.counts = torch.zeros(4, dtype=torch.float64)
@@ -66,8 +81,18 @@ class PseudoLabel(Supervised):
                 "mask_rate": targets.mask_rate}  # accuracy: per epoch (eval/classify.py)
 
 
+def unlabelled(cfg: Config) -> Unlabelled:
+    pl = cfg.section(PseudoLabelConfig)
+    return Unlabelled(pl.mu, pl.randaugment_ops, pl.randaugment_magnitude)
+
+
+def views(cfg: Config, family: str, mean: Any, std: Any) -> WeakStrong:
+    """Weak views of the labelled images; weak and strong views of the unlabelled ones."""
+    return weak_strong(family, cfg.data.image_size, mean, std, unlabelled(cfg))
+
+
 def check(cfg: Config) -> None:
-    pl = cfg.pseudo_label
+    pl = cfg.section(PseudoLabelConfig)
     if cfg.labels.per_class <= 0:
         raise ConfigError("labels.per_class: pseudo_label needs a labelled subset; set it > 0 "
                           "(e.g. 400 for CIFAR-10 with 4,000 labels)")
@@ -78,5 +103,6 @@ def check(cfg: Config) -> None:
                           f">= 0, got {pl.mu} and {pl.unlabelled_weight}")
 
 
-register(MethodSpec(name="pseudo_label", build=PseudoLabel, loader_views=weak_strong_views,
-                    labels="semi", check=check, device_classify=True))
+register(MethodSpec(name="pseudo_label", build=PseudoLabel, loader_views=views,
+                    labels="semi", unlabelled=unlabelled, section=PseudoLabelConfig,
+                    check=check, device_classify=True))

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from ssl_ema.config_schema import Config, ConfigError
+
+if TYPE_CHECKING:  # annotation only: the registry imports nothing from ssl_ema.data
+    from ssl_ema.data.classify_views import Unlabelled
 
 # What a method trains on (`ssl_ema.data.labels`): "none" (self-supervised; labels ride along in
 # the batch for the kNN evaluation only), "all" (every training label), "semi" (a labelled
@@ -37,6 +40,9 @@ class MethodSpec:
     # labels: `ssl_ema.data.device_classify`) instead of view pairs.
     device_classify: bool = False
     labels: Labels = "none"
+    # labels="semi" only: cfg -> how the unlabelled images are drawn and viewed
+    # (`ssl_ema.data.classify_views.Unlabelled`), read by the data code from the method.
+    unlabelled: Callable[[Config], Unlabelled] | None = None
     section: type | None = None  # the method's own config dataclass ...
     section_key: str = ""  # ... under this top-level recipe key (default: name)
     # Cross-field checks of the method's own keys, run by `config_checks.validate`; raise
@@ -63,6 +69,8 @@ METHODS: dict[str, MethodSpec] = {}
 
 def register(spec: MethodSpec) -> MethodSpec:
     """Add ``spec``; a second method of the same name (or section key) is a programming error."""
+    if (spec.labels == "semi") != (spec.unlabelled is not None):
+        raise ValueError(f"method '{spec.name}': labels='semi' and unlabelled go together")
     taken = {s.key for s in METHODS.values() if s.section is not None}
     if spec.name in METHODS or (spec.section is not None and spec.key in taken):
         raise ValueError(f"method '{spec.name}' (section '{spec.key}') is registered twice")

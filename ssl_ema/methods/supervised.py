@@ -10,6 +10,7 @@ Fine-tuning a pretrained backbone is this method with ``model.init_from``.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,13 +24,20 @@ from ssl_ema.methods.registry import MethodSpec, register
 from ssl_ema.models.classifier import classifier_modules
 
 
+@dataclass(frozen=True)
+class SupervisedConfig:
+    """The ``supervised:`` recipe section."""
+
+    label_smoothing: float = 0.0
+
+
 class Supervised(TeacherStudentMethod):
     evaluation = "classify"
 
     def __init__(self, cfg: Config, in_chans: int, num_classes: int):
         super().__init__(cfg, lambda: classifier_modules(cfg, in_chans, num_classes),
                          teacher_keys=["backbone", "classifier"])
-        self.label_smoothing = cfg.supervised.label_smoothing
+        self.label_smoothing = cfg.section(SupervisedConfig).label_smoothing
 
     def forward(self, batch: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         (x,), y = Views.of(batch)  # (B, C, H, W), (B,)
@@ -40,21 +48,17 @@ class Supervised(TeacherStudentMethod):
         return {"loss": loss, "train_accuracy": accuracy}
 
 
-def weak_strong_views(cfg: Config, family: str, mean: Any, std: Any) -> classify_views.WeakStrong:
-    """Weak views (pad-crop + flip) for training, with the strong RandAugment views that
-    pseudo-labelling also draws."""
-    weak_strong = classify_views.digits_weak_strong if family == "digits" \
-        else classify_views.rgb_weak_strong
-    pl = cfg.pseudo_label
-    return weak_strong(cfg.data.image_size, mean, std, pl.randaugment_ops,
-                       pl.randaugment_magnitude)
+def weak_views(cfg: Config, family: str, mean: Any, std: Any) -> classify_views.WeakStrong:
+    """Weak views (pad-crop + flip) only: every training image is labelled."""
+    return classify_views.weak_strong(family, cfg.data.image_size, mean, std, None)
 
 
 def check(cfg: Config) -> None:
-    if not 0.0 <= cfg.supervised.label_smoothing < 1.0:
-        raise ConfigError("supervised.label_smoothing: must lie in [0, 1), got "
-                          f"{cfg.supervised.label_smoothing}")
+    smoothing = cfg.section(SupervisedConfig).label_smoothing
+    if not 0.0 <= smoothing < 1.0:
+        raise ConfigError(f"supervised.label_smoothing: must lie in [0, 1), got {smoothing}")
 
 
-register(MethodSpec(name="supervised", build=Supervised, loader_views=weak_strong_views,
-                    labels="all", check=check, device_classify=True))
+register(MethodSpec(name="supervised", build=Supervised, loader_views=weak_views,
+                    labels="all", section=SupervisedConfig, check=check,
+                    device_classify=True))
