@@ -27,6 +27,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from ssl_ema.config import ConfigError
 from ssl_ema.engine.sweep import (  # noqa: F401 (train_command: tests/test_sweep.py)
@@ -39,7 +40,7 @@ from ssl_ema.engine.sweep import (  # noqa: F401 (train_command: tests/test_swee
 )
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe", help="YAML recipe")
@@ -58,7 +59,43 @@ def main(argv: list[str] | None = None) -> int:
                         "\"accelerate launch --multi_gpu --num_processes 8\"")
     parser.add_argument("--dry-run", action="store_true",
                         help="print what each run would do (new / resume / reuse) and stop")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def run_job(job: Any, launch: str, recipe: str, previous: dict[tuple, dict]) -> dict[str, Any]:
+    """Train (or resume, or reuse) one (variant, seed); its row of sweep.json."""
+    row: dict[str, Any] = {"variant": job.variant, "seed": job.seed,
+                           "overrides": list(job.overrides)}
+    if job.action == "reuse":
+        old = previous.get((job.variant, job.seed, str(job.run_dir)), {})
+        row.update(status="reused", wall_s=old.get("wall_s"), run_dir=str(job.run_dir))
+    else:
+        cmd = train_command(launch, recipe, job)
+        print(f"\n== {job.variant} seed {job.seed}: {shlex.join(cmd)}", flush=True)
+        start = time.perf_counter()
+        code = subprocess.run(cmd).returncode
+        row["wall_s"] = time.perf_counter() - start
+        run_dir = finished_run(job.home, job.cfg)
+        row["status"] = ("resumed" if job.action == "resume" else "trained") if code == 0 \
+            else f"failed ({code})"
+        row["run_dir"] = None if run_dir is None else str(run_dir)
+    if row.get("run_dir") and row["status"] in ("reused", "trained", "resumed"):
+        row["metrics"] = metrics(Path(row["run_dir"]))
+    return row
+
+
+def save(out: Path, args: argparse.Namespace, rows: list[dict], later: list[dict]) -> None:
+    """sweep.json, atomically: a cut sweep leaves the last complete table, and the jobs not
+    reached yet keep their earlier rows (a cut sweep loses no wall times)."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "sweep.json.tmp"
+    tmp.write_text(json.dumps({"recipe": args.recipe, "common": args.overrides,
+                               "runs": rows + later}, indent=2) + "\n")
+    tmp.replace(out / "sweep.json")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     out = args.out or Path("runs") / "sweeps" / Path(args.recipe).stem
     try:
         if not Path(args.recipe).is_file():
@@ -81,34 +118,13 @@ def main(argv: list[str] | None = None) -> int:
     if (out / "sweep.json").is_file():
         previous = {(r["variant"], r["seed"], r.get("run_dir")): r
                     for r in json.loads((out / "sweep.json").read_text())["runs"]}
-    rows, failed = [], False
+    rows: list[dict[str, Any]] = []
     for job in jobs:
-        row = {"variant": job.variant, "seed": job.seed, "overrides": list(job.overrides)}
-        if job.action == "reuse":
-            old = previous.get((job.variant, job.seed, str(job.run_dir)), {})
-            row.update(status="reused", wall_s=old.get("wall_s"), run_dir=str(job.run_dir))
-        else:
-            cmd = train_command(args.launch, args.recipe, job)
-            print(f"\n== {job.variant} seed {job.seed}: {shlex.join(cmd)}", flush=True)
-            start = time.perf_counter()
-            code = subprocess.run(cmd).returncode
-            row["wall_s"] = time.perf_counter() - start
-            run_dir = finished_run(job.home, job.cfg)
-            row["status"] = ("resumed" if job.action == "resume" else "trained") if code == 0 \
-                else f"failed ({code})"
-            row["run_dir"] = None if run_dir is None else str(run_dir)
-            failed |= code != 0 or run_dir is None
-        if row.get("run_dir") and row["status"] in ("reused", "trained", "resumed"):
-            row["metrics"] = metrics(Path(row["run_dir"]))
-        rows.append(row)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / "sweep.json.tmp"  # atomic: a cut sweep leaves the last complete table
-        # jobs not reached yet keep their earlier rows (a cut sweep loses no wall times)
+        rows.append(run_job(job, args.launch, args.recipe, previous))
         later = [previous[k] for j in jobs[len(rows):]
                  if (k := (j.variant, j.seed, str(j.run_dir))) in previous]
-        tmp.write_text(json.dumps({"recipe": args.recipe, "common": args.overrides,
-                                   "runs": rows + later}, indent=2) + "\n")
-        tmp.replace(out / "sweep.json")
+        save(out, args, rows, later)
+    failed = any(not r.get("run_dir") or r["status"].startswith("failed") for r in rows)
     columns = args.metrics or list(dict.fromkeys(k for r in rows for k in r.get("metrics", {})))
     print()
     print(table(rows, columns))
