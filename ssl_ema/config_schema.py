@@ -27,6 +27,9 @@ class RunConfig:
     name: str = ""  # default: the recipe's file stem
     output_dir: str = "runs"
     seed: int = 0
+    # Experiment trackers that mirror metrics.jsonl (which stays the record), any of Accelerate's:
+    # tensorboard, wandb, mlflow, aim, comet_ml, clearml, dvclive, swanlab, trackio.
+    log_with: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
