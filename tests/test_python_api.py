@@ -147,7 +147,7 @@ def test_cli_resume_refuses_a_run_of_given_objects(tmp_path: Path) -> None:
     refuse_given(tmp_path)  # a recipe's run: resumable from the command line
 
 
-@pytest.mark.slow  # trains 4 steps (about 15 s on 2 loaded cores)
+@pytest.mark.slow  # trains 4 steps, then 2 again (resumed)
 def test_doc_example_trains_on_the_given_objects(tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
@@ -173,3 +173,14 @@ def test_doc_example_trains_on_the_given_objects(tmp_path: Path,
     lag = [float((t - s).detach().abs().max()) for t, s in zip(run.teacher.parameters(),
                                                       run.student.parameters())]
     assert max(lag) > 0
+    # Resumed from its step-2 checkpoint with the same objects, the run ends bit for bit where
+    # the uninterrupted one did.
+    done = {k: v.clone() for k, v in run.trainer.model.state_dict().items()}
+    again = ssl_ema.train(ns["recipe"], resume=run.run_dir / "checkpoints" / "step_00000002",
+                          train_set=ns["Stripes"](128, seed=0),
+                          test_set=ns["Stripes"](64, seed=1), backbone=ns["backbone"],
+                          num_features=16)
+    assert again.run_dir == run.run_dir and again.student is ns["backbone"]
+    resumed = again.trainer.model.state_dict()
+    assert resumed.keys() == done.keys()
+    assert all(torch.equal(resumed[k], done[k]) for k in done)
