@@ -16,7 +16,7 @@ from ssl_ema.methods.registry import METHODS, classification_methods, method_spe
 # Valid choices for string fields that name a registered component. Backbones are checked
 # against timm's registry below.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.dataset": ("digits", "cifar10", "cifar100", "imagefolder"),
+    "data.dataset": ("digits", "cifar10", "cifar100", "imagefolder", "given"),
     "method.name": tuple(METHODS),
     "optim.name": ("sgd", "lars", "adam", "adamw"),
 }

@@ -34,7 +34,9 @@ class RunConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "digits"  # digits | cifar10 | cifar100 | imagefolder
+    # digits | cifar10 | cifar100 | imagefolder | given (data sets passed from Python: set by
+    # ssl_ema.train(train_set=..., test_set=...), docs/PYTHON_API.md)
+    dataset: str = "digits"
     root: str = "data"  # CIFAR: torchvision layout; imagefolder: root/{train,test}/<class>/*
     download: bool = True  # CIFAR only; offline -> clear error asking for data.root
     image_size: int = 32  # side of the training views

@@ -18,7 +18,7 @@ from torch import nn
 import ssl_ema
 from ssl_ema.config import ConfigError, load_config
 from ssl_ema.data.custom import given_data
-from ssl_ema.data.datasets import DataError
+from ssl_ema.data.datasets import DataError, build_data
 from ssl_ema.engine.run import refuse_given
 from ssl_ema.models.custom import backbone_builder
 from tests.conftest import ROOT
@@ -110,6 +110,9 @@ def test_given_data_refuses_bad_sets() -> None:
         given_data(cfg, Items([torch.zeros(3, 8, 8)], [0]), ok)
     with pytest.raises(ConfigError, match="give both train_set and test_set"):
         ssl_ema.train(None, train_set=ok)
+    with pytest.raises(DataError, match="^data.dataset=given: the data sets are passed from "
+                                        "Python"):  # e.g. tools/train.py data.dataset=given
+        build_data(load_config(None, ["data.dataset=given"]))
 
 
 def test_backbone_builder_checks_and_copies() -> None:
@@ -162,10 +165,12 @@ def test_doc_example_trains_on_the_given_objects(tmp_path: Path,
     assert header["given"] == {"train_set": "builtins.Stripes", "test_set": "builtins.Stripes",
                                "backbone": "torch.nn.modules.container.Sequential"}
     assert header["kappa"] == 0.25 and header["train_images"] == 128
+    assert "  dataset: given\n" in (run.run_dir / "config.yaml").read_text()
     train = [r for r in records if r["event"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     for r in train:  # the EMA Scaling Rule: the per-step momentum ** kappa
         assert r["momentum"] == pytest.approx(r["momentum_base"] ** 0.25)
+    assert run.results["knn_random_bn"] == 1.0  # the doc says so of its toy task
     final = [r for r in records if r["event"] == "eval"][-1]
     assert final["knn_teacher"] == run.results["knn_teacher"]
     # The student is the caller's module, trained; the teacher an EMA copy that lags it.

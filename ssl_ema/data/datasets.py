@@ -217,6 +217,9 @@ def build_data(cfg: Config, given: DataBundle | None = None) -> DataBundle:
     """Build the data a recipe names, or take the bundle of data sets ``given`` from Python
     (`ssl_ema.data.custom`); then the labels and evaluation subsets. Raises DataError with the
     fix when data is missing."""
+    if given is None and cfg.data.dataset == "given":
+        raise DataError("data.dataset=given: the data sets are passed from Python "
+                        "(ssl_ema.train(train_set=..., test_set=...)); name a data set here")
     bundle = BUILDERS[cfg.data.dataset](cfg) if given is None else given
     labels = method_spec(cfg.method.name).labels
     if labels != "none":  # splits, noisy labels, labelled subset

@@ -79,6 +79,8 @@ def train(config: ConfigSource = None, overrides: Sequence[str] = (), *,
     if (train_set is None) != (test_set is None):
         raise ConfigError("give both train_set and test_set (the held-out kNN queries), or "
                           "neither to train on data.dataset")
+    if train_set is not None:  # recorded in config.yaml; frees the RGB-only keys from digits
+        overrides = [*overrides, "data.dataset=given"]
     cfg, run_dir, checkpoint = _run_target(config, overrides, resume)
     data = None if train_set is None else given_data(cfg, train_set, test_set, num_classes,
                                                      mean, std)  # type: ignore[arg-type]
