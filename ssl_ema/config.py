@@ -237,5 +237,5 @@ __all__ = [
     "CHOICES", "CLASSIFICATION_METHODS", "Config", "ConfigError", "DINOConfig", "DataConfig",
     "EMAConfig", "EvalConfig", "LabelsConfig", "MethodConfig", "ModelConfig", "OptimConfig",
     "PseudoLabelConfig", "RunConfig", "ScalingConfig", "SupervisedConfig", "TrainConfig",
-    "config_from", "dump_yaml", "from_dict", "load_config", "parse_overrides", "to_dict",
+    "dump_yaml", "from_dict", "load_config", "parse_overrides", "to_dict",
 ]
