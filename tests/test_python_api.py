@@ -20,6 +20,7 @@ from ssl_ema.config import ConfigError, load_config
 from ssl_ema.data.custom import given_data
 from ssl_ema.data.datasets import DataError, build_data
 from ssl_ema.engine.run import refuse_given
+from ssl_ema.eval.trained import load_run
 from ssl_ema.models.custom import backbone_builder
 from tests.conftest import ROOT
 
@@ -60,7 +61,7 @@ def test_import_is_cheap_and_names_resolve() -> None:
 
 def test_scaling_block_of_the_doc() -> None:
     ns: dict = {}
-    exec(doc_blocks()[1], ns)
+    exec(doc_blocks()[2], ns)
     assert ns["k"] == 4.0
     assert ssl_ema.update_momentum(0.996, kappa=ns["k"]) == pytest.approx(0.996 ** 4)
 
@@ -189,3 +190,10 @@ def test_doc_example_trains_on_the_given_objects(tmp_path: Path,
     resumed = again.trainer.model.state_dict()
     assert resumed.keys() == done.keys()
     assert all(torch.equal(resumed[k], done[k]) for k in done)
+    # The doc's "teacher later" block loads the checkpoint's teacher into the caller's module;
+    # the tools refuse the run in one line.
+    teacher = {k: v.clone() for k, v in again.teacher.state_dict().items()}
+    exec(doc_blocks()[1], ns)
+    assert all(torch.equal(v, ns["backbone"].state_dict()[k]) for k, v in teacher.items())
+    with pytest.raises(ConfigError, match="trained a backbone given from Python"):
+        load_run(again.run_dir)

@@ -69,11 +69,17 @@ def resume_target(resume: str) -> tuple[Path, Path]:
                       f"({'; '.join(damaged)}); start a new run")
 
 
+def given_objects(run_dir: Path) -> dict[str, str]:
+    """What a run trained on that was given from Python (``train_set``, ``test_set``,
+    ``backbone``: their classes), from its header.json; empty for a recipe's run."""
+    header = run_dir / "header.json"
+    return dict(json.loads(header.read_text()).get("given", {})) if header.is_file() else {}
+
+
 def refuse_given(run_dir: Path) -> None:
     """A run trained on a data set or backbone given from Python resumes from Python only: its
     config.yaml does not name them."""
-    header = run_dir / "header.json"
-    given = json.loads(header.read_text()).get("given") if header.is_file() else None
+    given = given_objects(run_dir)
     if given:
         raise ConfigError(f"--resume: run {run_dir} trained on objects given from Python "
                           f"({', '.join(given)}); resume it from Python with "
