@@ -82,8 +82,9 @@ def train(config: ConfigSource = None, overrides: Sequence[str] = (), *,
     if train_set is not None:  # recorded in config.yaml; frees the RGB-only keys from digits
         overrides = [*overrides, "data.dataset=given"]
     cfg, run_dir, checkpoint = _run_target(config, overrides, resume)
-    data = None if train_set is None else given_data(cfg, train_set, test_set, num_classes,
-                                                     mean, std)  # type: ignore[arg-type]
+    data = None
+    if train_set is not None and test_set is not None:
+        data = given_data(cfg, train_set, test_set, num_classes, mean, std)
     given = {**({} if train_set is None else {"train_set": describe(train_set),
                                               "test_set": describe(test_set)}),
              **({} if backbone is None else {"backbone": describe(backbone)})}

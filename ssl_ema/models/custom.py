@@ -74,7 +74,7 @@ def backbone_builder(source: BackboneSource, in_chans: int, image_size: int,
             module = pending.pop()
         else:
             module = copy.deepcopy(source) if isinstance(source, nn.Module) else source()
-        module.num_features = dim  # what the methods' heads read
+        module.num_features = dim  # type: ignore[assignment]  # what the methods' heads read
         return module
 
     return build
