@@ -187,6 +187,12 @@ def from_dict(values: Mapping[str, Any]) -> Config:
     return cfg
 
 
+def config_from(values: Mapping[str, Any], overrides: Sequence[str] = ()) -> Config:
+    """A validated :class:`Config` from nested plain values (a recipe's YAML as a dict) and
+    ``a.b=c`` overrides: the Python caller's `load_config`."""
+    return from_dict(_merge(dict(values), parse_overrides(overrides)))
+
+
 def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Config:
     """Load a YAML recipe (safe loader), apply overrides, validate. Raises ConfigError."""
     values: dict[str, Any] = {}

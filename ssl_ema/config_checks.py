@@ -16,7 +16,7 @@ from ssl_ema.methods.registry import METHODS, classification_methods, method_spe
 # Valid choices for string fields that name a registered component. Backbones are checked
 # against timm's registry below.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "data.dataset": ("digits", "cifar10", "cifar100", "imagefolder"),
+    "data.dataset": ("digits", "cifar10", "cifar100", "imagefolder", "given"),
     "method.name": tuple(METHODS),
     "optim.name": ("sgd", "lars", "adam", "adamw"),
 }
@@ -85,6 +85,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"eval.knn_temperature: must be positive, got {cfg.eval.knn_temperature}")
     _validate_batches(cfg)
     _validate_labels(cfg)
+    _validate_trackers(cfg.run.log_with)
     if spec.check is not None:
         spec.check(cfg)
 
@@ -115,6 +116,25 @@ def _validate_labels(cfg: Config) -> None:
     if cfg.model.init_from and not Path(cfg.model.init_from).is_file():
         raise ConfigError(f"model.init_from: '{cfg.model.init_from}' is not a file; pass a "
                           ".safetensors or torch state dict of the backbone")
+
+
+def _validate_trackers(names: tuple[str, ...]) -> None:
+    """Each of ``run.log_with`` is one of Accelerate's trackers and is installed (Accelerate
+    itself would only warn and log nothing)."""
+    if not names:
+        return
+    import accelerate.utils
+    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
+
+    if len(set(names)) < len(names):
+        raise ConfigError(f"run.log_with: a tracker is listed twice ({', '.join(names)})")
+    for name in names:
+        if name not in LOGGER_TYPE_TO_CLASS:
+            raise ConfigError(f"run.log_with: unknown tracker '{name}'; valid: "
+                              f"{', '.join(sorted(LOGGER_TYPE_TO_CLASS))}")
+        if not getattr(accelerate.utils, f"is_{name}_available")():
+            raise ConfigError(f"run.log_with: {name} is not installed; pip install {name}, or "
+                              "drop it from run.log_with")
 
 
 def _validate_batches(cfg: Config) -> None:

@@ -27,11 +27,16 @@ class RunConfig:
     name: str = ""  # default: the recipe's file stem
     output_dir: str = "runs"
     seed: int = 0
+    # Experiment trackers that mirror metrics.jsonl (which stays the record), any of Accelerate's:
+    # tensorboard, wandb, mlflow, aim, comet_ml, clearml, dvclive, swanlab, trackio.
+    log_with: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    dataset: str = "digits"  # digits | cifar10 | cifar100 | imagefolder
+    # digits | cifar10 | cifar100 | imagefolder | given (data sets passed from Python: set by
+    # ssl_ema.train(train_set=..., test_set=...), docs/PYTHON_API.md)
+    dataset: str = "digits"
     root: str = "data"  # CIFAR: torchvision layout; imagefolder: root/{train,test}/<class>/*
     download: bool = True  # CIFAR only; offline -> clear error asking for data.root
     image_size: int = 32  # side of the training views

@@ -134,8 +134,10 @@ def build_digits(cfg: Config) -> DataBundle:
     )
 
 
-def _rgb_bundle(train: Any, test: Any, cfg: Config, mean: Sequence[float],
-                std: Sequence[float], num_classes: int) -> DataBundle:
+def rgb_bundle(train: Any, test: Any, cfg: Config, mean: Sequence[float],
+               std: Sequence[float], num_classes: int) -> DataBundle:
+    """A bundle of RGB ``(PIL image, label)`` sources: the method's training views, and the
+    plain evaluation transform."""
     if cfg.data.normalize == "imagenet":
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     size, m, s = cfg.data.image_size, tuple(mean), tuple(std)
@@ -167,7 +169,7 @@ def build_cifar(cfg: Config) -> DataBundle:
             f"set data.root to the folder that holds {folder}/, or run once with internet access"
         ) from e
     mean, std = (CIFAR10_MEAN, CIFAR10_STD) if is10 else (CIFAR100_MEAN, CIFAR100_STD)
-    return _rgb_bundle(train, test, cfg, mean, std, len(train.classes))
+    return rgb_bundle(train, test, cfg, mean, std, len(train.classes))
 
 
 def build_imagefolder(cfg: Config) -> DataBundle:
@@ -197,7 +199,7 @@ def build_imagefolder(cfg: Config) -> DataBundle:
         mean, std = CIFAR10_MEAN, CIFAR10_STD
     else:
         mean, std = IMAGENET_MEAN, IMAGENET_STD
-    bundle = _rgb_bundle(splits["train"], splits["test"], cfg, mean, std,
+    bundle = rgb_bundle(splits["train"], splits["test"], cfg, mean, std,
                          len(splits["train"].classes))
     bundle.skipped_files = skipped
     return bundle
@@ -211,9 +213,14 @@ BUILDERS: dict[str, Callable[[Config], DataBundle]] = {
 }
 
 
-def build_data(cfg: Config) -> DataBundle:
-    """Build the data a recipe names; raises DataError with the fix when it is missing."""
-    bundle = BUILDERS[cfg.data.dataset](cfg)
+def build_data(cfg: Config, given: DataBundle | None = None) -> DataBundle:
+    """Build the data a recipe names, or take the bundle of data sets ``given`` from Python
+    (`ssl_ema.data.custom`); then the labels and evaluation subsets. Raises DataError with the
+    fix when data is missing."""
+    if given is None and cfg.data.dataset == "given":
+        raise DataError("data.dataset=given: the data sets are passed from Python "
+                        "(ssl_ema.train(train_set=..., test_set=...)); name a data set here")
+    bundle = BUILDERS[cfg.data.dataset](cfg) if given is None else given
     spec = method_spec(cfg.method.name)
     if spec.labels != "none":  # splits, noisy labels, labelled subset
         unlabelled = spec.unlabelled(cfg) if spec.unlabelled is not None else None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration
@@ -11,14 +12,18 @@ from ssl_ema.config import Config
 from ssl_ema.engine.run import cpu_processes
 
 
-def build_accelerator(cfg: Config) -> Accelerator:
+def build_accelerator(cfg: Config, run_dir: Path | None = None) -> Accelerator:
     """Accelerate with the recipe's precision and accumulation; seedable samplers (the data order
-    is a function of seed and epoch, so a resume replays it)."""
+    is a function of seed and epoch, so a resume replays it); the trackers of ``run.log_with``,
+    writing under ``run_dir`` (`ssl_ema.engine.trackers`)."""
+    trackers = list(cfg.run.log_with)
     accelerator = Accelerator(
         cpu=cpu_processes(),
         mixed_precision=cfg.train.mixed_precision,
         gradient_accumulation_steps=cfg.train.grad_accumulation,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        log_with=trackers or None,
+        project_dir=str(run_dir) if trackers and run_dir is not None else None,
     )
     if accelerator.device.type == "cuda":
         # Fixed shapes: let cuDNN pick its fastest kernels; TF32 for the fp32 matmuls.

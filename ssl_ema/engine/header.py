@@ -54,6 +54,8 @@ def header_text(h: dict[str, Any], scaled: Mapping[int, ScaledHyperparams],
             f"{h['reference_batch']}, kappa {s.kappa:g}, rule {h['scaling_rule']}: "
             f"momentum ** {s.ema_exponent * s.period:g})")
         lines.append("  " + "; ".join(s.optimizer.describe()) + f" ({h['optimizer']})")
+    if h.get("given"):
+        lines.append("given from Python: " + ", ".join(f"{k} {v}" for k, v in h["given"].items()))
     if data.skipped_files:
         lines.append(f"left out {data.skipped_files} unreadable image files "
                      "(data.corrupt=skip)")

@@ -15,7 +15,8 @@ import contextlib
 import gc
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from accelerate import PartialState
@@ -71,13 +72,23 @@ def _start(recipe: str | None, overrides: Sequence[str], resume: str | None,
     check_launch()
     stop_with_launcher()
     cfg, run_dir, checkpoint = prepare_run(recipe, overrides, resume)
+
+    def build() -> Trainer:
+        from ssl_ema.engine.trainer import Trainer  # heavy imports only once the input is valid
+
+        return Trainer(cfg, run_dir, checkpoint, stop_at)
+
+    return locked_start(run_dir, build)
+
+
+def locked_start(run_dir: Path, build: Callable[[], Trainer]) -> tuple[Trainer, RunLock]:
+    """Lock the run directory, then ``build`` the trainer. A start that fails removes the run
+    directory it created and releases the lock."""
     state = PartialState(cpu=cpu_processes())
     created = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # deepest first
     lock = lock_run_dir(run_dir, state)
     try:
-        from ssl_ema.engine.trainer import Trainer  # heavy imports only once the input is valid
-
-        return Trainer(cfg, run_dir, checkpoint, stop_at), lock
+        return build(), lock
     except BaseException:
         lock.release()
         if created and state.is_main_process:

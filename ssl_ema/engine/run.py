@@ -8,6 +8,7 @@ refuses a recipe that would change the training (a resumed run must be the same 
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 import time
@@ -25,7 +26,7 @@ from ssl_ema.engine.checkpoint import PREFIX, checkpoints, damage
 # Keys that may differ on resume: they change bookkeeping, not the trajectory.
 RESUMABLE_CHANGES = {"train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
                      "train.checkpoint_every_minutes",
-                     "train.log_every", "data.num_workers", "eval.every_epochs"}
+                     "train.log_every", "data.num_workers", "eval.every_epochs", "run.log_with"}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
@@ -39,7 +40,7 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, object]:
     return out
 
 
-def _resume_target(resume: str) -> tuple[Path, Path]:
+def resume_target(resume: str) -> tuple[Path, Path]:
     """(run dir, checkpoint dir) from a run directory (its newest intact checkpoint, with a
     one-line warning for each damaged newer one) or one of its checkpoints."""
     path = Path(resume)
@@ -68,6 +69,23 @@ def _resume_target(resume: str) -> tuple[Path, Path]:
                       f"({'; '.join(damaged)}); start a new run")
 
 
+def given_objects(run_dir: Path) -> dict[str, str]:
+    """What a run trained on that was given from Python (``train_set``, ``test_set``,
+    ``backbone``: their classes), from its header.json; empty for a recipe's run."""
+    header = run_dir / "header.json"
+    return dict(json.loads(header.read_text()).get("given", {})) if header.is_file() else {}
+
+
+def refuse_given(run_dir: Path) -> None:
+    """A run trained on a data set or backbone given from Python resumes from Python only: its
+    config.yaml does not name them."""
+    given = given_objects(run_dir)
+    if given:
+        raise ConfigError(f"--resume: run {run_dir} trained on objects given from Python "
+                          f"({', '.join(given)}); resume it from Python with "
+                          "ssl_ema.train(..., resume=run_dir) and the same objects")
+
+
 def changed_keys(run_dir: Path, cfg: Config, allowed: set[str]) -> list[tuple[str, object, object]]:
     """``(key, saved, now)`` for every key outside ``allowed`` where ``cfg`` differs from the
     run's saved ``config.yaml`` (see `config_changes`)."""
@@ -94,7 +112,7 @@ def _defaults() -> dict[str, object]:
     return flatten(to_dict(from_dict({})))
 
 
-def _check_same_run(run_dir: Path, cfg: Config) -> None:
+def check_same_run(run_dir: Path, cfg: Config) -> None:
     changed = changed_keys(run_dir, cfg, RESUMABLE_CHANGES)
     if changed:
         diffs = ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changed[:4])
@@ -125,7 +143,7 @@ def check_launch() -> None:
             "or 'torchrun --nproc_per_node 2'; for one process, unset MASTER_ADDR")
 
 
-def _new_run_dir(cfg: Config) -> Path:
+def new_run_dir(cfg: Config) -> Path:
     state = PartialState(cpu=cpu_processes())  # all processes must agree on one timestamp
     stamp = [time.strftime("%Y%m%d-%H%M%S") if state.is_main_process else None]
     broadcast_object_list(stamp)
@@ -137,8 +155,9 @@ def prepare_run(recipe: str | None, overrides: Sequence[str],
     """Resolve config, run directory and (when resuming) the checkpoint to load."""
     if resume is None:
         cfg = load_config(recipe, overrides)
-        return cfg, _new_run_dir(cfg), None
-    run_dir, checkpoint = _resume_target(resume)
+        return cfg, new_run_dir(cfg), None
+    run_dir, checkpoint = resume_target(resume)
+    refuse_given(run_dir)
     if recipe is None:
         saved = yaml.safe_load((run_dir / "config.yaml").read_text())
         merged = flatten(saved)
@@ -153,5 +172,5 @@ def prepare_run(recipe: str | None, overrides: Sequence[str],
         cfg = from_dict(tree)
     else:
         cfg = load_config(recipe, overrides)
-    _check_same_run(run_dir, cfg)
+    check_same_run(run_dir, cfg)
     return cfg, run_dir, checkpoint

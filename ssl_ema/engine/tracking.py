@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,17 +45,21 @@ def device_name(device: torch.device) -> str:
 
 
 class MetricsLog:
-    """Append-only JSONL file, one object per logged event; written by the main process only."""
+    """Append-only JSONL file, one object per logged event; written by the main process only.
+    ``mirror``, if given, gets each record after it is written (the experiment trackers,
+    `ssl_ema.engine.trackers`)."""
 
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = path, enabled
+    def __init__(self, path: Path, enabled: bool,
+                 mirror: Callable[[dict[str, Any]], None] | None = None):
+        self.path, self.enabled, self.mirror = path, enabled, mirror
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
-
+        if self.mirror is not None:
+            self.mirror(record)
 
     def keep_until(self, step: int, drop_eval_at_step: bool = False) -> None:
         """On resume from a checkpoint at ``step``: drop the records of later steps (the resumed

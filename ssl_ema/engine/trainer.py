@@ -41,10 +41,13 @@ from ssl_ema.engine.optim import (
 from ssl_ema.engine.scaled import ScaledHyperparams, resolve
 from ssl_ema.engine.state import TrainState
 from ssl_ema.engine.stop import Stopped, StopPoints, StopSignals, signal_name
+from ssl_ema.engine.trackers import TrackerMirror, start_trackers
 from ssl_ema.engine.tracking import MetricsLog
 from ssl_ema.eval.context import EvalContext
 from ssl_ema.eval.evaluations import Evaluation, build_evaluation
 from ssl_ema.methods import TeacherStudentMethod, build_method
+from ssl_ema.models.backbones import given_backbone
+from ssl_ema.models.custom import BackboneSource, backbone_builder
 from ssl_ema.schedules import batch_at_epoch
 
 
@@ -56,16 +59,27 @@ class Trainer:
     """Builds everything from a :class:`Config` and runs `fit`; see the module docstring."""
 
     def __init__(self, cfg: Config, run_dir: Path, resume_from: Path | None = None,
-                 stop_at: float | None = None):
+                 stop_at: float | None = None, *, data: DataBundle | None = None,
+                 backbone: BackboneSource | None = None, num_features: int | None = None,
+                 given: dict[str, str] | None = None):
+        """``data`` (`ssl_ema.data.custom.given_data`) and ``backbone`` (a module or a function
+        building one, with ``num_features`` unless it has the attribute:
+        `ssl_ema.models.custom`) replace the recipe's data set and timm model; ``given`` names
+        them in the run header (`ssl_ema.engine.from_python.train` sets them all)."""
         self.cfg, self.run_dir, self.resume_from = cfg, run_dir, resume_from
-        self.accelerator = build_accelerator(cfg)
+        self.given = given or {}
+        self.accelerator = build_accelerator(cfg, run_dir)
         set_seed(cfg.run.seed)
         world = self.accelerator.num_processes
         self.batches = sorted({batch_at_epoch(e, cfg.train.batch_size, cfg.train.batch_schedule)
                                for e in range(cfg.train.epochs)})
         self.per_device = {b: per_device_batch(cfg, world, b) for b in self.batches}
-        self.data: DataBundle = build_data(cfg)  # data errors surface before any model is built
-        method = build_method(cfg, self.data.in_chans, self.data.num_classes)
+        # data errors surface before any model is built
+        self.data: DataBundle = build_data(cfg, data)
+        build = None if backbone is None else backbone_builder(
+            backbone, self.data.in_chans, cfg.data.image_size, num_features)
+        with given_backbone(build):
+            method = build_method(cfg, self.data.in_chans, self.data.num_classes)
         if cfg.train.sync_batchnorm and world > 1:
             if self.accelerator.device.type != "cuda":
                 raise ConfigError("train.sync_batchnorm needs CUDA devices (NCCL); set it to "
@@ -90,7 +104,8 @@ class Trainer:
         # The method names its evaluation (kNN of features, or top-1 of its classifier).
         self.evaluation: Evaluation = build_evaluation(self.eval_context())
         self.state = TrainState()
-        self.log = MetricsLog(run_dir / "metrics.jsonl", self.accelerator.is_main_process)
+        self.log = MetricsLog(run_dir / "metrics.jsonl", self.accelerator.is_main_process,
+                              TrackerMirror(self.accelerator) if cfg.run.log_with else None)
         self._mark()
         gather = self.accelerator.gather
         self.guard = NonFiniteGuard(
@@ -291,6 +306,7 @@ class Trainer:
         with self.signals:
             eval_pending = self._resume() if self.resume_from is not None else False
             self._write_header()
+            start_trackers(acc, self.cfg, self.run_dir)
             self._mark()
             if st.step == 0 and st.knn_random < 0:
                 # before training: student == teacher == random init
@@ -320,6 +336,8 @@ class Trainer:
         first = self.hyper(0)
         h = run_header(self.cfg, self.accelerator, self.model.student, self.data, first,
                        self.scaled, self.per_device, self.total_steps, self.total_samples)
+        if self.given:  # objects from Python in place of data.dataset / model.backbone
+            h["given"] = self.given
         if self.accelerator.is_main_process:
             write_run_files(self.run_dir, self.cfg, h)
             print(header_text(h, self.scaled, self.per_device, self.data, self.run_dir))

@@ -19,6 +19,7 @@ from torch import nn
 
 from ssl_ema.config import Config, ConfigError, load_config
 from ssl_ema.engine.checkpoint import PREFIX, checkpoints
+from ssl_ema.engine.run import given_objects
 from ssl_ema.eval.context import roles as run_roles
 from ssl_ema.methods import TeacherStudentMethod, build_method
 from ssl_ema.models.backbones import backbone_from_config
@@ -112,6 +113,11 @@ def load_run(path: str | Path, overrides: Sequence[str] = ()) -> TrainedRun:
     ``data.root`` when the data moved, or ``data.eval_subset``.
     """
     run_dir, ckpt = resolve_checkpoint(path)
+    backbone = given_objects(run_dir).get("backbone")
+    if backbone:
+        raise ConfigError(f"'{run_dir}' trained a backbone given from Python ({backbone}); its "
+                          "config cannot rebuild it: load the checkpoint into your module "
+                          "(docs/PYTHON_API.md, 'The teacher later')")
     cfg = load_config(run_dir / "config.yaml", overrides)
     # The checkpoint holds every weight: a fine-tuning run's model.init_from is not re-read.
     cfg = replace(cfg, model=replace(cfg.model, init_from=""))

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import timm
 from timm.models.resnet import ResNet
 from torch import nn
@@ -98,10 +102,30 @@ def build_backbone(
     return model
 
 
+# A backbone given from Python (`ssl_ema.models.custom`) replaces the recipe's while it is set.
+# Scoped rather than passed: every method builds its backbone here, once per role (student,
+# teacher, each EMA copy), and its builder keeps the registry's (cfg, in_chans, num_classes).
+_GIVEN: ContextVar[Callable[[], nn.Module] | None] = ContextVar("given_backbone", default=None)
+
+
+@contextmanager
+def given_backbone(build: Callable[[], nn.Module] | None) -> Iterator[None]:
+    """Within the block, `backbone_from_config` returns ``build()`` (None: the recipe's)."""
+    token = _GIVEN.set(build)
+    try:
+        yield
+    finally:
+        _GIVEN.reset(token)
+
+
 def backbone_from_config(cfg: Config, in_chans: int) -> nn.Module:
     """The one way to build the recipe's backbone: `build_backbone` with every ``model.*`` key
     that shapes it (name, CIFAR stem, patch size, init, stem activation) and the training image
-    size, for images of ``in_chans`` channels."""
+    size, for images of ``in_chans`` channels; or the backbone given from Python
+    (`given_backbone`)."""
+    given = _GIVEN.get()
+    if given is not None:
+        return given()
     m = cfg.model
     return build_backbone(m.backbone, in_chans=in_chans, image_size=cfg.data.image_size,
                           cifar_stem=m.cifar_stem, patch_size=m.patch_size, init=m.init,
