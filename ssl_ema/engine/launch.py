@@ -96,6 +96,8 @@ def _fit(trainer: Trainer) -> tuple[int, str]:
         result = trainer.fit()
     except (NonFiniteLoss, CheckpointWriteError) as e:
         return 1, f"error: {e}"
+    except ConfigError as e:  # found while training: an unreadable file (data.pipeline=jpeg)
+        return 2, f"error: {e}"
     except OSError as e:  # the run directory cannot be written (disk full, permissions)
         return 1, (f"error: could not write {e.filename or 'the run directory'}: "
                    f"{e.strerror or e}; free space or make run.output_dir writable")
