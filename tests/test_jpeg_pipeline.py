@@ -176,3 +176,31 @@ def test_jpeg_pipeline_config_errors() -> None:
     with pytest.raises(ConfigError, match="method.name=supervised: use data.pipeline=loader"):
         load_config(None, ["data.pipeline=jpeg", "data.dataset=imagefolder",
                            "method.name=supervised"])
+
+
+RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "byol_r50_imagenet.yaml"
+
+
+@pytest.mark.slow  # trains through the real trainer
+def test_byol_imagenet_recipe_trains_and_resumes_exactly(tmp_path: Path) -> None:
+    """recipes/byol_r50_imagenet.yaml on a slice: its data path (jpeg pipeline), LARS and
+    schedules with a tiny backbone at 32 px, 3 steps, resumed bit for bit at step 1."""
+    from ssl_ema.engine.trainer import Trainer
+    from tests.test_training import resume_from
+
+    root = jpeg_folder(tmp_path / "imgs", per_class=8)
+    tiny = [f"data.root={root}", f"data.index_cache={tmp_path / 'cache'}",
+            f"run.output_dir={tmp_path}", "data.image_size=32", "data.num_workers=0",
+            "data.eval_subset=6", "model.backbone=test_resnet", "method.projection_hidden_dim=32",
+            "method.projection_dim=16", "method.prediction_hidden_dim=32",
+            "train.batch_size=4", "train.max_steps=3", "train.checkpoint_every=1",
+            "train.keep_checkpoints=3",
+            "train.mixed_precision=no", "train.channels_last=false", "train.log_every=1",
+            "eval.every_epochs=0", "eval.knn_k=3"]
+    cfg = load_config(RECIPE, tiny)
+    assert (cfg.optim.name, cfg.optim.lr, cfg.scaling.reference_batch) == ("lars", 3.2, 4096)
+    full = Trainer(cfg, tmp_path / "run")
+    result = full.fit()
+    assert full.state.step == 3 and np.isfinite(result["knn_teacher"])
+    assert full.hyper(0).optimizer.lr.value == pytest.approx(3.2 * 4 / 4096)  # lr x B/4096
+    resume_from(full, tmp_path / "run", 1)
