@@ -140,20 +140,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def checked(args: argparse.Namespace) -> tuple[Config, int, int]:
+    """The bench's config and the JPEGs' (height, width); ConfigError naming a bad argument."""
     try:
         h, w = (int(s) for s in args.size.lower().split("x"))
     except ValueError:
-        print(f"bench_jpeg: --size {args.size!r}: expected HxW, e.g. 350x400", file=sys.stderr)
-        return 2
-    if min(args.warmup, args.steps, args.images, args.classes, h, w) < 1 \
-            or args.images < args.batch:
-        print("bench_jpeg: sizes and counts must be positive, --images >= --batch",
-              file=sys.stderr)
-        return 2
+        raise ConfigError(f"--size {args.size!r}: expected HxW, e.g. 350x400") from None
+    if min(args.warmup, args.steps, args.images, args.classes, h, w) < 1:
+        raise ConfigError("--size, --images, --classes, --warmup and --steps must be positive")
+    if args.images < args.batch:
+        raise ConfigError(f"--images {args.images} is less than --batch {args.batch}")
+    return bench_config(args), h, w
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
-        cfg = bench_config(args)
+        cfg, h, w = checked(args)
     except ConfigError as e:
         print(f"bench_jpeg: {e}", file=sys.stderr)
         return 2
