@@ -116,6 +116,10 @@ class JpegTrainStream:
         self.order = torch.empty(0, dtype=torch.int64)
         self.skipped: set[str] = set()  # unreadable files left out so far (data.corrupt=skip)
         self._block: tuple[int, list[tuple[CropDraw, ViewParams]]] | None = None
+        # One loader for the whole run, its workers kept between epochs: `iter_from` refills
+        # the batch plan (iterated in this process) in place.
+        self._plan: list[list[int]] = []
+        self._loader: DataLoader | None = None
 
     def __len__(self) -> int:
         return len(self.folder) // (self.batch * self.world)  # drop the last partial batch
@@ -157,10 +161,13 @@ class JpegTrainStream:
         """Batches ``start``, ``start + 1``, ... of the epoch set by `set_epoch`."""
         if self.epoch is None:
             raise RuntimeError("call set_epoch before iterating")
-        loader = DataLoader(FileBytes(self.folder), batch_sampler=self.batches(start),
-                            num_workers=self.num_workers, collate_fn=collate_files,
-                            pin_memory=self.device.type == "cuda")
-        for step, (files, labels, index) in enumerate(loader, start):
+        self._plan[:] = self.batches(start)
+        if self._loader is None:
+            self._loader = DataLoader(
+                FileBytes(self.folder), batch_sampler=self._plan, num_workers=self.num_workers,
+                collate_fn=collate_files, pin_memory=self.device.type == "cuda",
+                persistent_workers=self.num_workers > 0)
+        for step, (files, labels, index) in enumerate(self._loader, start):
             lo = (step * self.world + self.rank) * self.batch
             yield self.make(files, labels, torch.arange(lo, lo + len(files)), index)
 
