@@ -172,6 +172,26 @@ def test_an_unreadable_file_fails_or_leaves_its_batch(tmp_path: Path) -> None:
     assert len(batch[0]) == 5 and lenient.skipped == {str(bad)}
 
 
+def test_an_unreadable_evaluation_image_is_one_line_or_black(tmp_path: Path) -> None:
+    from torch.utils.data import DataLoader
+
+    from ssl_ema.engine.launch import own_line
+
+    root = jpeg_folder(tmp_path / "imgs", per_class=1) / "test"
+    (root / "class0" / "000.jpg").write_bytes(b"broken")
+    classes, samples, _, _ = cached_index(root, tmp_path / "cache")
+    strict = IndexedFolder(root, classes, samples)
+    # raised in a loader worker, re-raised here with the worker's traceback: one line remains
+    with pytest.raises(ConfigError) as caught:
+        list(DataLoader(strict, num_workers=1, collate_fn=list))
+    assert own_line(caught.value) == (f"'{root / 'class0' / '000.jpg'}' is not a readable image; "
+                                      "remove it or set data.corrupt=skip to evaluate it as a "
+                                      "black image")
+    with pytest.warns(UserWarning, match="evaluated as a black image"):
+        image, label = IndexedFolder(root, classes, samples, blank_unreadable=True)[0]
+    assert image.size == (1, 1) and image.getpixel((0, 0)) == (0, 0, 0) and label == 0
+
+
 def test_jpeg_pipeline_config_errors() -> None:
     with pytest.raises(ConfigError, match="data.pipeline=jpeg decodes data.dataset=imagefolder"):
         load_config(None, ["data.pipeline=jpeg", "data.dataset=cifar10"])

@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ssl_ema.config_schema import ConfigError
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 INDEX_VERSION = 1  # bump when the cached layout changes
 
@@ -101,7 +103,8 @@ class IndexedFolder(Dataset):
                 return image.convert("RGB"), label
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
             if not self.blank_unreadable:
-                raise
+                raise ConfigError(f"'{path}' is not a readable image; remove it or set "
+                                  "data.corrupt=skip to evaluate it as a black image") from None
             warnings.warn(f"'{path}' is not a readable image; evaluated as a black image "
                           "(data.corrupt=skip)", stacklevel=2)
             return Image.new("RGB", (1, 1)), label
