@@ -136,6 +136,25 @@ def test_views_are_a_function_of_seed_epoch_and_index(tmp_path: Path) -> None:
     assert not torch.equal(next(iter(one))[0], batches[0][0])
 
 
+def test_a_batch_across_two_blocks_takes_each_positions_own_draws() -> None:
+    from ssl_ema.data.jpeg import BLOCK
+
+    class Files:  # 3 blocks of positions; no file is read
+        samples, targets = [("x", 0)] * 3 * BLOCK, [0] * 3 * BLOCK
+
+        def __len__(self) -> int:
+            return len(self.samples)
+
+    s = stream(Files(), 64)  # type: ignore[arg-type]
+    s.set_epoch(0)
+    positions = torch.arange(BLOCK - 24, BLOCK + 40)
+    draws, first, second = s.draws(positions), s.block(0), s.block(1)
+    for (crop, colour), a, b in zip(draws, first, second):
+        assert torch.equal(crop.log_ratio, torch.cat([a[0].log_ratio[-24:], b[0].log_ratio[:40]]))
+        assert torch.equal(colour.order, torch.cat([a[1].order[-24:], b[1].order[:40]]))
+    assert not torch.equal(first[0][0].scale, second[0][0].scale)  # blocks draw afresh
+
+
 def test_loader_workers_give_the_same_batches(tmp_path: Path) -> None:
     folder = folder_of(jpeg_folder(tmp_path / "imgs") / "train", tmp_path / "cache")
     a, b = stream(folder, 5), stream(folder, 5, num_workers=2)

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -138,16 +137,15 @@ class JpegTrainStream:
         return self._block[1]
 
     def draws(self, positions: Tensor) -> list[tuple[CropDraw, ViewParams]]:
-        """Each view's draws for these positions of the epoch's order."""
-        blocks = [(b, positions // BLOCK == b) for b in (positions // BLOCK).unique().tolist()]
-        per_view: list[list[Any]] = [[[], []] for _ in self.specs]
-        for b, here in blocks:
-            for v, (crop, colour) in enumerate(self.block(b)):
-                offset = positions[here] % BLOCK
-                per_view[v][0].append(crop.take(offset))
-                per_view[v][1].append(colour.take(offset))
-        return [(CropDraw(*map(torch.cat, zip(*crops))),
-                 ViewParams(*map(torch.cat, zip(*colours)))) for crops, colours in per_view]
+        """Each view's draws for these (ascending) positions of the epoch's order."""
+        parts = []  # per block the positions cover: each view's draws at those positions
+        for b in (positions // BLOCK).unique().tolist():  # ascending, as the positions
+            offset = positions[positions // BLOCK == b] % BLOCK
+            parts.append([(crop.take(offset), colour.take(offset))
+                          for crop, colour in self.block(b)])
+        return [(CropDraw(*map(torch.cat, zip(*(part[v][0] for part in parts)))),
+                 ViewParams(*map(torch.cat, zip(*(part[v][1] for part in parts)))))
+                for v in range(len(self.specs))]
 
     def batches(self, start: int) -> list[list[int]]:
         """This rank's sample indices of batches ``start, start + 1, ...`` of the epoch."""
