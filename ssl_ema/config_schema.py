@@ -51,7 +51,8 @@ class DataConfig:
     # accelerator (torchvision's batched nvJPEG decode; on the CPU without one) and the views
     # are made there as under "device" (data/jpeg.py): for folders too large for its memory.
     pipeline: Literal["loader", "device", "jpeg"] = "loader"
-    # data.pipeline=jpeg: where the folder's cached file list lives ("" = ~/.cache/ssl_ema).
+    # data.pipeline=jpeg: where the folder's cached file list lives ("": $XDG_CACHE_HOME or
+    # ~/.cache, then ssl_ema/file_index).
     index_cache: str = ""
     # BYOL's view pair. byol: lightly's BYOLView1/2Transform (Grill et al. 2020, Tab. 6: blur
     # and solarisation differ between the views). simclr: lightly's SimCLRTransform, both views
