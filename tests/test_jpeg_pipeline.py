@@ -79,6 +79,35 @@ def test_the_file_index_is_imagefolders_and_is_reused(tmp_path: Path) -> None:
     assert samples2 == scan_folder(root)[1]
 
 
+def test_start_up_opens_a_sample_and_lists_once(tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    from ssl_ema.data import file_index
+
+    root = jpeg_folder(tmp_path / "imgs", per_class=2)
+    tiny = (root / "train" / "class0" / "000.jpg").read_bytes()
+    for i in range(300):  # 304 training files: more than the 256 the start-up opens
+        (root / "train" / "class1" / f"x{i:03d}.jpg").write_bytes(tiny)
+    opened: list[str] = []
+    real_open = Image.open
+
+    def counting_open(path: str, *args: object, **kw: object) -> Image.Image:
+        opened.append(str(path))
+        return real_open(path, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Image, "open", counting_open)
+    base = ["data.dataset=imagefolder", f"data.root={root}", "data.pipeline=jpeg",
+            f"data.index_cache={tmp_path / 'cache'}", "data.image_size=8"]
+    data = build_data(load_config(None, base))
+    assert len(data.train) == 304 and len(opened) == 256 + 4  # train's sample, all 4 test files
+    # the second start-up lists no folder (the index is read back) and trust opens no file
+    monkeypatch.setattr(file_index, "scan_folder", lambda folder: pytest.fail("re-scanned"))
+    opened.clear()
+    again = build_data(load_config(None, [*base, "data.corrupt=trust"]))
+    assert again.train.source.samples == data.train.source.samples and opened == []
+
+
 def test_batched_decode_matches_pil_within_jpeg_tolerance(tmp_path: Path) -> None:
     from PIL import Image
 
