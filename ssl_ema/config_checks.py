@@ -42,6 +42,13 @@ def validate(cfg: Config) -> None:
                            if s.device_views is not None or s.device_classify)
         raise ConfigError(f"data.pipeline=device makes the views of {device}; method.name="
                           f"{cfg.method.name} uses data.pipeline=loader")
+    if cfg.data.pipeline == "jpeg" and (cfg.data.dataset != "imagefolder"
+                                        or spec.device_views is None):
+        device = ", ".join(name for name, s in METHODS.items() if s.device_views is not None)
+        raise ConfigError("data.pipeline=jpeg decodes data.dataset=imagefolder folders on the "
+                          f"device for the methods {device}; got data.dataset="
+                          f"{cfg.data.dataset}, method.name={cfg.method.name}: use "
+                          "data.pipeline=loader")
     positive = {
         "train.epochs": cfg.train.epochs,
         "train.batch_size": cfg.train.batch_size,

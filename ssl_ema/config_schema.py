@@ -45,12 +45,20 @@ class DataConfig:
     # imagefolder: files that are not readable images (checked at start-up, before any work):
     # "fail" names the first one and stops; "skip" leaves them
     # out and reports how many; "trust" does not check (huge folders known to be clean).
+    # data.pipeline=jpeg checks a seeded sample of 256 files per split at start-up and the others
+    # as their batch decodes, under the same policy.
     corrupt: Literal["fail", "skip", "trust"] = "fail"
     # "loader": DataLoader workers run lightly's transforms on the CPU (any data set).
     # "device": the data set is decoded once to uint8 on the accelerator and the views are made
     # there in batched ops (data/gpu_augment.py; RGB only), no loader workers between the
     # data and the model (docs/RESULTS.md, "BYOL on CIFAR-10 on one H100: throughput").
-    pipeline: Literal["loader", "device"] = "loader"
+    # "jpeg" (imagefolder): loader workers read each file's bytes, the batch is decoded on the
+    # accelerator (torchvision's batched nvJPEG decode; on the CPU without one) and the views
+    # are made there as under "device" (data/jpeg.py): for folders too large for its memory.
+    pipeline: Literal["loader", "device", "jpeg"] = "loader"
+    # data.pipeline=jpeg: where the folder's cached file list lives ("": $XDG_CACHE_HOME or
+    # ~/.cache, then ssl_ema/file_index).
+    index_cache: str = ""
     # BYOL's view pair. byol: lightly's BYOLView1/2Transform (Grill et al. 2020, Tab. 6: blur
     # and solarisation differ between the views). simclr: lightly's SimCLRTransform, both views
     # alike (Chen et al. 2020, App. A: jitter brightness/contrast/saturation 0.8s, hue 0.2s at

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset, Subset
 
 from ssl_ema.config_schema import Config, ConfigError
 from ssl_ema.data import views
+from ssl_ema.data.file_index import IMAGE_EXTENSIONS, IndexedFolder, cached_index
 from ssl_ema.data.labels import apply_labels
 from ssl_ema.data.seeded import SeededViews, Transformed
 from ssl_ema.methods.registry import method_spec
@@ -86,6 +87,31 @@ def _drop_unreadable(folder: Any, policy: str) -> int:
     folder.samples = [s for s in folder.samples if s[0] not in bad]
     folder.imgs, folder.targets = folder.samples, [y for _, y in folder.samples]
     return len(bad)
+
+
+def _sample_unreadable(folder: IndexedFolder, policy: str, seed: int, n: int = 256) -> int:
+    """The JPEG pipeline's start-up check: ``n`` files drawn with ``seed`` (not every file: the
+    rest are checked when their batch decodes, under the same policy)."""
+    if policy == "trust" or not folder.samples:
+        return 0
+    pick = torch.randperm(len(folder), generator=torch.Generator().manual_seed(seed))[:n]
+    bad = set(_unreadable([folder.samples[i][0] for i in pick.tolist()]))
+    if bad and policy == "fail":
+        raise DataError(f"'{sorted(bad)[0]}' is not a readable image ({len(bad)} in a sample of "
+                        f"{len(pick)} files); remove such files or set data.corrupt=skip to "
+                        "leave them out")
+    folder.drop(bad)
+    return len(bad)
+
+
+def _indexed_folder(folder: Path, cfg: Config) -> IndexedFolder:
+    """``folder`` through its cached file list (`file_index`): no file opened here."""
+    cache = Path(cfg.data.index_cache).expanduser() if cfg.data.index_cache else None
+    classes, samples, _, _ = cached_index(folder, cache)
+    if not samples:
+        raise DataError(f"no images found under '{folder}' (class folders of "
+                        f"{', '.join(IMAGE_EXTENSIONS)} files)")
+    return IndexedFolder(folder, classes, samples, cfg.data.corrupt == "skip")
 
 
 def _subset(ds: Dataset, n: int, seed: int) -> Dataset:
@@ -184,11 +210,18 @@ def build_imagefolder(cfg: Config) -> DataBundle:
                 f"data.root='{root}' has no '{split}/' folder; imagefolder expects "
                 f"root/train/<class>/*.jpg and root/test/<class>/*.jpg"
             )
+        if cfg.data.pipeline == "jpeg":  # a cached file list and a sampled check
+            splits[split] = _indexed_folder(folder, cfg)
+            continue
         try:
             splits[split] = ImageFolder(str(folder))
         except (FileNotFoundError, RuntimeError) as e:
             raise DataError(f"no images found under '{folder}': {str(e).splitlines()[0]}") from e
-    skipped = sum(_drop_unreadable(splits[s], cfg.data.corrupt) for s in ("train", "test"))
+    if cfg.data.pipeline == "jpeg":
+        skipped = sum(_sample_unreadable(splits[s], cfg.data.corrupt, cfg.run.seed + i)
+                      for i, s in enumerate(("train", "test")))
+    else:
+        skipped = sum(_drop_unreadable(splits[s], cfg.data.corrupt) for s in ("train", "test"))
     if splits["train"].classes != splits["test"].classes:
         raise DataError(f"class folders of '{root}/train' and '{root}/test' differ; "
                         "they must match")

@@ -81,38 +81,63 @@ def _uniform(n: int, low: float, high: float, g: torch.Generator, *shape: int) -
     return low + (high - low) * torch.rand(n, *shape, generator=g, dtype=torch.float64)
 
 
-def crop_boxes(spec: ViewSpec, n: int, height: int, width: int, g: torch.Generator) -> Tensor:
-    """(n, 4) crop boxes, distributed as torchvision's ``RandomResizedCrop.get_params``."""
-    area = height * width
+class CropDraw(NamedTuple):
+    """The uniform draws behind `n` crop boxes, before the image size is known (the JPEG
+    pipeline learns each image's size only when it decodes it)."""
+
+    scale: Tensor  # (n, 10) float64: torchvision's 10 tries at an area ...
+    log_ratio: Tensor  # (n, 10) ... and a log aspect ratio
+    top: Tensor  # (n,) position of the crop in the room left
+    left: Tensor  # (n,)
+
+    def take(self, index: Tensor) -> CropDraw:
+        return CropDraw(*(t[index] for t in self))
+
+
+def draw_crops(spec: ViewSpec, n: int, g: torch.Generator) -> CropDraw:
     log_ratio = (math.log(spec.ratio[0]), math.log(spec.ratio[1]))
-    target = area * _uniform(n, *spec.scale, g, 10)  # (n, 10): torchvision's 10 tries
-    aspect = torch.exp(_uniform(n, *log_ratio, g, 10))
+    scale = _uniform(n, *spec.scale, g, 10)
+    aspect = _uniform(n, *log_ratio, g, 10)
+    top = torch.rand(n, generator=g, dtype=torch.float64)
+    return CropDraw(scale, aspect, top, torch.rand(n, generator=g, dtype=torch.float64))
+
+
+def place_crops(spec: ViewSpec, draw: CropDraw, height: Tensor | int, width: Tensor | int
+                ) -> Tensor:
+    """(n, 4) crop boxes x1, y1, x2, y2 of images ``height`` x ``width`` (one size, or (n,)
+    sizes), as torchvision's ``RandomResizedCrop.get_params`` with these draws."""
+    n = len(draw.top)
+    h_img = torch.as_tensor(height, dtype=torch.float64).expand(n)
+    w_img = torch.as_tensor(width, dtype=torch.float64).expand(n)
+    target = (h_img * w_img)[:, None] * draw.scale  # (n, 10)
+    aspect = torch.exp(draw.log_ratio)
     w = torch.round(torch.sqrt(target * aspect))  # round half to even, as Python's round
     h = torch.round(torch.sqrt(target / aspect))
-    ok = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+    ok = (w > 0) & (w <= w_img[:, None]) & (h > 0) & (h <= h_img[:, None])
     first = ok.to(torch.int8).argmax(dim=1, keepdim=True)  # the first try that fits
     w, h = w.gather(1, first)[:, 0], h.gather(1, first)[:, 0]
     # No try fits: torchvision's fallback, a centre crop with the ratio clamped into range.
-    in_ratio = width / height
-    if in_ratio < spec.ratio[0]:
-        fw, fh = width, round(width / spec.ratio[0])
-    elif in_ratio > spec.ratio[1]:
-        fw, fh = round(height * spec.ratio[1]), height
-    else:
-        fw, fh = width, height
+    in_ratio = w_img / h_img
+    narrow, wide = in_ratio < spec.ratio[0], in_ratio > spec.ratio[1]
+    fw = torch.where(wide, torch.round(h_img * spec.ratio[1]), w_img)
+    fh = torch.where(narrow, torch.round(w_img / spec.ratio[0]), h_img)
     fits = ok.any(dim=1)
-    w = torch.where(fits, w, float(fw))
-    h = torch.where(fits, h, float(fh))
-    i = torch.floor(torch.rand(n, generator=g, dtype=torch.float64) * (height - h + 1))
-    j = torch.floor(torch.rand(n, generator=g, dtype=torch.float64) * (width - w + 1))
-    i = torch.where(fits, i, float((height - fh) // 2))
-    j = torch.where(fits, j, float((width - fw) // 2))
+    w, h = torch.where(fits, w, fw), torch.where(fits, h, fh)
+    i = torch.floor(draw.top * (h_img - h + 1))
+    j = torch.floor(draw.left * (w_img - w + 1))
+    i = torch.where(fits, i, torch.div(h_img - fh, 2, rounding_mode="floor"))
+    j = torch.where(fits, j, torch.div(w_img - fw, 2, rounding_mode="floor"))
     return torch.stack([j, i, j + w, i + h], dim=1).float()
 
 
-def draw_params(spec: ViewSpec, n: int, height: int, width: int, g: torch.Generator) -> ViewParams:
-    """Parameters of ``n`` views (one per sample) drawn on the CPU generator ``g``."""
-    box = crop_boxes(spec, n, height, width, g)
+def crop_boxes(spec: ViewSpec, n: int, height: int, width: int, g: torch.Generator) -> Tensor:
+    """(n, 4) crop boxes, distributed as torchvision's ``RandomResizedCrop.get_params``."""
+    return place_crops(spec, draw_crops(spec, n, g), height, width)
+
+
+def draw_colour(spec: ViewSpec, n: int, g: torch.Generator) -> ViewParams:
+    """Everything but the crop of ``n`` views (``box`` left empty): flip, jitter, grey, blur,
+    solarisation, drawn on ``g`` after the crop's draws."""
     flip = torch.rand(n, generator=g) < spec.hflip
     jitter = torch.rand(n, generator=g) < spec.jitter
     factors = torch.stack([
@@ -128,7 +153,13 @@ def draw_params(spec: ViewSpec, n: int, height: int, width: int, g: torch.Genera
     blur = torch.rand(n, generator=g) < spec.blur
     sigma = torch.where(blur, _uniform(n, *spec.sigma, g).float(), 0.0)
     solarize = torch.rand(n, generator=g) < spec.solarize
-    return ViewParams(box, flip, factors, order, gray, sigma, solarize)
+    return ViewParams(torch.zeros(n, 4), flip, factors, order, gray, sigma, solarize)
+
+
+def draw_params(spec: ViewSpec, n: int, height: int, width: int, g: torch.Generator) -> ViewParams:
+    """Parameters of ``n`` views (one per sample) drawn on the CPU generator ``g``."""
+    box = crop_boxes(spec, n, height, width, g)
+    return draw_colour(spec, n, g)._replace(box=box)
 
 
 # ------------------------------------------------------------------------------- colour ops

@@ -1,7 +1,8 @@
 """What ``tools/train.py`` and ``tools/finetune.py`` run: validate, build, fit, print.
 
 Exit codes: 0 done (or a finished run resumed: nothing to do); 2 bad input (a one-line error
-before any model is built and without touching existing runs); 1 a non-finite loss stopped
+before any model is built and without touching existing runs; or an unreadable image that
+``data.pipeline=jpeg`` meets while training, after the last checkpoint); 1 a non-finite loss stopped
 training (``train.nonfinite=fail``) or a checkpoint or log could not be written (disk full,
 permissions: one line naming the path); 3 the ``--stop-after`` deadline stopped training after
 writing a checkpoint; 128 + N a stop signal N (SIGINT 130, SIGUSR1 138, SIGTERM 143) stopped
@@ -99,6 +100,17 @@ def locked_start(run_dir: Path, build: Callable[[], Trainer]) -> tuple[Trainer, 
         raise
 
 
+def own_line(e: Exception) -> str:
+    """The error's own message, also when a DataLoader worker raised it: torch re-raises it in
+    this process with the worker's traceback as its message, whose last line is
+    ``module.Class: message``."""
+    text = str(e)
+    if "\nOriginal Traceback" not in text:
+        return text
+    last = text.rstrip().splitlines()[-1]
+    return last.split(": ", 1)[1] if ": " in last else last
+
+
 def _fit(trainer: Trainer) -> tuple[int, str]:
     """Run training; (exit code, the one line to print)."""
     from ssl_ema.engine.trainer import RunFinished
@@ -107,6 +119,8 @@ def _fit(trainer: Trainer) -> tuple[int, str]:
         result = trainer.fit()
     except (NonFiniteLoss, CheckpointWriteError) as e:
         return 1, f"error: {e}"
+    except ConfigError as e:  # found while training: an unreadable file (data.pipeline=jpeg)
+        return 2, f"error: {own_line(e)}"
     except OSError as e:  # the run directory cannot be written (disk full, permissions)
         return 1, (f"error: could not write {e.filename or 'the run directory'}: "
                    f"{e.strerror or e}; free space or make run.output_dir writable")

@@ -14,9 +14,11 @@ from torch.utils.data import DataLoader
 from ssl_ema.config import Config, ConfigError
 from ssl_ema.data.datasets import DataBundle
 from ssl_ema.data.device import TrainStream, device_streams
+from ssl_ema.data.jpeg import JpegTrainStream, jpeg_streams
 
 EVAL_BATCH = 256
-TrainBatches = DataLoader | TrainStream
+Stream = TrainStream | JpegTrainStream  # batches made on the device, resumed by `iter_from`
+TrainBatches = DataLoader | Stream
 
 
 def per_device_batch(cfg: Config, world_size: int, batch: int | None = None) -> int:
@@ -72,8 +74,18 @@ def prepare(accelerator: Accelerator, method: nn.Module, optimizer: torch.optim.
             data: DataBundle, cfg: Config, per_device: Mapping[int, int]) -> Prepared:
     """The model, optimizer and loaders through ``accelerator.prepare``. Under
     ``data.pipeline=device`` the data is already on the device and sharded: nothing for
-    Accelerate to wrap there."""
-    if cfg.data.pipeline == "device":
+    Accelerate to wrap there. Under ``data.pipeline=jpeg`` the training batches are decoded
+    on the device from each rank's own share; evaluation stays with the loaders."""
+    if cfg.data.pipeline == "jpeg":
+        _, bank, query = build_loaders(data, cfg, {})
+        method, optimizer, bank, query = accelerator.prepare(method, optimizer, bank, query)
+        train = jpeg_streams(data, cfg, dict(per_device), accelerator.device,
+                             accelerator.process_index, accelerator.num_processes)
+        for b, stream in train.items():
+            if len(stream) == 0:
+                raise ConfigError(f"batch {b} exceeds the {len(data.train)} training images; "
+                                  "lower it")
+    elif cfg.data.pipeline == "device":
         method, optimizer = accelerator.prepare(method, optimizer)
         train, bank, query = device_streams(data, cfg, dict(per_device), accelerator.device,
                                             accelerator.process_index,

@@ -26,13 +26,12 @@ from tqdm.auto import tqdm
 
 from ssl_ema.config import Config, ConfigError
 from ssl_ema.data.datasets import DataBundle, build_data
-from ssl_ema.data.device import TrainStream
 from ssl_ema.ema import EMA
 from ssl_ema.engine.accelerator import build_accelerator
 from ssl_ema.engine.checkpoint import load_checkpoint, save_checkpoint
 from ssl_ema.engine.guard import NonFiniteGuard
 from ssl_ema.engine.header import header_text, run_header, write_run_files
-from ssl_ema.engine.loaders import TrainBatches, per_device_batch, prepare
+from ssl_ema.engine.loaders import Stream, TrainBatches, per_device_batch, prepare
 from ssl_ema.engine.optim import (
     build_optimizer,
     scheduled_lr_and_weight_decay,
@@ -216,7 +215,7 @@ class Trainer:
         hyper.apply(self.optimizer, [self.model])
         loader.set_epoch(st.epoch)  # data order: a function of (seed, epoch)
         self.data.train.set_epoch(st.epoch)  # augmentations: of (seed, epoch, index)
-        if isinstance(loader, TrainStream):  # any device stream
+        if isinstance(loader, Stream):  # any device stream
             return hyper, loader.iter_from(st.batch_in_epoch), len(loader)
         if st.batch_in_epoch:
             return hyper, self.accelerator.skip_first_batches(loader, st.batch_in_epoch), \
