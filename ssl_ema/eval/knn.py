@@ -8,7 +8,9 @@ chunks so the similarity matrix fits in memory.
 The bank can stay sharded over processes (``sharded=True``): each process scores every query
 against its own shard and keeps its k best candidates (similarity, label); the candidates of
 all processes are gathered and the k best of them voted on, which is the vote of the whole
-bank, since the global k nearest are among the union of each shard's k nearest. Memory per
+bank, since the global k nearest are among the union of each shard's k nearest (up to the
+rounding of a similarity, which can differ by an ulp between a product with the shard and one
+with the whole bank, docs/SCALE_OUT.md). Memory per
 process: the shard plus one chunk's similarities to it (docs/SCALE_OUT.md, "kNN").
 """
 
