@@ -51,6 +51,15 @@ def test_ddp_and_a_parallelism_config_without_sharding_are_accepted(
     check_engine()
 
 
+def test_a_trainer_built_in_a_script_is_refused_too(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ssl_ema.config import ConfigError, load_config
+    from ssl_ema.engine.accelerator import build_accelerator
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ConfigError, match="configured for FSDP"):
+        build_accelerator(load_config(None, TINY))
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -109,3 +118,4 @@ def test_two_nodes_of_one_process_train_as_one_node_of_two(
     assert records(runs["one"]) == records(runs["two"])
     assert json.loads((runs["one"] / "results.json").read_text()) == \
         json.loads((runs["two"] / "results.json").read_text())
+

@@ -8,12 +8,13 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 
 from ssl_ema.config import Config
-from ssl_ema.engine.run import cpu_processes
+from ssl_ema.engine.run import check_engine, cpu_processes
 
 
 def build_accelerator(cfg: Config) -> Accelerator:
     """Accelerate with the recipe's precision and accumulation; seedable samplers (the data order
     is a function of seed and epoch, so a resume replays it)."""
+    check_engine()  # tools/train.py checks first; this covers a Trainer built in a script
     accelerator = Accelerator(
         cpu=cpu_processes(),
         mixed_precision=cfg.train.mixed_precision,
