@@ -9,13 +9,14 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration
 
 from ssl_ema.config import Config
-from ssl_ema.engine.run import cpu_processes
+from ssl_ema.engine.run import check_engine, cpu_processes
 
 
 def build_accelerator(cfg: Config, run_dir: Path | None = None) -> Accelerator:
     """Accelerate with the recipe's precision and accumulation; seedable samplers (the data order
     is a function of seed and epoch, so a resume replays it); the trackers of ``run.log_with``,
     writing under ``run_dir`` (`ssl_ema.engine.trackers`)."""
+    check_engine()  # tools/train.py checks first; this covers a Trainer built in a script
     trackers = list(cfg.run.log_with)
     accelerator = Accelerator(
         cpu=cpu_processes(),

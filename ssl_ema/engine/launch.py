@@ -26,7 +26,7 @@ from ssl_ema.config import ConfigError
 from ssl_ema.engine.checkpoint import CheckpointWriteError
 from ssl_ema.engine.guard import NonFiniteLoss
 from ssl_ema.engine.lock import RunLock, lock_run_dir
-from ssl_ema.engine.run import check_launch, cpu_processes, prepare_run
+from ssl_ema.engine.run import check_engine, check_launch, cpu_processes, prepare_run
 from ssl_ema.engine.stop import Stopped, stop_with_launcher
 
 if TYPE_CHECKING:
@@ -71,6 +71,7 @@ def _start(recipe: str | None, overrides: Sequence[str], resume: str | None,
         raise ConfigError("no recipe given; pass a YAML recipe (e.g. recipes/quickstart.yaml) "
                           "or --resume RUN_DIR")
     check_launch()
+    check_engine()
     stop_with_launcher()
     cfg, run_dir, checkpoint = prepare_run(recipe, overrides, resume)
 

@@ -143,6 +143,34 @@ def check_launch() -> None:
             "or 'torchrun --nproc_per_node 2'; for one process, unset MASTER_ADDR")
 
 
+# What `accelerate launch` (or `accelerate config`) sets for the engines that shard the student
+# (accelerate/utils/launch.py); the values of PARALLELISM_CONFIG_* above 1 shard it too.
+SHARDING_ENGINES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
+                    "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
+SHARDING_SIZES = {"PARALLELISM_CONFIG_DP_SHARD_SIZE": "FSDP (dp_shard_size)",
+                  "PARALLELISM_CONFIG_TP_SIZE": "tensor parallelism (tp_size)",
+                  "PARALLELISM_CONFIG_CP_SIZE": "context parallelism (cp_size)",
+                  "PARALLELISM_CONFIG_SP_SIZE": "sequence parallelism (sp_size)"}
+
+
+def check_engine() -> None:
+    """Refuse an Accelerate engine that shards the student (FSDP, DeepSpeed, Megatron-LM, tensor
+    or context parallelism): the EMA lerps each teacher tensor towards the student tensor of the
+    same name (`ema.EMA`), which needs a full replica of the student on every rank, as DDP
+    keeps. Sharded teachers are not built yet (docs/SCALE_OUT.md, "Which engine")."""
+    engines = [name for var, name in SHARDING_ENGINES.items()
+               if os.environ.get(var, "false").lower() in ("true", "1")]
+    if os.environ.get("ACCELERATE_USE_PARALLELISM_CONFIG", "false").lower() == "true":
+        engines += [name for var, name in SHARDING_SIZES.items()
+                    if os.environ.get(var, "1").strip() not in ("", "0", "1")]
+    if engines:
+        raise ConfigError(
+            f"Accelerate is configured for {', '.join(engines)}, which shards the student; the EMA "
+            "teachers need a full replica of it on every rank: use DDP (accelerate launch "
+            "--multi_gpu, or distributed_type MULTI_GPU in the accelerate config), which fits "
+            "models up to about 1B parameters per 80 GB GPU (docs/SCALE_OUT.md)")
+
+
 def new_run_dir(cfg: Config) -> Path:
     state = PartialState(cpu=cpu_processes())  # all processes must agree on one timestamp
     stamp = [time.strftime("%Y%m%d-%H%M%S") if state.is_main_process else None]

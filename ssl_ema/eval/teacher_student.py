@@ -1,9 +1,10 @@
 """kNN evaluation of every model a teacher-student run holds: teacher, student, EMA copies (the
 evaluation of the self-supervised methods, BYOL and DINO).
 
-Runs on every process (features are gathered), so all ranks must hold the same models first:
-BatchNorm statistics are taken from rank 0, as DDP does before each forward. EMA models can have
-their BatchNorm statistics recomputed on training images first (Morales-Brotons et al. 2024).
+Runs on every process (the kNN bank sharded, the queries gathered), so all ranks must hold the
+same models first: BatchNorm statistics are taken from rank 0, as DDP does before each forward.
+EMA models can have their BatchNorm statistics recomputed on training images first
+(Morales-Brotons et al. 2024).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 
 from ssl_ema.ema import recompute_batchnorm
 from ssl_ema.eval.context import EvalContext
-from ssl_ema.eval.features import extract_features
+from ssl_ema.eval.features import extract_features, extract_shard
 from ssl_ema.eval.knn import knn_accuracy
 from ssl_ema.eval.tables import knn_report
 
@@ -43,15 +44,18 @@ def knn_evaluate(ctx: EvalContext) -> dict[str, float]:
 
 
 def knn_score(backbone: nn.Module, ctx: EvalContext) -> float:
-    """Weighted kNN top-1 of one backbone's features (bank: training images, queries: test)."""
+    """Weighted kNN top-1 of one backbone's features (bank: training images, queries: test).
+
+    The bank stays sharded: each process embeds and scores its share of the training images,
+    and only the queries and each shard's k best candidates are gathered (`eval.knn`)."""
     # Features in fp32, whatever the training precision: bf16 features cost a random-init
     # ResNet-18 several kNN points on CIFAR-10 (docs/RESULTS.md, "BYOL on CIFAR-10 on one H100:
     # the 200-epoch run").
-    shard = ctx.accelerator if ctx.gather else None
-    bank, bank_y = extract_features(backbone, ctx.bank, shard)
-    query, query_y = extract_features(backbone, ctx.query, shard)
+    acc = ctx.accelerator
+    bank, bank_y = extract_shard(backbone, ctx.bank, acc, prepared=ctx.gather)
+    query, query_y = extract_features(backbone, ctx.query, acc if ctx.gather else None)
     return knn_accuracy(bank, bank_y, query, query_y, ctx.num_classes, ctx.cfg.eval.knn_k,
-                        ctx.cfg.eval.knn_temperature)
+                        ctx.cfg.eval.knn_temperature, sharded=acc.num_processes > 1)
 
 
 def knn_random_calibrated(ctx: EvalContext) -> float:
