@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Literal
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, load_tool
 
 
 def _tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("tool_config_reference",
-                                                  ROOT / "tools" / "config_reference.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass needs its module registered
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("config_reference")
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@ line, teacher / student / EMA copies told apart; the EMA Scaling Rule figure of 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from types import ModuleType
@@ -15,7 +14,7 @@ import pytest
 
 from ssl_ema.eval.curves import draw_training_curves
 from ssl_ema.reproduce.scaling_figure import draw_scaling_figure, kappa_label
-from tests.conftest import ROOT
+from tests.conftest import load_tool
 
 matplotlib.use("Agg")
 
@@ -27,11 +26,7 @@ def close_figures() -> Any:
 
 
 def _tool() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("tool_plot", ROOT / "tools" / "plot.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("plot")
 
 
 def records(floor: float, shift: float) -> list[dict[str, Any]]:

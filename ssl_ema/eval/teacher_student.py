@@ -8,7 +8,6 @@ their BatchNorm statistics recomputed on training images first (Morales-Brotons 
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -18,6 +17,7 @@ from torch import nn
 from ssl_ema.ema import recompute_batchnorm
 from ssl_ema.eval.context import EvalContext
 from ssl_ema.eval.features import extract_features
+from ssl_ema.eval.floor import fair_floor
 from ssl_ema.eval.knn import knn_accuracy
 from ssl_ema.eval.tables import knn_report
 
@@ -66,10 +66,10 @@ def knn_random_calibrated(ctx: EvalContext) -> float:
     ``ema.recompute_bn_batches`` of them when that is set.
     """
     acc = ctx.accelerator
-    backbone = copy.deepcopy(ctx.model.student_backbone)
-    recompute_batchnorm(backbone, ctx.bank, ctx.cfg.ema.recompute_bn_batches or None,
-                        acc.device, lambda x: acc.reduce(x, "mean"))
-    return knn_score(backbone, ctx)
+    floor = fair_floor(ctx.model.student_backbone, ctx.bank,
+                       ctx.cfg.ema.recompute_bn_batches or None, acc.device,
+                       lambda x: acc.reduce(x, "mean"))
+    return knn_score(floor, ctx)
 
 
 class KNNEvaluation:
