@@ -57,7 +57,8 @@ def _field_help(cls: type) -> tuple[str, dict[str, str]]:
     for node in tree.body:
         if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
             continue
-        above, line = [], node.lineno - 1
+        above: list[str] = []
+        line = node.lineno - 1
         while line >= 1 and src_lines[line - 1].strip().startswith("#"):
             above.insert(0, comments[line])
             line -= 1

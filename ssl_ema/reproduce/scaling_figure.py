@@ -43,6 +43,20 @@ def _key(records: Sequence[Mapping[str, Any]], candidates: Sequence[str]) -> str
                 None)
 
 
+def _draw_variant(ax: Any, records: Sequence[Mapping[str, Any]], key: str, colour: str) -> None:
+    """One variant's seeds (faint) and their mean, in its κ's colour and its rule's style."""
+    config = records[0]["config"]
+    rule = config["scaling"]["rule"]
+    linestyle = RULE_STYLE.get(rule, "-.")
+    for r in records:
+        seed = [(e["samples_seen"], e[key]) for e in r["curve"] if key in e]
+        if seed:
+            ax.plot(*zip(*seed), color=colour, linestyle=linestyle, alpha=0.25, linewidth=0.8)
+    if mean := mean_curve(records, key):
+        ax.plot(*zip(*mean), color=colour, linestyle=linestyle, marker="o", markersize=3,
+                label=f"{kappa_label(config)}, rule {rule} ({len(records)} seeds)")
+
+
 def draw_scaling_figure(study: Mapping[str, Any]) -> Figure:
     """The figure of a loaded study file; a ValueError when it holds no curves to draw."""
     import matplotlib
@@ -63,19 +77,8 @@ def draw_scaling_figure(study: Mapping[str, Any]) -> Figure:
                              squeeze=False)
     for ax, (role, candidates) in zip(axes[0], ROLE_KEYS.items()):
         key = _key(runs, candidates)
-        for records in variants.values() if key else ():
-            config = records[0]["config"]
-            colour, rule = colour_of[kappa_label(config)], config["scaling"]["rule"]
-            linestyle = RULE_STYLE.get(rule, "-.")
-            for r in records:
-                seed = [(e["samples_seen"], e[key]) for e in r["curve"] if key in e]
-                if seed:
-                    ax.plot(*zip(*seed), color=colour, linestyle=linestyle, alpha=0.25,
-                            linewidth=0.8)
-            if mean := mean_curve(records, key):
-                ax.plot(*zip(*mean), color=colour, linestyle=linestyle, marker="o",
-                        markersize=3,
-                        label=f"{kappa_label(config)}, rule {rule} ({len(records)} seeds)")
+        for records in variants.values() if key is not None else ():
+            _draw_variant(ax, records, str(key), colour_of[kappa_label(records[0]["config"])])
         ax.set(title=f"{role}: {key}", xlabel="samples seen", ylabel="accuracy")
         if ax.lines:
             ax.legend(fontsize=7)
