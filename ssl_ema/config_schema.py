@@ -25,8 +25,8 @@ class ConfigError(ValueError):
 @dataclass(frozen=True)
 class RunConfig:
     name: str = ""  # default: the recipe's file stem
-    output_dir: str = "runs"  # a run writes to <output_dir>/<name>/<timestamp>/
-    seed: int = 0  # weights, data order and every view (a function of seed, epoch, index)
+    output_dir: str = "runs"
+    seed: int = 0
 
 
 @dataclass(frozen=True)
