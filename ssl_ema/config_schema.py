@@ -40,7 +40,7 @@ class DataConfig:
     root: str = "data"  # CIFAR: torchvision layout; imagefolder: root/{train,test}/<class>/*
     download: bool = True  # CIFAR only; offline -> clear error asking for data.root
     image_size: int = 32  # side of the training views
-    num_workers: int = 4
+    num_workers: int = 4  # DataLoader workers of the loader pipeline (views are seeded per sample)
     eval_subset: int = 0  # >0: use only this many train/val/test images to evaluate (fast checks)
     # imagefolder: files that are not readable images (checked at start-up, before any work):
     # "fail" names the first one and stops; "skip" leaves them
@@ -181,8 +181,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    knn_k: int = 200
-    knn_temperature: float = 0.1
+    knn_k: int = 200  # neighbours of the weighted kNN (Wu et al. 2018); k = 20 suits digits
+    knn_temperature: float = 0.1  # kNN vote weights exp(cosine / temperature)
     every_epochs: int = 10  # 0 = only before and after training
 
 

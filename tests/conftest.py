@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -31,3 +33,13 @@ def tools_env() -> dict[str, str]:
 
 def python() -> str:
     return sys.executable
+
+
+def load_tool(name: str) -> ModuleType:
+    """``tools/<name>.py`` as a module (registered, so its dataclasses find their module)."""
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -97,16 +97,24 @@ def test_transfer_to_digits_and_an_image_folder(run_dir: Path, tmp_path: Path) -
     folder = image_folder(tmp_path / "folder")
     out = tmp_path / "transfer.json"
     assert tool("transfer").main([str(run_dir), "--datasets", "digits", f"imagefolder={folder}",
-                                  "--k", "5", "--out", str(out)]) == 0
+                                  "--roles", "teacher", "student", "--k", "5",
+                                  "--out", str(out)]) == 0
     r = read(out)["results"]
     assert (r["digits"]["train_images"], r["digits"]["test_images"]) == (1437, 360)
+    digits, trained = r["digits"]["models"], read(run_dir / "results.json")
+    assert list(digits) == ["teacher", "student", "random, BN recomputed"]
     # digits standardised with their own pixel statistics is the run's own evaluation input:
-    # transfer's kNN reproduces the trainer's
-    assert r["digits"]["knn"]["accuracy"] == pytest.approx(
-        read(run_dir / "results.json")["knn_teacher"], abs=1e-7)
-    assert r["digits"]["linear"]["accuracy"] > 0.5
-    assert r["imagefolder"]["knn"]["accuracy"] == 1.0
-    assert r["imagefolder"]["linear"]["accuracy"] == 1.0
+    # transfer's kNN reproduces the trainer's, for each role
+    for role in ("teacher", "student"):
+        assert digits[role]["knn"]["accuracy"] == pytest.approx(trained[f"knn_{role}"], abs=1e-7)
+        assert digits[role]["linear"]["accuracy"] > 0.5
+    # the floor (random weights drawn with the run's seed by its builder, statistics recomputed
+    # on these training images) is the trainer's own fair floor, knn_random_bn
+    assert digits["random, BN recomputed"]["knn"]["accuracy"] == pytest.approx(
+        trained["knn_random_bn"], abs=1e-7)
+    for role in ("teacher", "random, BN recomputed"):
+        assert r["imagefolder"]["models"][role]["knn"]["accuracy"] == 1.0
+    assert r["imagefolder"]["models"]["teacher"]["linear"]["accuracy"] == 1.0
 
 
 def test_training_curves_end_at_the_final_evaluation(run_dir: Path, tmp_path: Path) -> None:

@@ -8,7 +8,7 @@
 Bad input (unknown key, wrong type, unknown method/backbone/dataset, missing data) is a one-line
 error with exit code 2, before any model is built and without touching existing runs.
 SIGTERM, SIGINT or SIGUSR1 finish the step, write a checkpoint and exit with 128 + the signal's
-number; ``--resume`` continues from there (README, "Guarantees").
+number; ``--resume`` continues from there (docs/GUARANTEES.md).
 """
 
 from __future__ import annotations

@@ -9,7 +9,6 @@ EMA models can have their BatchNorm statistics recomputed on training images fir
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
@@ -19,6 +18,7 @@ from torch import nn
 from ssl_ema.ema import recompute_batchnorm
 from ssl_ema.eval.context import EvalContext
 from ssl_ema.eval.features import extract_features, extract_shard
+from ssl_ema.eval.floor import fair_floor
 from ssl_ema.eval.knn import knn_accuracy
 from ssl_ema.eval.tables import knn_report
 
@@ -70,10 +70,10 @@ def knn_random_calibrated(ctx: EvalContext) -> float:
     ``ema.recompute_bn_batches`` of them when that is set.
     """
     acc = ctx.accelerator
-    backbone = copy.deepcopy(ctx.model.student_backbone)
-    recompute_batchnorm(backbone, ctx.bank, ctx.cfg.ema.recompute_bn_batches or None,
-                        acc.device, lambda x: acc.reduce(x, "mean"))
-    return knn_score(backbone, ctx)
+    floor = fair_floor(ctx.model.student_backbone, ctx.bank,
+                       ctx.cfg.ema.recompute_bn_batches or None, acc.device,
+                       lambda x: acc.reduce(x, "mean"))
+    return knn_score(floor, ctx)
 
 
 class KNNEvaluation:

@@ -5,7 +5,9 @@ channel count (RGB -> grey by ITU-R 601 luma, grey -> RGB by repetition), its im
 (resize + centre crop), and per-channel standardisation with statistics of the downstream
 training images (so no data set needs hand-entered constants). Then kNN and/or the linear probe
 (``protocols.py``) on the frozen features, as in the transfer studies of Kornblith et al. (2019)
-and Morales-Brotons et al. (2024, Sec. 5: linear probes of EMA and SGD models).
+and Morales-Brotons et al. (2024, Sec. 5: linear probes of EMA and SGD models). Several models
+are scored on one `Prepared` data set, beside the fair floor (`floor_on`: the same architecture,
+random, BatchNorm statistics recomputed on the downstream training images; ``floor.py``).
 
 Data sets are named ``name`` or ``name=root``: ``digits`` (embedded), ``fashion_mnist`` (IDX
 files), ``cifar10`` / ``cifar100`` (torchvision layout, or an ImageFolder layout such as the
@@ -22,11 +24,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms import v2
 
 from ssl_ema.config import ConfigError
 from ssl_ema.data.datasets import DataError, TensorImages, Transformed, _subset
+from ssl_ema.eval.floor import fair_floor
 from ssl_ema.eval.protocols import embed, run_protocol
 
 
@@ -162,19 +165,40 @@ def backbone_input(ds: Dataset, in_chans: int, image_size: int) -> tuple[v2.Comp
     return full, Transformed(ds, full)
 
 
-def transfer_evaluate(backbone: nn.Module, data: Downstream, protocols: list[str], *,
-                      in_chans: int, image_size: int, subset: int = 0, k: int = 200,
-                      temperature: float = 0.1, batch_size: int = 256) -> dict[str, Any]:
-    """``{protocol: metrics}`` of ``backbone`` on ``data`` (``subset``: cap both splits)."""
+@dataclass
+class Prepared:
+    """A downstream data set brought to one backbone input: the splits every model is scored on."""
+
+    name: str
+    train: Dataset  # (backbone input, label), standardised with the training images' statistics
+    test: Dataset
+    num_classes: int
+
+
+def prepare(data: Downstream, *, in_chans: int, image_size: int, subset: int = 0) -> Prepared:
+    """``data`` at the backbone's channels and size (``subset``: cap both splits)."""
     train_raw, test_raw = _subset(data.train, subset, 0), _subset(data.test, subset, 1)
     transform, train = backbone_input(train_raw, in_chans, image_size)
+    return Prepared(data.name, train, Transformed(test_raw, transform), data.num_classes)
+
+
+def score(backbone: nn.Module, data: Prepared, protocols: list[str], *, k: int = 200,
+          temperature: float = 0.1, batch_size: int = 256) -> dict[str, Any]:
+    """``{protocol: metrics}`` of ``backbone``'s frozen features on ``data``."""
     start = time.perf_counter()
-    feats = embed(backbone, train, Transformed(test_raw, transform), data.num_classes, None,
-                  batch_size)
-    out: dict[str, Any] = {"train_images": len(train), "test_images": len(test_raw),  # type: ignore[arg-type]
-                           "embed_seconds": round(time.perf_counter() - start, 1)}
+    feats = embed(backbone, data.train, data.test, data.num_classes, None, batch_size)
+    out: dict[str, Any] = {"embed_seconds": round(time.perf_counter() - start, 1)}
     for protocol in protocols:
         start = time.perf_counter()
         out[protocol] = run_protocol(protocol, feats, k, temperature).metrics
         out[protocol]["seconds"] = round(time.perf_counter() - start, 1)
     return out
+
+
+def floor_on(random_backbone: nn.Module, data: Prepared, batch_size: int = 256) -> nn.Module:
+    """The fair floor on a downstream data set: ``random_backbone`` (the architecture under test,
+    untrained) with BatchNorm statistics recomputed on all of ``data``'s training images."""
+    device = next(random_backbone.parameters()).device
+    return fair_floor(random_backbone, DataLoader(data.train, batch_size=batch_size), None,
+                      device)
+

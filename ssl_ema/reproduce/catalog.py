@@ -180,8 +180,9 @@ THROUGHPUT_CPU = Study(
 
 RECIPES = Study(
     name="recipes", title="Every shipped CIFAR-10 recipe at its full schedule",
-    claim="each recipe's final number is measured (README's recipe table)",
-    paper="per recipe: see README", schedule="each recipe's own full schedule, CIFAR-10 JPEG copy",
+    claim="each recipe's final number is measured (docs/CONFIGURATION.md's recipe table)",
+    paper="per recipe: see docs/CONFIGURATION.md",
+    schedule="each recipe's own full schedule, CIFAR-10 JPEG copy",
     recipe="recipes/byol_r18.yaml",
     variants=(V("byol_r18", minutes=10.0), V("dino_r18", recipe="recipes/dino_r18.yaml",
                                              minutes=35.0),
