@@ -2,37 +2,34 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from ssl_ema.config import dump_yaml, load_config
 from ssl_ema.engine.scaled import resolve
-from tests.conftest import ROOT, python
-
-pytestmark = pytest.mark.slow  # trains, or runs the tools, through the real trainer
+from tests.conftest import ROOT, load_tool
 
 RECIPE = ROOT / "recipes" / "byol_r18.yaml"
+# In process: the tool's main() is what its command line runs (sys.exit(main())), and a
+# subprocess would spend seconds importing torch for each call.
+scale_recipe = load_tool("scale_recipe")
 
 
-def scale(tmp_path: Path, env: dict[str, str], recipe: Path, batch: int) -> Path:
+def scale(tmp_path: Path, recipe: Path, batch: int) -> Path:
     out = tmp_path / f"scaled_{batch}.yaml"
-    proc = subprocess.run([python(), str(ROOT / "tools" / "scale_recipe.py"), str(recipe),
-                           "--batch-size", str(batch), "--out", str(out)],
-                          env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
+    assert scale_recipe.main([str(recipe), "--batch-size", str(batch), "--out", str(out)]) == 0
     return out
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
 def test_rescaled_recipe_resolves_to_the_same_hyperparameters(
-    tmp_path: Path, tools_env: dict[str, str], optimizer: str
+    tmp_path: Path, optimizer: str
 ) -> None:
     overrides = [f"optim.name={optimizer}", "ema.extra_momenta=[0.999]"]
     src = tmp_path / "src.yaml"
     src.write_text(dump_yaml(load_config(RECIPE, overrides)))
-    out = scale(tmp_path, tools_env, src, 2048)
+    out = scale(tmp_path, src, 2048)
     a, b = load_config(src), load_config(out)
     assert b.scaling.reference_batch == 2048 and b.train.batch_size == 2048
     ra, rb = resolve(a, 2048), resolve(b, 2048)
@@ -51,12 +48,12 @@ def test_rescaled_recipe_resolves_to_the_same_hyperparameters(
     assert b.method.momentum == pytest.approx(0.99**4)
 
 
-def test_refuses_to_overwrite_and_bad_batch(tmp_path: Path, tools_env: dict[str, str]) -> None:
+def test_refuses_to_overwrite_and_bad_batch(tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
     existing = tmp_path / "keep.yaml"
     existing.write_text("precious\n")
     for extra in (["--batch-size", "1024", "--out", str(existing)], ["--batch-size", "-4"]):
-        proc = subprocess.run([python(), str(ROOT / "tools" / "scale_recipe.py"), str(RECIPE),
-                               *extra], env=tools_env, capture_output=True, text=True)
-        assert proc.returncode == 2 and proc.stderr.startswith("error: ")
-        assert len(proc.stderr.strip().splitlines()) == 1
+        assert scale_recipe.main([str(RECIPE), *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
     assert existing.read_text() == "precious\n"
