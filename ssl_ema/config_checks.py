@@ -11,7 +11,7 @@ from pathlib import Path
 import timm
 
 from ssl_ema.config_schema import Config, ConfigError
-from ssl_ema.methods.registry import METHODS, classification_methods, method_spec
+from ssl_ema.methods.registry import METHODS, MethodSpec, classification_methods, method_spec
 
 # Valid choices for string fields that name a registered component. Backbones are checked
 # against timm's registry below.
@@ -29,11 +29,25 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), key)
         if value not in valid:
             raise ConfigError(f"{dotted}: unknown value '{value}'; valid: {', '.join(valid)}")
-    spec = method_spec(cfg.method.name)
     if not timm.is_model(cfg.model.backbone):
         close = timm.list_models(f"*{cfg.model.backbone.split('_')[0]}*")[:8]
         hint = f"; similar: {', '.join(close)}" if close else "; see timm.list_models()"
         raise ConfigError(f"model.backbone: unknown timm model '{cfg.model.backbone}'{hint}")
+    spec = method_spec(cfg.method.name)
+    _validate_pipeline(cfg, spec)
+    _validate_ranges(cfg)
+    _validate_views(cfg, spec)
+    if cfg.optim.nesterov and cfg.optim.name != "sgd":
+        raise ConfigError(f"optim.nesterov: applies to optim.name=sgd, not {cfg.optim.name}")
+    _validate_batches(cfg)
+    _validate_labels(cfg)
+    _validate_trackers(cfg.run.log_with)
+    if spec.check is not None:
+        spec.check(cfg)
+
+
+def _validate_pipeline(cfg: Config, spec: MethodSpec) -> None:
+    """data.pipeline against the data set and what the method registers for each pipeline."""
     if cfg.data.pipeline == "device" and cfg.data.dataset == "digits":
         raise ConfigError("data.pipeline=device makes RGB views (colour ops); the grey "
                           "digits use data.pipeline=loader")
@@ -49,6 +63,10 @@ def validate(cfg: Config) -> None:
                           f"device for the methods {device}; got data.dataset="
                           f"{cfg.data.dataset}, method.name={cfg.method.name}: use "
                           "data.pipeline=loader")
+
+
+def _validate_ranges(cfg: Config) -> None:
+    """Counts and sizes that must be positive, momenta in [0, 1]."""
     positive = {
         "train.epochs": cfg.train.epochs,
         "train.batch_size": cfg.train.batch_size,
@@ -60,6 +78,8 @@ def validate(cfg: Config) -> None:
         "scaling.reference_batch": cfg.scaling.reference_batch,
         "ema.period": cfg.ema.period,
         "eval.knn_k": cfg.eval.knn_k,
+        "optim.lr": cfg.optim.lr,
+        "eval.knn_temperature": cfg.eval.knn_temperature,
     }
     for key, value in positive.items():
         if value <= 0:
@@ -73,6 +93,10 @@ def validate(cfg: Config) -> None:
     if cfg.train.checkpoint_every_minutes < 0:
         raise ConfigError("train.checkpoint_every_minutes: must be >= 0 (0 = off), got "
                           f"{cfg.train.checkpoint_every_minutes}")
+
+
+def _validate_views(cfg: Config, spec: MethodSpec) -> None:
+    """data.views and data.normalize: only where they choose something."""
     if cfg.data.views != "byol" and not spec.pair_views:
         pair = ", ".join(name for name, s in METHODS.items() if s.pair_views)
         raise ConfigError(f"data.views={cfg.data.views}: chooses BYOL's view pair; method "
@@ -84,17 +108,6 @@ def validate(cfg: Config) -> None:
         if changed and cfg.data.dataset == "digits":
             raise ConfigError(f"{key}: applies to RGB images; the grey digits have their own "
                               "views and statistics, so leave it at its default")
-    if cfg.optim.nesterov and cfg.optim.name != "sgd":
-        raise ConfigError(f"optim.nesterov: applies to optim.name=sgd, not {cfg.optim.name}")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr: must be positive, got {cfg.optim.lr}")
-    if cfg.eval.knn_temperature <= 0:
-        raise ConfigError(f"eval.knn_temperature: must be positive, got {cfg.eval.knn_temperature}")
-    _validate_batches(cfg)
-    _validate_labels(cfg)
-    _validate_trackers(cfg.run.log_with)
-    if spec.check is not None:
-        spec.check(cfg)
 
 
 def _validate_labels(cfg: Config) -> None:
