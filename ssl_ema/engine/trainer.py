@@ -54,6 +54,24 @@ class RunFinished(Exception):
     """``--resume`` of a run that has already finished: nothing is done or written."""
 
 
+def _build(cfg: Config, data: DataBundle, device: torch.device, world: int,
+           backbone: BackboneSource | None, num_features: int | None) -> TeacherStudentMethod:
+    """The registered method on the recipe's backbone (or the one given from Python), with
+    synchronised BatchNorm and the channels-last layout where the recipe asks for them."""
+    build = None if backbone is None else backbone_builder(
+        backbone, data.in_chans, cfg.data.image_size, num_features)
+    with given_backbone(build):
+        method = build_method(cfg, data.in_chans, data.num_classes)
+    if cfg.train.sync_batchnorm and world > 1:
+        if device.type != "cuda":
+            raise ConfigError("train.sync_batchnorm needs CUDA devices (NCCL); set it to "
+                              "false on CPU")
+        method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
+    if cfg.train.channels_last:
+        method = method.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
+    return method
+
+
 class Trainer:
     """Builds everything from a :class:`Config` and runs `fit`; see the module docstring."""
 
@@ -75,17 +93,7 @@ class Trainer:
         self.per_device = {b: per_device_batch(cfg, world, b) for b in self.batches}
         # data errors surface before any model is built
         self.data: DataBundle = build_data(cfg, data)
-        build = None if backbone is None else backbone_builder(
-            backbone, self.data.in_chans, cfg.data.image_size, num_features)
-        with given_backbone(build):
-            method = build_method(cfg, self.data.in_chans, self.data.num_classes)
-        if cfg.train.sync_batchnorm and world > 1:
-            if self.accelerator.device.type != "cuda":
-                raise ConfigError("train.sync_batchnorm needs CUDA devices (NCCL); set it to "
-                                  "false on CPU")
-            method = torch.nn.SyncBatchNorm.convert_sync_batchnorm(method)
-        if cfg.train.channels_last:
-            method = method.to(memory_format=torch.channels_last)  # type: ignore[call-arg]
+        method = _build(cfg, self.data, self.accelerator.device, world, backbone, num_features)
         self.scaled: dict[int, ScaledHyperparams] = {b: resolve(cfg, b) for b in self.batches}
         method.to(self.accelerator.device)  # before the optimizer: fused kernels need it there
         optimizer = build_optimizer(method.student, cfg.optim, self.hyper(0).optimizer.lr.value)
