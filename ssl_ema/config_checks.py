@@ -22,6 +22,19 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
+# data.dataset / model.backbone for objects passed from Python (`ssl_ema.engine.from_python`).
+GIVEN = "given"
+
+
+def refuse_given_keys(cfg: Config) -> None:
+    """A recipe run (tools/train.py) cannot name objects that only Python can pass."""
+    for key, value, argument in (("data.dataset", cfg.data.dataset, "train_set=..., test_set=..."),
+                                 ("model.backbone", cfg.model.backbone, "backbone=...")):
+        if value == GIVEN:
+            raise ConfigError(f"{key}=given: set by ssl_ema.train({argument}) from Python "
+                              "(docs/PYTHON_API.md); name one here")
+
+
 def validate(cfg: Config) -> None:
     """Check choices and cross-field constraints that the types alone cannot express."""
     for dotted, valid in CHOICES.items():
@@ -29,7 +42,7 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), key)
         if value not in valid:
             raise ConfigError(f"{dotted}: unknown value '{value}'; valid: {', '.join(valid)}")
-    if not timm.is_model(cfg.model.backbone):
+    if cfg.model.backbone != GIVEN and not timm.is_model(cfg.model.backbone):
         close = timm.list_models(f"*{cfg.model.backbone.split('_')[0]}*")[:8]
         hint = f"; similar: {', '.join(close)}" if close else "; see timm.list_models()"
         raise ConfigError(f"model.backbone: unknown timm model '{cfg.model.backbone}'{hint}")

@@ -73,7 +73,8 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    backbone: str = "resnet18"  # any timm model name
+    # any timm model name; "given": a module passed from Python (set by ssl_ema.train(backbone=...))
+    backbone: str = "resnet18"
     cifar_stem: bool = True  # ResNets: 3x3 stride-1 first conv, no max-pool (small images)
     patch_size: int = 0  # ViTs: >0 overrides the model's patch size (e.g. 4 on 32 px images)
     # Layer initialisation. timm: timm's own (ResNets: Kaiming-normal fan-out convs, last BN of

@@ -166,7 +166,8 @@ def test_doc_example_trains_on_the_given_objects(tmp_path: Path,
     assert header["given"] == {"train_set": "builtins.Stripes", "test_set": "builtins.Stripes",
                                "backbone": "torch.nn.modules.container.Sequential"}
     assert header["kappa"] == 0.25 and header["train_images"] == 128
-    assert "  dataset: given\n" in (run.run_dir / "config.yaml").read_text()
+    written = (run.run_dir / "config.yaml").read_text()
+    assert "  dataset: given\n" in written and "  backbone: given\n" in written
     train = [r for r in records if r["event"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3, 4]
     for r in train:  # the EMA Scaling Rule: the per-step momentum ** kappa
@@ -197,3 +198,14 @@ def test_doc_example_trains_on_the_given_objects(tmp_path: Path,
     assert all(torch.equal(v, ns["backbone"].state_dict()[k]) for k, v in teacher.items())
     with pytest.raises(ConfigError, match="trained a backbone given from Python"):
         load_run(again.run_dir)
+
+
+@pytest.mark.parametrize(("key", "argument"), [("data.dataset", "train_set="),
+                                               ("model.backbone", "backbone=")])
+def test_a_recipe_run_cannot_name_given_objects(tmp_path: Path, key: str, argument: str) -> None:
+    """tools/train.py (prepare_run) refuses before any folder exists; only Python passes them."""
+    from ssl_ema.engine.run import prepare_run
+
+    with pytest.raises(ConfigError, match=rf"^{key}=given: set by ssl_ema.train\({argument}"):
+        prepare_run(None, [f"{key}=given", f"run.output_dir={tmp_path / 'runs'}"], None)
+    assert not (tmp_path / "runs").exists()

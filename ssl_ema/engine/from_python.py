@@ -81,6 +81,8 @@ def train(config: ConfigSource = None, overrides: Sequence[str] = (), *,
                           "neither to train on data.dataset")
     if train_set is not None:  # recorded in config.yaml; frees the RGB-only keys from digits
         overrides = [*overrides, "data.dataset=given"]
+    if backbone is not None:  # recorded in config.yaml; header.json's "given" names the module
+        overrides = [*overrides, "model.backbone=given"]
     cfg, run_dir, checkpoint = _run_target(config, overrides, resume)
     data = None
     if train_set is not None and test_set is not None:

@@ -21,6 +21,7 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 
 from ssl_ema.config import Config, ConfigError, from_dict, load_config, parse_overrides, to_dict
+from ssl_ema.config_checks import refuse_given_keys
 from ssl_ema.engine.checkpoint import PREFIX, checkpoints, damage
 
 # Keys that may differ on resume: they change bookkeeping, not the trajectory.
@@ -183,6 +184,7 @@ def prepare_run(recipe: str | None, overrides: Sequence[str],
     """Resolve config, run directory and (when resuming) the checkpoint to load."""
     if resume is None:
         cfg = load_config(recipe, overrides)
+        refuse_given_keys(cfg)
         return cfg, new_run_dir(cfg), None
     run_dir, checkpoint = resume_target(resume)
     refuse_given(run_dir)
@@ -200,5 +202,6 @@ def prepare_run(recipe: str | None, overrides: Sequence[str],
         cfg = from_dict(tree)
     else:
         cfg = load_config(recipe, overrides)
+    refuse_given_keys(cfg)
     check_same_run(run_dir, cfg)
     return cfg, run_dir, checkpoint

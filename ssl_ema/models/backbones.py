@@ -127,6 +127,9 @@ def backbone_from_config(cfg: Config, in_chans: int) -> nn.Module:
     if given is not None:
         return given()
     m = cfg.model
+    if m.backbone == "given":
+        raise ConfigError("model.backbone=given: the module is passed from Python "
+                          "(ssl_ema.train(backbone=...)); name a timm model here")
     return build_backbone(m.backbone, in_chans=in_chans, image_size=cfg.data.image_size,
                           cifar_stem=m.cifar_stem, patch_size=m.patch_size, init=m.init,
                           stem_activation=m.stem_activation)
