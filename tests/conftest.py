@@ -43,3 +43,17 @@ def load_tool(name: str) -> ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+# pytest-xdist hands out single tests (pyproject: --dist loadgroup), which balances the two
+# workers better than whole files did; a module whose module-scoped fixture trains or builds
+# something once keeps all its tests on one worker, so that fixture still runs once.
+SHARED_FIXTURE_MODULES = {"test_bench_ema", "test_device_classify", "test_device_pipeline",
+                          "test_eval_tools", "test_finetune", "test_noisy_quadratic",
+                          "test_own_classifier"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.stem in SHARED_FIXTURE_MODULES:
+            item.add_marker(pytest.mark.xdist_group(item.path.stem))
