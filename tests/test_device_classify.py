@@ -154,7 +154,7 @@ def test_supervised_on_the_device_pipeline_trains_and_resumes(
     monkeypatch.setenv("SSL_EMA_CPU_THREADS", "1")  # tiny steps: threads only wait on a busy CPU
     steps = ["method.name=supervised", "data.dataset=imagefolder", f"data.root={folder}",
              "data.pipeline=device", "data.image_size=8", "data.eval_subset=0",
-             "model.backbone=resnet10t", "model.cifar_stem=false", "train.epochs=2",
+             "model.backbone=test_resnet", "model.cifar_stem=false", "train.epochs=2",
              "train.batch_size=32", "train.checkpoint_every=3", "train.keep_checkpoints=5",
              "labels.val_fraction=0.2", "train.max_steps=0", "train.grad_accumulation=1"]
     full, result = run(tmp_path / "full", *steps)  # 160 training images: 5 steps an epoch
@@ -169,7 +169,7 @@ def test_pseudo_label_on_the_device_pipeline_trains(tmp_path: Path, folder: Path
     monkeypatch.setenv("SSL_EMA_CPU_THREADS", "1")
     trainer, result = run(tmp_path, "method.name=pseudo_label", "data.dataset=imagefolder",
                           f"data.root={folder}", "data.pipeline=device", "data.image_size=8",
-                          "data.eval_subset=0", "model.backbone=resnet10t",
+                          "data.eval_subset=0", "model.backbone=test_resnet",
                           "model.cifar_stem=false", "labels.per_class=4", "pseudo_label.mu=2",
                           "train.batch_size=16", "train.max_steps=0",
                           "train.grad_accumulation=1", "eval.every_epochs=1")

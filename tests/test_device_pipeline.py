@@ -99,7 +99,7 @@ def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def device_run(folder: Path) -> list[str]:
     return ["data.dataset=imagefolder", f"data.root={folder}", "data.pipeline=device",
-            "data.image_size=8", "data.eval_subset=0", "model.backbone=resnet10t",
+            "data.image_size=8", "data.eval_subset=0", "model.backbone=test_resnet",
             "model.cifar_stem=false"]
 
 
