@@ -1,5 +1,8 @@
 """Run under torchrun by test_multiprocess.py: train briefly, then compare every rank's models.
 
+``given`` as the first override trains through the Python API (`ssl_ema.train`) on a backbone
+module built on each rank from a different seed, as a script that seeds nothing would.
+
 Writes ``<out>/ranks.json`` from rank 0: world size, counters, and the largest difference
 between ranks of per-tensor checksums of the student, the teacher and the EMA copies; and from
 every rank ``<out>/threads_<rank>.json``: the names of its threads once training was released.
@@ -34,16 +37,39 @@ def thread_names() -> list[str]:
 
 
 def main(out: Path, overrides: list[str]) -> None:
+    if overrides[:1] == ["given"]:
+        return given_backbone_run(out, overrides[1:])
     cfg = load_config(None, [f"run.output_dir={out}", *overrides])
     trainer = Trainer(cfg, out / "run")
     trainer.fit()
     rank = trainer.accelerator.process_index
-    report(trainer, out, cfg.train.batch_size)
+    report(trainer, out, trainer.cfg.train.batch_size)
     # As ssl_ema/engine/launch.py's train: free the process group before interpreter exit.
     trainer.accelerator.end_training()
     del trainer
     gc.collect()
     (out / f"threads_{rank}.json").write_text(json.dumps(thread_names()))
+
+
+def given_backbone_run(out: Path, overrides: list[str]) -> None:
+    """Each rank writes ``<out>/<role>_<rank>.pt`` (ssl_ema.train has released the process
+    group by the time it returns, so the ranks are compared from the files)."""
+    import os
+
+    from torch import nn
+
+    import ssl_ema
+
+    rank = int(os.environ["RANK"])
+    torch.manual_seed(rank)  # each rank its own initial weights
+    backbone = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    run = ssl_ema.train(None, [f"run.output_dir={out}", *overrides], backbone=backbone,
+                        num_features=16)
+    model = run.trainer.model
+    for role in ("teacher", "student"):
+        state = getattr(model, role).state_dict()
+        torch.save({k: v.cpu() for k, v in state.items()}, out / f"{role}_{rank}.pt")
 
 
 def report(trainer: Trainer, out: Path, batch_size: int) -> None:

@@ -75,3 +75,23 @@ def test_two_processes_match_one_process(tmp_path: Path, tools_env: dict[str, st
     # Not trivially equal: three steps moved the student away from the teacher.
     s, t = model.student["backbone"].state_dict(), model.teacher["backbone"].state_dict()
     assert max((s[k] - t[k]).abs().max().item() for k in s) > 1e-3
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_the_python_api_on_two_processes(tmp_path: Path, tools_env: dict[str, str]) -> None:
+    """ssl_ema.train from a script started on 2 processes, each building the backbone module
+    from its own seed: one run folder, and ranks that end identical (the prepared method's
+    states, teacher included, start from rank 0's)."""
+    cmd = [python(), "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           str(ROOT / "tests" / "ddp_worker.py"), str(tmp_path), "given", *TINY,
+           "train.max_steps=3", "run.name=given"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=tools_env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = (tmp_path / "given").iterdir()
+    assert json.loads((run_dir / "results.json").read_text())["step"] == 3
+    for role in ("teacher", "student"):
+        ranks = [torch.load(tmp_path / f"{role}_{r}.pt", weights_only=True) for r in (0, 1)]
+        assert ranks[0].keys() == ranks[1].keys()
+        for name, value in ranks[0].items():
+            assert torch.equal(value, ranks[1][name]), (role, name)
