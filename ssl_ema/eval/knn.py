@@ -1,9 +1,8 @@
 """Weighted k-nearest-neighbour classification on frozen features (Wu et al. 2018, Sec. 3.4).
 
 The vote of each of the k nearest training features (cosine similarity s) is weighted by
-exp(s / t), the protocol of lightly's `knn_predict` behind its published benchmarks (k=200,
-t=0.1; tests/test_lightly_parity.py checks that we predict as it does). Queries are scored in
-chunks so the similarity matrix fits in memory.
+exp(s / t): lightly's `knn_predict`, the protocol behind its published benchmarks (k=200,
+t=0.1), scored in chunks so the similarity matrix fits in memory.
 
 The bank can stay sharded over processes (``sharded=True``): each process scores every query
 against its own shard and keeps its k best candidates (similarity, label); the candidates of
@@ -11,13 +10,16 @@ all processes are gathered and the k best of them voted on, which is the vote of
 bank, since the global k nearest are among the union of each shard's k nearest (up to the
 rounding of a similarity, which can differ by an ulp between a product with the shard and one
 with the whole bank, docs/SCALE_OUT.md). Memory per
-process: the shard plus one chunk's similarities to it (docs/SCALE_OUT.md, "kNN").
+process: the shard plus one chunk's similarities to it (docs/SCALE_OUT.md, "kNN"). Only this
+path votes with our own `weighted_vote`, since `knn_predict` takes the whole bank, not
+candidates; tests/test_knn_sharded.py checks it predicts as `knn_predict` on the whole bank.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from lightly.utils.benchmarking import knn_predict
 
 Candidates = tuple[torch.Tensor, torch.Tensor]  # similarities (b, k), most similar first; labels
 
@@ -88,9 +90,11 @@ def knn_classify(
         if sharded:
             sims, labels = _gather_candidates(
                 *_local_candidates(queries, bank, train_labels, k), k)
+            preds.append(weighted_vote(sims, labels, num_classes, temperature))
         else:
-            sims, labels = nearest(queries, bank, train_labels, k)
-        preds.append(weighted_vote(sims, labels, num_classes, temperature))
+            ranked = knn_predict(queries, bank, train_labels, num_classes, knn_k=k,
+                                 knn_t=temperature)  # (b, C), best first
+            preds.append(ranked[:, 0])
     return torch.cat(preds)
 
 
