@@ -42,6 +42,10 @@ class DataConfig:
     image_size: int = 32  # side of the training views
     num_workers: int = 4  # DataLoader workers of the loader pipeline (views are seeded per sample)
     eval_subset: int = 0  # >0: use only this many train/val/test images to evaluate (fast checks)
+    # >0: train on the first N training images of every class (in the data set's order), a
+    # fixed class-balanced subset, the same for every seed (laptop-scale studies: a network
+    # fits noisy labels sooner on fewer images). The validation split is taken from it.
+    train_per_class: int = 0
     # imagefolder: files that are not readable images (checked at start-up, before any work):
     # "fail" names the first one and stops; "skip" leaves them
     # out and reports how many; "trust" does not check (huge folders known to be clean).

@@ -123,6 +123,34 @@ def _subset(ds: Dataset, n: int, seed: int) -> Dataset:
     return Subset(ds, idx.tolist())
 
 
+def keep_first_per_class(source: Any, per_class: int) -> None:
+    """Keep only the first ``per_class`` items of every class of a training source, in place
+    (an ImageFolder or file index: ``samples``; torchvision's CIFAR: ``data``; in-memory:
+    ``images``), so that every view of the bundle (training views, BatchNorm bank, labels)
+    sees the same subset. DataError if a class has fewer items."""
+    targets = np.asarray(getattr(source, "targets", getattr(source, "labels", [])))
+    keep = []
+    for c in np.unique(targets):
+        members = np.flatnonzero(targets == c)
+        if len(members) < per_class:
+            raise DataError(f"data.train_per_class={per_class}: class {c} has only "
+                            f"{len(members)} training images; lower it")
+        keep.append(members[:per_class])
+    idx = np.sort(np.concatenate(keep))
+    if hasattr(source, "samples"):  # ImageFolder, IndexedFolder
+        source.samples = [source.samples[i] for i in idx]
+        source.targets = [c for _, c in source.samples]
+        if hasattr(source, "imgs"):
+            source.imgs = source.samples
+    elif hasattr(source, "data"):  # torchvision CIFAR: (N, H, W, C) uint8 in memory
+        source.data, source.targets = source.data[idx], [int(targets[i]) for i in idx]
+    elif isinstance(source, TensorImages):
+        source.images, source.labels = source.images[idx], source.labels[idx]
+    else:
+        raise DataError(f"data.train_per_class: cannot take a subset of "
+                        f"{type(source).__name__}; set it to 0")
+
+
 def digits_split(seed: int = 0, test_fraction: float = 0.2) -> tuple[np.ndarray, ...]:
     """scikit-learn's 1,797 8x8 digits, split stratified into train/test with a fixed seed."""
     from sklearn.datasets import load_digits
@@ -254,6 +282,8 @@ def build_data(cfg: Config, given: DataBundle | None = None) -> DataBundle:
         raise DataError("data.dataset=given: the data sets are passed from Python "
                         "(ssl_ema.train(train_set=..., test_set=...)); name a data set here")
     bundle = BUILDERS[cfg.data.dataset](cfg) if given is None else given
+    if cfg.data.train_per_class:
+        keep_first_per_class(bundle.train.source, cfg.data.train_per_class)
     spec = method_spec(cfg.method.name)
     if spec.labels != "none":  # splits, noisy labels, labelled subset
         unlabelled = spec.unlabelled(cfg) if spec.unlabelled is not None else None

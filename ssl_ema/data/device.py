@@ -125,8 +125,12 @@ def _source(ds: Dataset) -> tuple[Any, list[int] | None]:
 
 def device_streams(bundle: DataBundle, cfg: Config, per_device: dict[int, int],
                    device: torch.device, rank: int, world: int
-                   ) -> tuple[dict[int, TrainStream], DeviceEvalStream, DeviceEvalStream]:
-    """Decode the bundle's images once, move them to ``device``, and build the streams."""
+                   ) -> tuple[dict[int, TrainStream], DeviceEvalStream, DeviceEvalStream,
+                              DeviceEvalStream | None]:
+    """Decode the bundle's images once, move them to ``device``, and build the streams: the
+    training streams by batch, the bank (training images), the test queries and, for a
+    classification run with ``labels.val_fraction``, the validation split (decoded once too:
+    evaluated every time, it must not go back through PIL and loader workers)."""
     workers = cfg.data.num_workers
     mean, std, flags = bundle.mean, bundle.std, cfg.train
     train: dict[int, TrainStream]
@@ -152,5 +156,9 @@ def device_streams(bundle: DataBundle, cfg: Config, per_device: dict[int, int],
                                 channels_last=flags.channels_last)
 
     _, bank_index = _source(bundle.train_eval)
+    val = None
+    if bundle.val_eval is not None:
+        val_source, val_index = _source(bundle.val_eval)
+        val = eval_stream(*decode_uint8(val_source, workers), val_index)
     return (train, eval_stream(train_x, train_y, bank_index),
-            eval_stream(test_x, test_y, test_index))
+            eval_stream(test_x, test_y, test_index), val)

@@ -3,6 +3,7 @@ loader per batch size of ``train.batch_schedule``, and the evaluation loaders.""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Mapping
 from typing import Any, NamedTuple
 
@@ -31,6 +32,17 @@ def per_device_batch(cfg: Config, world_size: int, batch: int | None = None) -> 
             f"x train.grad_accumulation {cfg.train.grad_accumulation}; pick a multiple of {div}"
         )
     return batch // div
+
+
+def worker_warning(num_workers: int, processes_here: int) -> str:
+    """A line when the loader workers of this machine's processes outnumber its cores ("" if
+    not): a worker then takes a core from training, and on a CPU run from the step itself."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if not cores or num_workers * processes_here <= cores:
+        return ""
+    return (f"warning: data.num_workers={num_workers} x {processes_here} processes exceeds the "
+            f"{cores} CPU cores here; the workers compete with training for them (lower "
+            "data.num_workers; data.pipeline=device needs them only to decode once)")
 
 
 def build_loaders(data: DataBundle, cfg: Config, per_device: Mapping[int, int]
@@ -87,9 +99,10 @@ def prepare(accelerator: Accelerator, method: nn.Module, optimizer: torch.optim.
                                   "lower it")
     elif cfg.data.pipeline == "device":
         method, optimizer = accelerator.prepare(method, optimizer)
-        train, bank, query = device_streams(data, cfg, dict(per_device), accelerator.device,
-                                            accelerator.process_index,
-                                            accelerator.num_processes)
+        train, bank, query, val = device_streams(data, cfg, dict(per_device), accelerator.device,
+                                                 accelerator.process_index,
+                                                 accelerator.num_processes)
+        return Prepared(method, optimizer, dict(train), bank, query, val)
     else:
         loaders, bank, query = build_loaders(data, cfg, per_device)
         method, optimizer, bank, query, *loaders = accelerator.prepare(

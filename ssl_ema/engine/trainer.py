@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Iterable
@@ -31,7 +32,13 @@ from ssl_ema.engine.accelerator import build_accelerator
 from ssl_ema.engine.checkpoint import load_checkpoint, save_checkpoint
 from ssl_ema.engine.guard import NonFiniteGuard
 from ssl_ema.engine.header import header_text, run_header, write_run_files
-from ssl_ema.engine.loaders import Stream, TrainBatches, per_device_batch, prepare
+from ssl_ema.engine.loaders import (
+    Stream,
+    TrainBatches,
+    per_device_batch,
+    prepare,
+    worker_warning,
+)
 from ssl_ema.engine.optim import (
     build_optimizer,
     scheduled_lr_and_weight_decay,
@@ -91,6 +98,10 @@ class Trainer:
         self.batches = sorted({batch_at_epoch(e, cfg.train.batch_size, cfg.train.batch_schedule)
                                for e in range(cfg.train.epochs)})
         self.per_device = {b: per_device_batch(cfg, world, b) for b in self.batches}
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        if (note := worker_warning(cfg.data.num_workers, local)) and \
+                self.accelerator.is_local_main_process:
+            print(note, file=sys.stderr)
         # data errors surface before any model is built
         self.data: DataBundle = build_data(cfg, data)
         method = _build(cfg, self.data, self.accelerator.device, world, backbone, num_features)

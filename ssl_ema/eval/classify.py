@@ -16,7 +16,7 @@ an evaluation never changes the run (resume stays exact). The pseudo-labelling e
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict
 from typing import Any
 
@@ -26,21 +26,58 @@ from torch import nn
 from ssl_ema.ema import recompute_batchnorm
 from ssl_ema.eval.calibration import expected_calibration_error, negative_log_likelihood
 from ssl_ema.eval.context import EvalContext
+from ssl_ema.eval.distinct import representatives
 from ssl_ema.eval.early_stopping import BestModel, Choice
 from ssl_ema.eval.features import extract_features
 from ssl_ema.eval.tables import classification_table
 from ssl_ema.eval.teacher_student import sync_buffers
 
+Variant = tuple[str, bool]  # (model name, BatchNorm statistics recomputed)
+
+
+def scores_of(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """``acc`` (top-1), ``nll``, ``ece`` (15 equal-mass bins) and ``ece100`` (100 bins, as
+    Morales-Brotons et al. 2024 report it) of ``logits (N, K)``."""
+    logits, labels = logits.float().cpu(), labels.cpu()
+    probs = logits.double().softmax(1)
+    return {"acc": (logits.argmax(dim=1) == labels).float().mean().item(),
+            "nll": negative_log_likelihood(logits, labels),
+            "ece": expected_calibration_error(probs, labels, 15),
+            "ece100": expected_calibration_error(probs, labels, 100)}
+
 
 @torch.no_grad()
 def classifier_scores(model: nn.Module, loader: Iterable[Any], accelerator: Any
                       ) -> dict[str, float]:
-    """``acc`` (top-1), ``nll`` and ``ece`` (15 equal-mass bins) of one pass over ``loader``."""
+    """``acc``, ``nll`` and ``ece`` of one model over ``loader`` (gathered over processes)."""
     logits, labels = extract_features(model, loader, accelerator, normalize=False)  # (N, K)
-    logits, labels = logits.cpu(), labels.cpu()
-    return {"acc": (logits.argmax(dim=1) == labels).float().mean().item(),
-            "nll": negative_log_likelihood(logits, labels),
-            "ece": expected_calibration_error(logits.double().softmax(1), labels, 15)}
+    return scores_of(logits, labels)
+
+
+@torch.no_grad()
+def logits_of_all(nets: Mapping[str, nn.Module], buffers: Mapping[Variant, list[torch.Tensor]],
+                  loader: Iterable[Any], keep: Callable[[Any], Any] | None = None
+                  ) -> dict[Variant, tuple[torch.Tensor, torch.Tensor]]:
+    """Logits and labels of every variant in ONE pass over ``loader``: each batch is made (read,
+    decoded, moved) once and every model scores it, with each of its buffer sets in turn
+    (``buffers[(name, bn)]``, copied into the model's buffers: BatchNorm statistics are a few
+    KB, a batch of images is not). ``keep`` drops the padding of a sharded loader."""
+    live = {name: list(net.buffers()) for name, net in nets.items()}
+    modes = {name: net.training for name, net in nets.items()}
+    out: dict[Variant, list[tuple[torch.Tensor, torch.Tensor]]] = {v: [] for v in buffers}
+    for net in nets.values():
+        net.eval()
+    for x, y in loader:
+        for variant, values in buffers.items():
+            net = nets[variant[0]]
+            torch._foreach_copy_(live[variant[0]], values)
+            device = next(net.parameters()).device
+            pair = (net(x.to(device)).float(), y.to(device))  # (B, K), (B,)
+            out[variant].append(keep(pair) if keep else pair)
+    for name, net in nets.items():
+        net.train(modes[name])
+    return {v: (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+            for v, parts in out.items()}
 
 
 def pseudo_label_rates(sums: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -67,13 +104,7 @@ class ClassifierEvaluation:
         self.splits["test"] = ctx.query
         self.best = BestModel(ctx.run_dir, ctx.accelerator.is_main_process) \
             if ctx.val is not None else None
-
-    def _scores(self, net: nn.Module) -> dict[str, dict[str, float]]:
-        """split -> {acc, nll, ece}."""
-        acc = self.ctx.accelerator
-        with acc.autocast():
-            return {split: classifier_scores(net, loader, acc)
-                    for split, loader in self.splits.items()}
+        self._predicted: dict[Variant, torch.Tensor] = {}  # the last evaluation's, on test
 
     def evaluate(self, epoch: int, step: int) -> dict[str, float]:
         ctx, acc = self.ctx, self.ctx.accelerator
@@ -81,29 +112,59 @@ class ClassifierEvaluation:
                 for k, v in ctx.model.epoch_metrics().items()}
         out: dict[str, float] = pseudo_label_rates(sums)
         sync_buffers(ctx.model, acc)
-        batches = ctx.cfg.ema.recompute_bn_batches
-        for name, modules in ctx.roles().items():
-            net = nn.Sequential(modules["backbone"], modules["classifier"])
-            self._record(out, name, False, self._scores(net), modules, epoch, step)
-            if batches:
-                saved = {k: b.clone() for k, b in net.named_buffers()}
-                recompute_batchnorm(net, ctx.bank, batches, acc.device,
-                                    lambda x: acc.reduce(x, "mean"))
-                self._record(out, name, True, self._scores(net), modules, epoch, step)
-                for k, b in net.named_buffers():
-                    b.copy_(saved[k])
+        roles = ctx.roles()
+        nets = {name: nn.Sequential(m["backbone"], m["classifier"]) for name, m in roles.items()}
+        # Models with the same weights (all of them before training, EMAs in their warm-up)
+        # are scored once; every role still gets its keys and is offered to early stopping.
+        rep = representatives(nets)
+        distinct = {name: nets[name] for name in dict.fromkeys(rep.values())}
+        buffers = self._buffer_sets(distinct)
+        keep = acc.gather_for_metrics if ctx.gather else None
+        with acc.autocast():
+            logits = {split: logits_of_all(distinct, buffers, loader, keep)
+                      for split, loader in self.splits.items()}
+        scores = {split: {v: scores_of(*pair) for v, pair in by_variant.items()}
+                  for split, by_variant in logits.items()}
+        self._predicted = {v: pair[0].argmax(1) for v, pair in logits["test"].items()}
+        for name, modules in roles.items():
+            for bn in (False, True) if ctx.cfg.ema.recompute_bn_batches else (False,):
+                # early stopping saves a model with the statistics it was scored with
+                torch._foreach_copy_(list(nets[name].buffers()), buffers[(rep[name], bn)])
+                self._record(out, (name, bn), rep[name], scores, modules, epoch, step)
+            # the statistics each model trains with (duplicates hold the same as their model)
+            torch._foreach_copy_(list(nets[name].buffers()), buffers[(rep[name], False)])
         return out
 
-    def _record(self, out: dict[str, float], name: str, bn: bool,
-                scores: dict[str, dict[str, float]], modules: nn.ModuleDict, epoch: int,
-                step: int) -> None:
+    def _buffer_sets(self, nets: Mapping[str, nn.Module]) -> dict[Variant, list[torch.Tensor]]:
+        """Each model's own buffers and, with ``ema.recompute_bn_batches``, its buffers after
+        BatchNorm recomputation on training images (computed on the side: the model is left
+        holding its own)."""
+        ctx, acc = self.ctx, self.ctx.accelerator
+        batches = ctx.cfg.ema.recompute_bn_batches
+        out: dict[Variant, list[torch.Tensor]] = {}
+        for name, net in nets.items():
+            own = [b.clone() for b in net.buffers()]
+            out[(name, False)] = own
+            if batches:
+                recompute_batchnorm(net, ctx.bank, batches, acc.device,
+                                    lambda x: acc.reduce(x, "mean"))
+                out[(name, True)] = [b.clone() for b in net.buffers()]
+                torch._foreach_copy_(list(net.buffers()), own)
+        return out
+
+    def _record(self, out: dict[str, float], variant: Variant, rep: str,
+                scores: dict[str, dict[Variant, dict[str, float]]], modules: nn.ModuleDict,
+                epoch: int, step: int) -> None:
+        """``variant``'s keys, scored as ``rep`` (the first model with its weights)."""
+        (name, bn), scored = variant, (rep, variant[1])
         suffix = "_bn" if bn else ""
-        for split, metrics in scores.items():
-            for metric, value in metrics.items():
+        for split, by_variant in scores.items():
+            for metric, value in by_variant[scored].items():
                 out[f"{metric}_{name}_{split}{suffix}"] = value
         if self.best is not None:
-            choice = Choice(name, bn, epoch, step, scores["val"]["acc"], scores["test"]["acc"])
-            self.best.offer(choice, modules.state_dict())
+            choice = Choice(name, bn, epoch, step, scores["val"][scored]["acc"],
+                            scores["test"][scored]["acc"])
+            self.best.offer(choice, modules.state_dict(), self._predicted[scored])
 
     def state_dict(self) -> dict[str, Any]:
         return self.best.state_dict() if self.best is not None else {}

@@ -17,6 +17,7 @@ from torch import nn
 
 from ssl_ema.ema import recompute_batchnorm
 from ssl_ema.eval.context import EvalContext
+from ssl_ema.eval.distinct import representatives
 from ssl_ema.eval.features import extract_features, extract_shard
 from ssl_ema.eval.floor import fair_floor
 from ssl_ema.eval.knn import knn_accuracy
@@ -36,11 +37,22 @@ def knn_evaluate(ctx: EvalContext) -> dict[str, float]:
     sync_buffers(ctx.model, acc)
     backbones = {role: modules["backbone"] for role, modules in ctx.roles().items()}
     batches = ctx.cfg.ema.recompute_bn_batches
+    # Models with the same weights (all before training, EMAs in their warm-up) and the same
+    # statistics treatment are recomputed and scored once (`eval.distinct`).
+    rep = representatives(backbones)
+    kind = {role: (rep[role], bool(batches) and role != "student") for role in backbones}
+    first = {k: role for role, k in reversed(kind.items())}  # each kind's first role
     for role, backbone in backbones.items():
-        if batches and role != "student":  # EMA models get their own statistics (ema.py)
+        if not kind[role][1]:
+            continue
+        if first[kind[role]] == role:  # EMA models get their own statistics (ema.py)
             recompute_batchnorm(backbone, ctx.bank, batches, acc.device,
                                 lambda x: acc.reduce(x, "mean"))
-    return {f"knn_{role}": knn_score(backbone, ctx) for role, backbone in backbones.items()}
+        else:
+            torch._foreach_copy_(list(backbone.buffers()),
+                                 list(backbones[first[kind[role]]].buffers()))
+    scores = {k: knn_score(backbones[role], ctx) for k, role in first.items()}
+    return {f"knn_{role}": scores[kind[role]] for role in backbones}
 
 
 def knn_score(backbone: nn.Module, ctx: EvalContext) -> float:

@@ -110,10 +110,12 @@ def ema_curve_rule(reference: str, arms: Sequence[tuple[int, str, str]],
 
 def final_rule(reference: str, arms: Sequence[tuple[int, str, str]], key: str,
                tolerance: float = 0.01, falls_from: int = 4,
-               anchor: str = "") -> AnalysisFn:
+               anchor: str = "", floor: str = "", floor_margin: float = 0.03) -> AnalysisFn:
     """The final-metric form (BYOL, DINO, pseudo-labelling at large batch): with the rule every
     kappa is within ``tolerance`` of kappa = 1; without it the metric falls by more than
-    ``tolerance`` at every kappa >= ``falls_from``."""
+    ``tolerance`` at every kappa >= ``falls_from``. With ``floor`` (a metric of each run, e.g.
+    ``knn_random_bn``, the fair floor), kappa = 1 must also clear it by ``floor_margin``: a
+    comparison of runs that learnt nothing says nothing about the rule."""
 
     def analyse(study: Study, records: Sequence[Record]) -> Analysis:
         runs = by_variant(records)
@@ -122,8 +124,8 @@ def final_rule(reference: str, arms: Sequence[tuple[int, str, str]], key: str,
         if missing:
             return Analysis(TOO_FEW, f"runs missing: {', '.join(missing)}")
 
-        def value(n: str) -> float:
-            return mean_std([r["metrics"][key] for r in runs[n]])[0]
+        def value(n: str, metric: str = key) -> float:
+            return mean_std([r["metrics"][metric] for r in runs[n]])[0]
 
         base = value(reference)
         rows = [f"| variant | {key} | gap to κ = 1 (points) |", "|---|---|---|",
@@ -135,7 +137,14 @@ def final_rule(reference: str, arms: Sequence[tuple[int, str, str]], key: str,
             ok &= abs(value(with_rule) - base) <= tolerance
             if k >= falls_from:
                 ok &= base - value(without) > tolerance
-        summary = (f"κ = 1: {_pts(base)}; with the rule the largest gap is "
+        cleared = ""
+        if floor:
+            fair = value(reference, floor)
+            cleared = f" ({_pts(base - fair)} points above the fair floor {_pts(fair)})"
+            if base - fair < floor_margin:
+                ok = False
+                cleared += f", less than the {_pts(floor_margin)} points that show learning"
+        summary = (f"κ = 1: {_pts(base)}{cleared}; with the rule the largest gap is "
                    f"{_pts(max(abs(value(w) - base) for _, w, _ in arms))} points, "
                    f"without it {_pts(max(base - value(o) for _, _, o in arms))}"
                    + (f"; {anchor}" if anchor else "") + ".")

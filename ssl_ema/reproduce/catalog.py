@@ -9,24 +9,15 @@ CIFAR-10 is the shared JPEG copy under the data root: ``<data>/cifar10/{train,te
 
 from __future__ import annotations
 
-from ssl_ema.reproduce.analyses import best_within, ema_curve_rule, ema_gain, final_rule
-from ssl_ema.reproduce.study import Study, StudyVariant
+from ssl_ema.reproduce import laptop
+from ssl_ema.reproduce.analyses import best_within, ema_gain, final_rule
+from ssl_ema.reproduce.study import Study, StudyVariant, kappa_arms
 from ssl_ema.reproduce.tool_analyses import quadratic_rule, throughput
 
 V = StudyVariant
 CIFAR10 = ("data.dataset=imagefolder", "data.root={data}/cifar10", "data.corrupt=trust")
 H100_BYOL = ("BYOL ResNet-18 on one H100: 2.7 s per epoch at batch 512 after compilation, "
              "581 s for 200 epochs with 11 kNN evaluations (docs/RESULTS.md)")
-
-
-def _kappa_arms(batches: dict[int, int]) -> tuple[StudyVariant, ...]:
-    """``k<kappa>_ema`` and ``k<kappa>_optimizer`` at each batch (``k1`` once)."""
-    out = [V("k1", (f"train.batch_size={batches[1]}",))]
-    for k, b in batches.items():
-        if k > 1:
-            out += [V(f"k{k}_{rule}", (f"train.batch_size={b}", f"scaling.rule={rule}"))
-                    for rule in ("ema", "optimizer")]
-    return tuple(out)
 
 
 BYOL_PARITY = Study(
@@ -47,7 +38,7 @@ BYOL_SCALING = Study(
           "accuracy across batch sizes; without it accuracy drops",
     schedule="30 epochs, reference batch 256 (lr 0.12, teacher 0.99 → 1), CIFAR-10 JPEG copy",
     recipe="recipes/byol_r18.yaml",
-    variants=(*_kappa_arms({1: 256, 2: 512, 4: 1024, 8: 2048}),
+    variants=(*kappa_arms({1: 256, 2: 512, 4: 1024, 8: 2048}),
               *(V(f"progressive_{rule}", ("train.batch_size=256", f"scaling.rule={rule}",
                                           "train.batch_schedule=[[15, 2048]]"))
                 for rule in ("ema", "optimizer"))),
@@ -88,7 +79,7 @@ def _kappa4_study(name: str, title: str, what: str, paper: str, schedule: str, r
         claim=f"with the rule the teacher's {what} at κ = 4 is within 1 point of κ = 1; "
               "without it, it falls by more than 1 point",
         paper=paper, schedule=schedule, recipe=recipe,
-        variants=_kappa_arms({1: batch, 4: 4 * batch}),
+        variants=kappa_arms({1: batch, 4: 4 * batch}),
         common=(*CIFAR10, "data.num_workers=16", f"train.epochs={epochs}",
                 "eval.every_epochs=10", *extra),
         minutes_per_run=minutes, estimate_source=source, plot_keys=plot_keys,
@@ -112,22 +103,6 @@ PSEUDO_LABEL = _kappa4_study(
     "image-equivalents at ~25k/s ≈ 1 min, 2M views, 2 evaluations; κ = 4 alike",
     ("acc_teacher_test", "acc_student_test"), "FixMatch at 2^20 steps: 95.79% (4.21% error)",
     extra=("data.pipeline=device",))
-
-SCALING_CPU = Study(
-    name="scaling-cpu", title="The EMA Scaling Rule on a supervised model EMA (digits, CPU)",
-    claim="at κ = 4 and 16 the ruled EMA's accuracy curve against samples seen stays as close "
-          "to κ = 1 as the student's does; without the rule the EMA departs further",
-    paper="Busbridge et al. 2023 (supervised model EMA): with the rule the EMA's curve matches "
-          "κ = 1; without it the EMA lags (a figure; no number quoted here)",
-    schedule="6 epochs of digits (≈ 8,500 samples), test_resnet at 16 px, reference batch 16, "
-             "teacher 0.98 per reference step, 3 seeds",
-    recipe="recipes/scaling_digits.yaml", variants=_kappa_arms({1: 16, 4: 64, 16: 256}),
-    seeds=(0, 1, 2), common=("train.checkpoint_every=100",), device="cpu",
-    minutes_per_run=1.5, estimate_source="κ = 1 took 92 s on 2 shared cores (load 6.5)",
-    env={"SSL_EMA_CPU_THREADS": "1"}, plot_keys=("acc_teacher_test", "acc_student_test"),
-    analysis=ema_curve_rule("k1", [(4, "k4_ema", "k4_optimizer"),
-                                   (16, "k16_ema", "k16_optimizer")],
-                            "acc_teacher_test", "acc_student_test"))
 
 NOISY_QUADRATIC = Study(
     name="noisy-quadratic", title="The EMA Scaling Rule on a noisy quadratic (synthetic, CPU)",
@@ -192,9 +167,9 @@ RECIPES = Study(
     common=(*CIFAR10, "data.num_workers=16"), minutes_per_run=10.0,
     estimate_source="BYOL measured (581 s); the others guessed from their CPU step times")
 
-# Priority order (issue 20).
+# Priority order: the GPU studies, then the CPU ones (the papers' own data first).
 STUDIES: tuple[Study, ...] = (BYOL_PARITY, BYOL_SCALING, EMA_BENEFITS, DINO_SCALING,
-                              PSEUDO_LABEL, SCALING_CPU, NOISY_QUADRATIC, THROUGHPUT,
+                              PSEUDO_LABEL, *laptop.STUDIES, NOISY_QUADRATIC, THROUGHPUT,
                               THROUGHPUT_CPU, RECIPES)
 
 

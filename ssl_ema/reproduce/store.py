@@ -25,6 +25,7 @@ from ssl_ema.config import Config, to_dict
 from ssl_ema.engine.run import config_changes, flatten
 from ssl_ema.engine.sweep import BOOKKEEPING, Job
 from ssl_ema.engine.tracking import read_metrics
+from ssl_ema.eval.early_stopping import PREDICTIONS_FILE
 from ssl_ema.reproduce.tool_runs import ToolJob, matches
 
 # Where the data lives, not what it is: a run is the same run wherever its data root is.
@@ -75,7 +76,9 @@ def record(job: Job, run_dir: Path) -> dict[str, Any]:
     curve = [{k: v for k, v in _numbers(e).items()}
              for e in read_metrics(run_dir / "metrics.jsonl") if e.get("event") == "eval"]
     finished = time.gmtime((run_dir / "results.json").stat().st_mtime)
-    return {"variant": job.variant, "seed": job.seed, "key": config_key(job.cfg),
+    predictions = run_dir / PREDICTIONS_FILE  # EMA early stopping's choices (churn)
+    extra = {"predictions": json.loads(predictions.read_text())} if predictions.is_file() else {}
+    return {**extra, "variant": job.variant, "seed": job.seed, "key": config_key(job.cfg),
             "commit": header.get("git", "unknown"), "device": header.get("device", "unknown"),
             "date": time.strftime("%Y-%m-%d", finished), "wall_s": round(wall_seconds(run_dir), 1),
             "steps": header.get("steps"), "samples": header.get("samples"),

@@ -64,3 +64,15 @@ class Study:
 
     def tool_of(self, variant: StudyVariant) -> str:
         return variant.tool or self.tool
+
+
+def kappa_arms(batches: dict[int, int]) -> tuple[StudyVariant, ...]:
+    """``k1`` once, then ``k<kappa>_ema`` and ``k<kappa>_optimizer`` at each larger batch:
+    the arms of every EMA Scaling Rule study (``batches``: kappa -> effective batch)."""
+    out = [StudyVariant("k1", (f"train.batch_size={batches[1]}",))]
+    for k, b in batches.items():
+        if k > 1:
+            out += [StudyVariant(f"k{k}_{rule}", (f"train.batch_size={b}",
+                                                   f"scaling.rule={rule}"))
+                    for rule in ("ema", "optimizer")]
+    return tuple(out)

@@ -1,0 +1,96 @@
+"""The studies sized for a laptop: the papers' claims on CIFAR-10 and CIFAR-10N (and the rule on
+digits) on 2 CPU cores.
+
+Each study trains on a fixed class-balanced subset of the CIFAR-10 JPEG copy
+(``data.train_per_class``, the same images for every seed) with timm's ``test_resnet`` at 32 px,
+views made in batched ops (``data.pipeline=device``), one torch thread per run: on a 2-core
+machine two runs share it best one per core, and a thread that waits for a busy core makes every
+step several times slower (docs/RESULTS.md). The network, subset and schedule of each study were
+chosen from speed and accuracy measurements made before any of its results (its recipe's
+comments give them); the schedule is stated beside every number. Minutes are per run on one
+idle core.
+"""
+
+from __future__ import annotations
+
+from ssl_ema.reproduce.analyses import ema_curve_rule, final_rule
+from ssl_ema.reproduce.ema_benefits import ema_benefits
+from ssl_ema.reproduce.study import Study, StudyVariant, kappa_arms
+
+V = StudyVariant
+CIFAR10 = ("data.root={data}/cifar10",)
+CIFAR10N = "labels.noisy_file={data}/cifar10n/CIFAR-10_human.pt"
+ONE_THREAD = {"SSL_EMA_CPU_THREADS": "1"}
+
+
+EMA_BENEFITS_CPU = Study(
+    name="ema-benefits-cpu",
+    title="EMA models against the last iterate on CIFAR-10 and CIFAR-10N worse (CPU)",
+    claim="the best EMA beats the best last iterate (each chosen on validation), by more under "
+          "CIFAR-10N worse labels than with clean labels; the EMAs churn less between seeds "
+          "and are better calibrated (test ECE, 100 bins)",
+    paper="Morales-Brotons et al. 2024 (ResNet-18, 200 epochs): CIFAR-10 95.25 → 95.62; "
+          "CIFAR-10N worse 77.69 → 86.71 (ResNet-34); churn 3.78% → 2.71%",
+    schedule="test_resnet, 32 px, 1,000 CIFAR-10 images a class (800 train + 200 validation), "
+             "80 epochs of batch 128 (4,960 steps), SGD Nesterov, cosine lr 0.1; EMAs "
+             "0.968-0.998 every step with the warm-up, 2 seeds",
+    recipe="recipes/supervised_ema_cifar_cpu.yaml",
+    variants=(V("clean", ("labels.noisy=clean",)), V("worse", ("labels.noisy=worse", CIFAR10N))),
+    seeds=(0, 1), common=CIFAR10, device="cpu", minutes_per_run=17.0,
+    estimate_source="a sizing run of the worse arm on one core of a shared machine "
+                    "(docs/RESULTS.md)",
+    env=ONE_THREAD, plot_keys=("acc_student_test", "acc_teacher_test", "acc_ema_0.998_test"),
+    analysis=ema_benefits({"clean": "clean", "worse": "CIFAR-10N worse"}))
+
+def model_ema_scaling(name: str, title: str, schedule: str, recipe: str,
+                      batches: dict[int, int], seeds: tuple[int, ...], minutes: float,
+                      source: str, common: tuple[str, ...] = ()) -> Study:
+    """Busbridge et al.'s first check, on a supervised model EMA (one that does not feed back
+    into training): κ = 1 against κ = 4 and 16, with and without the rule, judged on the
+    teacher's accuracy curve against samples seen beside the student's."""
+    return Study(
+        name=name, title=title,
+        claim="at κ = 4 and 16 the ruled EMA's accuracy curve against samples seen stays as "
+              "close to κ = 1 as the student's does; without the rule the EMA departs further",
+        paper="Busbridge et al. 2023 (supervised model EMA): with the rule the EMA's curve "
+              "matches κ = 1; without it the EMA lags (a figure; no number quoted here)",
+        schedule=schedule, recipe=recipe, variants=kappa_arms(batches), seeds=seeds,
+        common=common, device="cpu", minutes_per_run=minutes, estimate_source=source,
+        env=ONE_THREAD, plot_keys=("acc_teacher_test", "acc_student_test"),
+        analysis=ema_curve_rule("k1", [(4, "k4_ema", "k4_optimizer"),
+                                       (16, "k16_ema", "k16_optimizer")],
+                                "acc_teacher_test", "acc_student_test"))
+
+
+SCALING_CIFAR_CPU = model_ema_scaling(
+    "scaling-cifar-cpu", "The EMA Scaling Rule on a supervised model EMA, CIFAR-10 (CPU)",
+    "test_resnet, 32 px, 2,000 CIFAR-10 images a class, 16 epochs, reference batch 32, EMA "
+    "0.998 per reference step, 2 seeds", "recipes/scaling_cifar_cpu.yaml",
+    {1: 32, 4: 128, 16: 512}, (0, 1), 7.0, "320,000 samples at the 700-1,200 images/s "
+    "measured on one core (batch 32 to 512) and 9 evaluations of two models", CIFAR10)
+
+SCALING_CPU = model_ema_scaling(
+    "scaling-cpu", "The EMA Scaling Rule on a supervised model EMA (digits, CPU)",
+    "6 epochs of digits (≈ 8,500 samples), test_resnet at 16 px, reference batch 16, teacher "
+    "0.98 per reference step, 3 seeds", "recipes/scaling_digits.yaml", {1: 16, 4: 64, 16: 256},
+    (0, 1, 2), 1.5, "κ = 1 took 92 s on 2 shared cores (load 6.5)",
+    ("train.checkpoint_every=100",))
+
+BYOL_CIFAR_CPU = Study(
+    name="byol-cifar-cpu",
+    title="BYOL on CIFAR-10 at batch 64 and 512, with and without the EMA Scaling Rule (CPU)",
+    claim="κ = 1's teacher clears the fair floor by 3 points; with the rule the teacher's kNN "
+          "at κ = 8 is within 2 points of κ = 1; without it, it falls by more than 2 points",
+    paper="Busbridge et al. 2023, Sec. 3.4 (BYOL ResNet-18, CIFAR-10): the rule keeps kNN "
+          "accuracy across batch sizes; without it accuracy drops",
+    schedule="test_resnet, 32 px, 2,000 CIFAR-10 images a class, 15 epochs, reference batch "
+             "64 (SGD lr 0.1, teacher 0.99 → 1), 2 seeds",
+    recipe="recipes/byol_cifar_cpu.yaml", variants=kappa_arms({1: 64, 8: 512}),
+    seeds=(0, 1), common=CIFAR10, device="cpu", minutes_per_run=15.0,
+    estimate_source="a 10-epoch sizing run: 350 images/s on one core (docs/RESULTS.md)",
+    env=ONE_THREAD, plot_keys=("knn_teacher", "knn_student"),
+    analysis=final_rule("k1", [(8, "k8_ema", "k8_optimizer")], "knn_teacher",
+                        tolerance=0.02, falls_from=8, floor="knn_random_bn"))
+
+STUDIES: tuple[Study, ...] = (EMA_BENEFITS_CPU, SCALING_CIFAR_CPU, BYOL_CIFAR_CPU,
+                              SCALING_CPU)
