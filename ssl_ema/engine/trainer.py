@@ -99,11 +99,11 @@ class Trainer:
                                for e in range(cfg.train.epochs)})
         self.per_device = {b: per_device_batch(cfg, world, b) for b in self.batches}
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        # data errors surface before any model is built, and before any warning
+        self.data: DataBundle = build_data(cfg, data)
         if (note := worker_warning(cfg.data.num_workers, local)) and \
                 self.accelerator.is_local_main_process:
             print(note, file=sys.stderr)
-        # data errors surface before any model is built
-        self.data: DataBundle = build_data(cfg, data)
         method = _build(cfg, self.data, self.accelerator.device, world, backbone, num_features)
         self.scaled: dict[int, ScaledHyperparams] = {b: resolve(cfg, b) for b in self.batches}
         method.to(self.accelerator.device)  # before the optimizer: fused kernels need it there
