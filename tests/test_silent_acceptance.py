@@ -13,6 +13,9 @@ from tests.test_data import tiny_imagefolder
 
 pytestmark = pytest.mark.slow  # trains, or runs the tools, through the real trainer
 
+QUICK = ["model.backbone=test_resnet", "data.eval_subset=16", "eval.knn_k=5",
+         "train.max_steps=1", "eval.every_epochs=0"]
+
 
 def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
     (line,) = capsys.readouterr().err.strip().splitlines()
@@ -26,13 +29,21 @@ def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
     ("train:\n  epochs: 3\n", "names no method; add method.name (one of byol, dino"),
     ("train:\n  epochs: 3\n  batch_size: [1, 2\n", "not valid YAML at line 4, column 1: "),
     ("method:\n  name: byol\n   lr: 1\n", "not valid YAML at line 3, column 6: mapping values"),
+    # PyYAML would keep the second section silently: 2 epochs, the batch of 16 dropped.
+    ("method:\n  name: byol\ntrain:\n  batch_size: 16\neval:\n  knn_k: 5\ntrain:\n  epochs: 2\n",
+     "not valid YAML at line 7, column 1: key 'train' appears twice (lines 3 and 7), the second "
+     "would replace the first; keep one"),
+    ("method:\n  name: byol\n  name: dino\n", "key 'name' appears twice (lines 2 and 3)"),
+    ("method:\n  name: byol\n# caf\xe9 au lait\n".encode("latin-1"),
+     "is not UTF-8 text: byte 0xe9 at offset 26 (line 3); save the file as UTF-8"),
 ])
 def test_recipes_that_name_nothing_or_do_not_parse(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str, message: str
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str | bytes, message: str
 ) -> None:
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(text)
-    assert train(str(recipe), [f"run.output_dir={tmp_path / 'runs'}"]) == 2
+    recipe.write_bytes(text if isinstance(text, bytes) else text.encode())
+    # A recipe accepted by mistake trains test_resnet for one step, not ResNet-18 for epochs.
+    assert train(str(recipe), [f"run.output_dir={tmp_path / 'runs'}", *QUICK]) == 2
     assert message in one_line_error(capsys)
     assert not (tmp_path / "runs").exists()
 
