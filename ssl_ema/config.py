@@ -68,6 +68,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[0])
     if origin is tuple and typing.get_args(tp)[1:] == (Ellipsis,):
+        if isinstance(value, str) and typing.get_args(tp)[0] is str:
+            value = [value]  # one name for a list of names, as Accelerate's log_with takes
         if not isinstance(value, Sequence) or isinstance(value, str):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         item = typing.get_args(tp)[0]
