@@ -25,7 +25,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from ssl_ema.config import Config, ConfigError
-from ssl_ema.data.datasets import DataBundle, build_data
+from ssl_ema.data.datasets import DataBundle, build_data, check_knn_bank
 from ssl_ema.ema import EMA
 from ssl_ema.engine.accelerator import build_accelerator
 from ssl_ema.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -93,6 +93,7 @@ class Trainer:
         self.per_device = {b: per_device_batch(cfg, world, b) for b in self.batches}
         # data errors surface before any model is built
         self.data: DataBundle = build_data(cfg, data)
+        check_knn_bank(cfg, self.data)
         method = _build(cfg, self.data, self.accelerator.device, world, backbone, num_features)
         self.scaled: dict[int, ScaledHyperparams] = {b: resolve(cfg, b) for b in self.batches}
         method.to(self.accelerator.device)  # before the optimizer: fused kernels need it there
