@@ -220,6 +220,22 @@ def test_an_unreadable_file_fails_or_leaves_its_batch(tmp_path: Path) -> None:
     assert len(batch[0]) == 5 and lenient.skipped == {str(bad)}
 
 
+def test_a_file_gone_since_start_up_is_one_line_from_a_worker(tmp_path: Path) -> None:
+    """The bytes are read in a loader worker: a file removed under a run is named, not an
+    OSError (which the trainer reports as a disk fault) under the worker's traceback."""
+    root = jpeg_folder(tmp_path / "imgs", per_class=3) / "train"
+    folder = folder_of(root, tmp_path / "cache")
+    gone = root / "class1" / "002.jpg"
+    gone.unlink()
+    lazy = stream(folder, 6, num_workers=1)
+    lazy.set_epoch(0)
+    with pytest.raises(ConfigError) as caught:
+        next(iter(lazy))
+    assert str(caught.value) == (f"cannot read '{gone}' (No such file or directory), listed at "
+                                 "start-up; restore it, or resume without it (the file list is "
+                                 "read again when its folder changes)")
+
+
 def test_an_unreadable_evaluation_image_is_one_line_or_black(tmp_path: Path) -> None:
     from torch.utils.data import DataLoader
 
