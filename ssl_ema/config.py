@@ -12,11 +12,13 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
+from yaml.constructor import ConstructorError
+from yaml.nodes import MappingNode
 
 from ssl_ema.config_checks import CHOICES, validate
 from ssl_ema.config_schema import (  # the schema, re-exported for the layers above
@@ -66,6 +68,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[0])
     if origin is tuple and typing.get_args(tp)[1:] == (Ellipsis,):
+        if isinstance(value, str) and typing.get_args(tp)[0] is str:
+            value = [value]  # one name for a list of names, as Accelerate's log_with takes
         if not isinstance(value, Sequence) or isinstance(value, str):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         item = typing.get_args(tp)[0]
@@ -119,6 +123,44 @@ def _build(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping. PyYAML keeps the last
+    value silently, so a second ``train:`` section would replace the first; YAML 1.2 requires
+    keys to be unique (spec 3.2.1.1). Merge keys (``<<``) may still be overridden."""
+
+    def construct_mapping(self, node: MappingNode, deep: bool = False) -> dict[Any, Any]:
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            if not isinstance(key, Hashable):
+                break  # the base class names that problem
+            if key in first:
+                raise ConstructorError(None, None, f"key '{key}' appears twice (lines "
+                                       f"{first[key]} and {line}), the second would replace "
+                                       "the first; keep one", key_node.start_mark)
+            first[key] = line
+        return super().construct_mapping(node, deep)
+
+
+def _read_recipe(path: Path) -> Any:
+    """The YAML of the recipe at ``path``; ConfigError naming the file and the fix when it is
+    not UTF-8 text or not valid YAML (with the line and column)."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise ConfigError(f"recipe '{path}' is not UTF-8 text: byte 0x{raw[e.start]:02x} at "
+                          f"offset {e.start} (line {line}); save the file as UTF-8 (e.g. iconv "
+                          "-f latin1 -t utf-8)") from None
+    try:
+        return yaml.load(text, Loader=_RecipeLoader)  # safe: a SafeLoader
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe '{path}' is not valid YAML{_yaml_problem(e)}") from e
+
+
 def _set_nested(tree: dict[str, Any], dotted: str, value: Any) -> None:
     parts = dotted.split(".")
     node = tree
@@ -138,7 +180,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError(f"override '{item}' is not of the form key.sub=value")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = yaml.load(raw, Loader=_RecipeLoader) if raw.strip() else ""
         except yaml.YAMLError as e:
             raise ConfigError(f"override '{item}': the value is not valid YAML"
                               f"{_yaml_problem(e)}") from e
@@ -200,10 +242,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> Confi
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"recipe '{path}' not found; pass the path of a YAML file")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"recipe '{path}' is not valid YAML{_yaml_problem(e)}") from e
+        loaded = _read_recipe(path)
         if loaded is None:
             raise ConfigError(f"recipe '{path}' is empty; a recipe names at least its method "
                               "(method: name: byol), see recipes/quickstart.yaml")

@@ -19,7 +19,18 @@ T = TypeVar("T")
 
 
 class ConfigError(ValueError):
-    """A recipe or override is invalid; the message is one line naming the key and the fix."""
+    """A recipe or override is invalid; the message is one line naming the key and the fix.
+
+    Raised in a DataLoader worker (an unreadable image), it comes back in the main process as
+    ``ConfigError(text)``, where text is the worker's traceback ending in ``module.Class:
+    message`` (torch/_utils.py, ``ExceptionWrapper.reraise``): that message is kept."""
+
+    def __init__(self, message: object = "") -> None:
+        text = str(message)
+        if "\nOriginal Traceback" in text:
+            last = text.rstrip().splitlines()[-1]
+            text = last.split(": ", 1)[1] if ": " in last else last
+        super().__init__(text)
 
 
 @dataclass(frozen=True)

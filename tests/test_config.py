@@ -80,6 +80,15 @@ def test_bad_yaml_and_missing_recipe(tmp_path: Path) -> None:
         load_config(write(tmp_path, "train: [1, 2\n"))
     with pytest.raises(ConfigError, match="must be a mapping"):
         load_config(write(tmp_path, "- 1\n"))
+    with pytest.raises(ConfigError, match=r"r.yaml' is not valid YAML at line 4, column 3: key "
+                                          r"'lr' appears twice \(lines 3 and 4\)"):
+        load_config(write(tmp_path, "optim:\n  name: sgd\n  lr: 0.1\n  lr: 0.2\n"))
+    with pytest.raises(ConfigError, match="the value is not valid YAML.*'a' appears twice"):
+        load_config(None, ["optim.betas={a: 1, a: 2}"])
+    # Merge keys may be overridden: that is what they are for.
+    merged = write(tmp_path, "method: {name: byol}\noptim:\n  <<: {name: sgd, lr: 0.1}\n"
+                             "  lr: 0.2\n")
+    assert load_config(merged).optim.lr == 0.2
     # A safe loader: python tags are rejected, not executed.
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(write(tmp_path, "train: !!python/object/apply:os.system ['true']\n"))

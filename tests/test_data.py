@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import tarfile
 from pathlib import Path
 
@@ -123,6 +124,53 @@ def test_unreadable_image_fails_or_is_skipped(tmp_path: Path) -> None:
     data = build_data(load_config(None, [*base, "data.corrupt=skip"]))
     assert data.skipped_files == 1 and len(data.train) == 6 and len(data.test_eval) == 6
     assert len(data.train[5]) == 3  # two views and a label: the survivors still load
+
+
+def cut_jpeg(path: Path) -> None:
+    """Cut a JPEG off mid-data: halfway between its start-of-scan marker (FF DA) and its end."""
+    raw = path.read_bytes()
+    path.write_bytes(raw[:(raw.index(b"\xff\xda") + len(raw)) // 2])
+
+
+def cut_jpeg_folder(root: Path) -> tuple[Path, list[str]]:
+    """A JPEG folder whose train/class1/001.jpg is cut off mid-data (and whose
+    train/class0/002.jpg, intact, has bytes after its end-of-image marker); the overrides."""
+    from PIL import Image
+
+    from tests.test_jpeg_pipeline import jpeg_folder
+
+    jpeg_folder(root, per_class=3)
+    cut = root / "train" / "class1" / "001.jpg"
+    cut_jpeg(cut)
+    with Image.open(cut) as image:
+        image.verify()  # what the start-up check relied on: it passes the cut file
+    padded = root / "train" / "class0" / "002.jpg"
+    padded.write_bytes(padded.read_bytes() + b"\0" * 16)  # decoders ignore what follows FF D9
+    return cut, ["data.dataset=imagefolder", f"data.root={root}", "data.image_size=8"]
+
+
+def test_a_jpeg_cut_off_mid_data_is_found_at_start_up(tmp_path: Path) -> None:
+    cut, base = cut_jpeg_folder(tmp_path / "imgs")
+    with pytest.raises(DataError, match=r"001.jpg' is not a readable image \(1 such files\)"):
+        build_data(load_config(None, base))
+    data = build_data(load_config(None, [*base, "data.corrupt=skip"]))
+    assert data.skipped_files == 1 and len(data.train) == 5  # the padded file is kept
+    assert str(cut) not in [path for path, _ in data.train.source.samples]
+
+
+def test_an_unreadable_image_met_in_a_worker_is_one_line(tmp_path: Path) -> None:
+    """data.corrupt=trust: the file is met in a loader worker. PIL's OSError used to read as a
+    disk fault ("free space"), under the worker's 30-line traceback."""
+    from torch.utils.data import DataLoader
+
+    cut, base = cut_jpeg_folder(tmp_path / "imgs")
+    data = build_data(load_config(None, [*base, "data.corrupt=trust"]))
+    with pytest.raises(DataError) as caught:
+        list(DataLoader(data.train_eval, batch_size=6, num_workers=1))
+    assert re.fullmatch(rf"'{re.escape(str(cut))}' is not a readable image \(image file is "
+                        r"truncated \(\d+ bytes not processed\)\); remove or replace it, then "
+                        r"resume \(data.corrupt=fail, the default, or skip checks every file at "
+                        r"start-up\)", str(caught.value)), str(caught.value)
 
 
 def test_empty_data_root_is_a_clear_error(tmp_path: Path) -> None:

@@ -220,6 +220,22 @@ def test_an_unreadable_file_fails_or_leaves_its_batch(tmp_path: Path) -> None:
     assert len(batch[0]) == 5 and lenient.skipped == {str(bad)}
 
 
+def test_a_file_gone_since_start_up_is_one_line_from_a_worker(tmp_path: Path) -> None:
+    """The bytes are read in a loader worker: a file removed under a run is named, not an
+    OSError (which the trainer reports as a disk fault) under the worker's traceback."""
+    root = jpeg_folder(tmp_path / "imgs", per_class=3) / "train"
+    folder = folder_of(root, tmp_path / "cache")
+    gone = root / "class1" / "002.jpg"
+    gone.unlink()
+    lazy = stream(folder, 6, num_workers=1)
+    lazy.set_epoch(0)
+    with pytest.raises(ConfigError) as caught:
+        next(iter(lazy))
+    assert str(caught.value) == (f"cannot read '{gone}' (No such file or directory), listed at "
+                                 "start-up; restore it, or resume without it (the file list is "
+                                 "read again when its folder changes)")
+
+
 def test_an_unreadable_evaluation_image_is_one_line_or_black(tmp_path: Path) -> None:
     from torch.utils.data import DataLoader
 
@@ -229,12 +245,13 @@ def test_an_unreadable_evaluation_image_is_one_line_or_black(tmp_path: Path) -> 
     (root / "class0" / "000.jpg").write_bytes(b"broken")
     classes, samples, _, _ = cached_index(root, tmp_path / "cache")
     strict = IndexedFolder(root, classes, samples)
-    # raised in a loader worker, re-raised here with the worker's traceback: one line remains
+    # raised in a loader worker, re-raised here as ConfigError(the worker's traceback): the
+    # error keeps its one line (ConfigError), which own_line leaves as it is
     with pytest.raises(ConfigError) as caught:
         list(DataLoader(strict, num_workers=1, collate_fn=list))
-    assert own_line(caught.value) == (f"'{root / 'class0' / '000.jpg'}' is not a readable image; "
-                                      "remove it or set data.corrupt=skip to evaluate it as a "
-                                      "black image")
+    line = (f"'{root / 'class0' / '000.jpg'}' is not a readable image; remove it or set "
+            "data.corrupt=skip to evaluate it as a black image")
+    assert str(caught.value) == own_line(caught.value) == line
     with pytest.warns(UserWarning, match="evaluated as a black image"):
         image, label = IndexedFolder(root, classes, samples, blank_unreadable=True)[0]
     assert image.size == (1, 1) and image.getpixel((0, 0)) == (0, 0, 0) and label == 0

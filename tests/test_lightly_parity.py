@@ -249,7 +249,8 @@ def recipe(name: str, tmp_path: Path, *extra: str):
         "data.num_workers=0", "data.pipeline=loader", f"train.batch_size={BATCH}",
         f"train.epochs={EPOCHS}", f"train.max_steps={STEPS}", "train.mixed_precision=no",
         "train.compile=false", "train.channels_last=false", "train.checkpoint_every=0",
-        "train.log_every=1000", "eval.every_epochs=0", f"run.output_dir={tmp_path}", *extra])
+        "train.log_every=1000", "eval.every_epochs=0", "eval.knn_k=2",  # a bank of 16 images
+        f"run.output_dir={tmp_path}", *extra])
 
 
 def load_ours(model: nn.Module, mapped: dict[str, dict[str, torch.Tensor]]) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from ssl_ema.engine.checkpoint import checkpoints
 from tests.conftest import ROOT, python
 from tests.test_training import TINY, run
 
@@ -95,3 +96,26 @@ def test_the_python_api_on_two_processes(tmp_path: Path, tools_env: dict[str, st
         assert ranks[0].keys() == ranks[1].keys()
         for name, value in ranks[0].items():
             assert torch.equal(value, ranks[1][name]), (role, name)
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
+def test_a_resume_on_another_number_of_processes_is_refused(tmp_path: Path,
+                                                             tools_env: dict[str, str]) -> None:
+    """A 1-process run resumed on 2 processes: the same effective batch, another split (and
+    per-process BatchNorm statistics): refused in one line before anything is written; it used
+    to train on, to other results than the uninterrupted run."""
+    run(tmp_path, "train.max_steps=2")  # checkpoints/step_00000002, one process
+    run_dir = tmp_path / "run"
+    before = {name: (run_dir / name).read_bytes() for name in ("metrics.jsonl", "header.json")}
+    cmd = [python(), "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           str(ROOT / "tools" / "train.py"), "--resume", str(run_dir), "train.max_steps=3"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=tools_env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0
+    expected = (f"error: --resume: {run_dir}/checkpoints/step_00000002 was written by 1 "
+                "process(es) (1 x 8 per device x 2 accumulation = 16), this start has 2 (2 x 4 "
+                "per device x 2 accumulation = 16); the split changes BatchNorm statistics, "
+                "random states and data shards: resume on 1 process(es), or start a new run")
+    assert expected in proc.stderr.splitlines(), proc.stderr[-3000:]
+    assert [c.name for c in checkpoints(run_dir)] == ["step_00000002"]
+    assert {name: (run_dir / name).read_bytes() for name in before} == before

@@ -116,6 +116,38 @@ def test_given_data_refuses_bad_sets() -> None:
         build_data(load_config(None, ["data.dataset=given"]))
 
 
+def test_labels_outside_the_classes_are_refused_up_front(tmp_path: Path) -> None:
+    """A label of -1 (or >= num_classes) is one line naming the item, before any run folder;
+    it used to fail inside the kNN vote at the first evaluation."""
+    images = [torch.zeros(3, 8, 8)] * 3
+    ok = Items(images, [0, 1, 1])
+    out = [f"run.output_dir={tmp_path}", "data.image_size=8"]
+    with pytest.raises(DataError, match=r"^train_set\[1\] has label -1, outside the class "
+                                        r"indices 0 to 1 \(num_classes=2; 1 such items\)"):
+        ssl_ema.train(None, out, train_set=Items(images, [1, -1, 0]), test_set=ok)
+    with pytest.raises(DataError, match=r"^test_set\[2\] has label 2, outside the class "
+                                        r"indices 0 to 1 \(num_classes=2"):
+        ssl_ema.train(None, out, train_set=ok, test_set=Items(images, [0, 1, 2]))
+    named = Items(images, [0, 1, 0])
+    named.targets = ["cat", "dog", "cat"]  # class names where the labels are looked up
+    with pytest.raises(DataError, match="^Items: labels must be integer class indices"):
+        ssl_ema.train(None, out, train_set=named, test_set=ok)
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_backbone_name_is_a_timm_model_and_anything_else_one_line(tmp_path: Path) -> None:
+    out = [f"run.output_dir={tmp_path}"]
+    with pytest.raises(ConfigError, match="^model.backbone: unknown timm model 'resnet19'"):
+        ssl_ema.train(None, out, backbone="resnet19")
+    with pytest.raises(ConfigError, match="^num_features=8 goes with a backbone module; the "
+                                          "timm model 'resnet18' has its own"):
+        ssl_ema.train(None, out, backbone="resnet18", num_features=8)
+    with pytest.raises(ConfigError, match="^backbone: expected an nn.Module, a function "
+                                          "returning one or a timm model name, got int"):
+        backbone_builder(3, 3, 8)  # type: ignore[arg-type]
+    assert not any(tmp_path.iterdir())
+
+
 def test_backbone_builder_checks_and_copies() -> None:
     net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1),
                         nn.Flatten())
@@ -198,6 +230,18 @@ def test_doc_example_trains_on_the_given_objects(tmp_path: Path,
     assert all(torch.equal(v, ns["backbone"].state_dict()[k]) for k, v in teacher.items())
     with pytest.raises(ConfigError, match="trained a backbone given from Python"):
         load_run(again.run_dir)
+
+
+@pytest.mark.slow  # trains 3 tiny steps
+def test_a_timm_name_as_backbone_trains_as_the_recipe_would(tmp_path: Path) -> None:
+    from tests.test_training import TINY
+
+    recipe = [o for o in TINY if not o.startswith("model.backbone=")]
+    run = ssl_ema.train(None, [*recipe, f"run.output_dir={tmp_path}"], backbone="test_resnet")
+    assert run.results["step"] == 3
+    assert "  backbone: test_resnet\n" in (run.run_dir / "config.yaml").read_text()
+    assert "given" not in json.loads((run.run_dir / "header.json").read_text())
+    assert type(run.teacher).__name__ == "ResNet"  # timm's, built from the name
 
 
 @pytest.mark.parametrize(("key", "argument"), [("data.dataset", "train_set="),

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
 import ssl_ema
 from ssl_ema.config import ConfigError, load_config
+from ssl_ema.engine.launch import train
 from ssl_ema.engine.trackers import tracker_values
 from tests.test_training import TINY
 
@@ -30,6 +32,8 @@ def test_unknown_or_missing_tracker_is_one_line_before_any_work() -> None:
                                               f"install {missing}"):
             load_config(None, [f"run.log_with=[{missing}]"])
     assert load_config(None, []).run.log_with == ()
+    # One name, as Accelerate's own log_with takes it: a list of one.
+    assert load_config(None, ["run.log_with=tensorboard"]).run.log_with == ("tensorboard",)
 
 
 def test_tracker_values_are_the_records_numbers() -> None:
@@ -91,3 +95,21 @@ def test_mlflow_holds_the_jsonl_values(tmp_path: Path, monkeypatch: pytest.Monke
     history = {m.step: m.value for m in client.get_metric_history(found.info.run_id,
                                                                   "train/loss")}
     assert history == pytest.approx(jsonl_numbers(run.run_dir, "train", "loss"))
+
+
+@pytest.mark.slow  # trains 1 + 1 tiny steps
+@pytest.mark.skipif(not installed("tensorboard"), reason="tensorboard not installed")
+def test_an_unwritable_tracker_folder_is_one_line(tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    """TensorBoard cannot create its folder (a file stands there): the run stops with the one
+    line naming it, exit 1, and no traceback from the tracker that never started."""
+    out, recipe = tmp_path / "runs", tmp_path / "tracked.yaml"
+    recipe.write_text("method:\n  name: byol\nrun:\n  log_with: tensorboard\n")
+    assert train(str(recipe), [*TINY, f"run.output_dir={out}", "train.max_steps=1"]) == 0
+    (run_dir,) = (out / "tracked").iterdir()
+    shutil.rmtree(run_dir / "tracked")
+    (run_dir / "tracked").write_text("a file where TensorBoard's folder goes")
+    capsys.readouterr()
+    assert train(None, ["train.max_steps=2"], resume=str(run_dir)) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(f"error: could not write {run_dir / 'tracked'}: ")

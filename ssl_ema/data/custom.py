@@ -45,10 +45,15 @@ class RGBImages(Dataset):
 
     @cached_property
     def targets(self) -> np.ndarray:
-        for attr in ("targets", "labels"):
-            if hasattr(self.source, attr):
-                return np.asarray(getattr(self.source, attr), dtype=np.int64)
-        return np.asarray([int(self.source[i][1]) for i in range(len(self))], dtype=np.int64)
+        try:
+            for attr in ("targets", "labels"):
+                if hasattr(self.source, attr):
+                    return np.asarray(getattr(self.source, attr), dtype=np.int64)
+            return np.asarray([int(self.source[i][1]) for i in range(len(self))],
+                              dtype=np.int64)
+        except (TypeError, ValueError) as e:
+            raise DataError(f"{type(self.source).__name__}: labels must be integer class "
+                            f"indices ({e})") from None
 
 
 def class_count(train: RGBImages, num_classes: int | None) -> int:
@@ -80,4 +85,17 @@ def given_data(cfg: Config, train_set: Dataset, test_set: Dataset, num_classes: 
     classes = class_count(train, num_classes)
     if classes < 2:  # kNN or top-1 over one class is always 1.0
         raise DataError(f"num_classes={classes}: the labelled evaluation needs at least 2")
+    for name, ds in (("train_set", train), ("test_set", test)):
+        check_labels(name, ds.targets, classes)
     return rgb_bundle(train, test, cfg, mean, std, classes)
+
+
+def check_labels(name: str, labels: np.ndarray, num_classes: int) -> None:
+    """Every label is a class index, ``0 .. num_classes - 1``, checked before any work: the kNN
+    vote and the classifiers index with them (a -1 failed deep in the first evaluation)."""
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        i = int(bad[0])
+        raise DataError(f"{name}[{i}] has label {labels[i]}, outside the class indices 0 to "
+                        f"{num_classes - 1} (num_classes={num_classes}; {bad.size} such items); "
+                        "fix or drop them, or pass num_classes=")

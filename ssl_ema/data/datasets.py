@@ -7,10 +7,11 @@ training, and plain train/test images for kNN evaluation. Missing data is a :cla
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -61,18 +62,62 @@ class DataBundle:
     label_noise: dict[str, float] = field(default_factory=dict)
 
 
+# What PIL raises for a file that is not a readable image (UnidentifiedImageError is an OSError).
+UNREADABLE = (OSError, SyntaxError, ValueError)
+
+
 def _unreadable(paths: Sequence[str]) -> list[str]:
-    """Files PIL cannot identify or whose header does not verify (no full decode: fast)."""
-    from PIL import Image, UnidentifiedImageError
+    """Files PIL cannot identify or whose header does not verify, and JPEGs cut off before
+    their end-of-image marker that do not decode either (`_cut_jpeg`); no full decode of an
+    intact file: about as fast as PIL's ``verify`` alone (docs/RESULTS.md)."""
+    from PIL import Image
 
     bad = []
     for path in paths:
         try:
-            with Image.open(path) as image:
-                image.verify()
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+            with open(path, "rb") as f:
+                with Image.open(f) as image:
+                    jpeg = image.format == "JPEG"
+                    image.verify()
+                if jpeg and _cut_jpeg(f):
+                    bad.append(path)
+        except UNREADABLE:
             bad.append(path)
     return bad
+
+
+def _cut_jpeg(f: BinaryIO) -> bool:
+    """A JPEG cut off mid-data: PIL's ``verify`` reads only its headers and passes it, and the
+    run then fails on it mid-training. An intact file ends with the EOI marker FF D9 (ITU-T
+    T.81, B.2.1), read here from the open file; a file without one (cut, or with bytes after
+    the marker, which decoders ignore) is decoded to decide."""
+    from PIL import Image
+
+    f.seek(-2, os.SEEK_END)
+    if f.read(2) == b"\xff\xd9":
+        return False
+    f.seek(0)
+    try:
+        with Image.open(f) as image:
+            image.load()
+    except UNREADABLE:
+        return True
+    return False
+
+
+def read_rgb(path: str) -> Any:
+    """An image file as an RGB PIL image (the loader of ``imagefolder``'s ImageFolder, run in
+    loader workers); a file that cannot be read is one line naming it and ``data.corrupt``,
+    not PIL's OSError (which reads as a disk fault) under a worker's traceback."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except UNREADABLE as e:
+        raise DataError(f"'{path}' is not a readable image ({e}); remove or replace it, then "
+                        "resume (data.corrupt=fail, the default, or skip checks every file at "
+                        "start-up)") from None
 
 
 def _drop_unreadable(folder: Any, policy: str) -> int:
@@ -242,7 +287,7 @@ def build_imagefolder(cfg: Config) -> DataBundle:
             splits[split] = _indexed_folder(folder, cfg)
             continue
         try:
-            splits[split] = ImageFolder(str(folder))
+            splits[split] = ImageFolder(str(folder), loader=read_rgb)
         except (FileNotFoundError, RuntimeError) as e:
             raise DataError(f"no images found under '{folder}': {str(e).splitlines()[0]}") from e
     if cfg.data.pipeline == "jpeg":
@@ -294,3 +339,15 @@ def build_data(cfg: Config, given: DataBundle | None = None) -> DataBundle:
     if bundle.val_eval is not None:
         bundle.val_eval = _subset(bundle.val_eval, n, seed + 2)
     return bundle
+
+
+def check_knn_bank(cfg: Config, data: DataBundle) -> None:
+    """Refuse more neighbours than the kNN bank holds, for a method evaluated by kNN: each
+    query would then vote over the whole bank, a score of class frequencies and similarities
+    rather than of neighbours."""
+    k, bank = cfg.eval.knn_k, len(data.train_eval)  # type: ignore[arg-type]
+    if method_spec(cfg.method.name).evaluation == "knn" and k > bank:
+        subset = f" (data.eval_subset={cfg.data.eval_subset})" if cfg.data.eval_subset else ""
+        raise DataError(f"eval.knn_k={k} is more than the {bank} training images of the kNN "
+                        f"bank{subset}; set eval.knn_k to at most {bank} (20 suits about 150 "
+                        "images a class, 200 about 5,000)")

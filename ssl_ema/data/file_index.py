@@ -110,8 +110,16 @@ class IndexedFolder(Dataset):
             return Image.new("RGB", (1, 1)), label
 
     def read_bytes(self, i: int) -> Tensor:
-        with open(self.samples[i][0], "rb") as f:
-            return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+        """The file's bytes (in a loader worker); a file gone or unreadable since start-up is
+        one line naming it, not an OSError the trainer would take for a disk fault."""
+        path = self.samples[i][0]
+        try:
+            with open(path, "rb") as f:
+                return torch.frombuffer(bytearray(f.read()), dtype=torch.uint8)
+        except OSError as e:
+            raise ConfigError(f"cannot read '{path}' ({e.strerror or e}), listed at start-up; "
+                              "restore it, or resume without it (the file list is read again "
+                              "when its folder changes)") from None
 
     def drop(self, paths: set[str]) -> None:
         """Leave ``paths`` out (the start-up sample's unreadable files, data.corrupt=skip)."""

@@ -22,7 +22,12 @@ from ssl_ema.config import Config, ConfigError, config_from, dump_yaml, load_con
 from ssl_ema.data.custom import given_data
 from ssl_ema.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from ssl_ema.engine.launch import locked_start
-from ssl_ema.engine.run import check_same_run, new_run_dir, resume_target
+from ssl_ema.engine.run import (
+    check_same_processes,
+    check_same_run,
+    new_run_dir,
+    resume_target,
+)
 from ssl_ema.engine.trainer import Trainer
 from ssl_ema.models.custom import BackboneSource, describe
 
@@ -63,7 +68,7 @@ def resolve_config(config: ConfigSource, overrides: Sequence[str] = ()) -> Confi
 def train(config: ConfigSource = None, overrides: Sequence[str] = (), *,
           train_set: Dataset | None = None, test_set: Dataset | None = None,
           num_classes: int | None = None, mean: Sequence[float] = IMAGENET_MEAN,
-          std: Sequence[float] = IMAGENET_STD, backbone: BackboneSource | None = None,
+          std: Sequence[float] = IMAGENET_STD, backbone: BackboneSource | str | None = None,
           num_features: int | None = None, resume: str | Path | None = None) -> TrainedRun:
     """Train and evaluate one run; see the module docstring.
 
@@ -72,7 +77,8 @@ def train(config: ConfigSource = None, overrides: Sequence[str] = (), *,
     methods); ``num_classes`` defaults to ``len(train_set.classes)`` or the largest label + 1;
     ``mean`` / ``std`` normalise the views. ``backbone``: an ``nn.Module`` (or a function
     building one) mapping images to ``(batch, num_features)`` features, instead of
-    ``model.backbone``; ``num_features`` where the module has no such attribute.
+    ``model.backbone``; ``num_features`` where the module has no such attribute; a string is
+    a timm name, the same as ``model.backbone=<name>``.
     ``resume``: a run directory (or one of its checkpoints) to continue, with the same config
     and objects. Raises `ConfigError` (one line) on bad input, before any work; a stop signal
     raises `ssl_ema.engine.stop.Stopped` after checkpointing."""
@@ -81,6 +87,11 @@ def train(config: ConfigSource = None, overrides: Sequence[str] = (), *,
                           "neither to train on data.dataset")
     if train_set is not None:  # recorded in config.yaml; frees the RGB-only keys from digits
         overrides = [*overrides, "data.dataset=given"]
+    if isinstance(backbone, str):  # a timm name: the recipe's backbone, built as tools/train.py
+        if num_features is not None:
+            raise ConfigError(f"num_features={num_features} goes with a backbone module; the "
+                              f"timm model '{backbone}' has its own: drop num_features")
+        overrides, backbone = [*overrides, f"model.backbone={backbone}"], None
     if backbone is not None:  # recorded in config.yaml; header.json's "given" names the module
         overrides = [*overrides, "model.backbone=given"]
     cfg, run_dir, checkpoint = _run_target(config, overrides, resume)
@@ -90,9 +101,9 @@ def train(config: ConfigSource = None, overrides: Sequence[str] = (), *,
     given = {**({} if train_set is None else {"train_set": describe(train_set),
                                               "test_set": describe(test_set)}),
              **({} if backbone is None else {"backbone": describe(backbone)})}
-    trainer, lock = locked_start(run_dir, lambda: Trainer(
-        cfg, run_dir, checkpoint, data=data, backbone=backbone, num_features=num_features,
-        given=given))
+    trainer, lock = locked_start(run_dir, lambda folder: Trainer(
+        cfg, folder, checkpoint, data=data, backbone=backbone, num_features=num_features,
+        given=given), new=resume is None)
     try:
         try:
             results = trainer.fit()
@@ -101,7 +112,7 @@ def train(config: ConfigSource = None, overrides: Sequence[str] = (), *,
     finally:
         lock.release()
     gc.collect()  # the process group's threads, as tools/train.py (engine/launch.py)
-    return TrainedRun(run_dir, results, trainer)
+    return TrainedRun(trainer.run_dir, results, trainer)
 
 
 def _run_target(config: ConfigSource, overrides: Sequence[str],
@@ -115,4 +126,5 @@ def _run_target(config: ConfigSource, overrides: Sequence[str],
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     cfg = resolve_config(saved if config is None else config, overrides)
     check_same_run(run_dir, cfg)
+    check_same_processes(checkpoint, cfg)
     return cfg, run_dir, checkpoint

@@ -15,6 +15,7 @@ from torch import nn
 from ssl_ema.config import Config, dump_yaml
 from ssl_ema.data.datasets import DataBundle
 from ssl_ema.data.synthetic_noise import describe_noise
+from ssl_ema.engine.accelerator import precision_run
 from ssl_ema.engine.scaled import ScaledHyperparams
 from ssl_ema.engine.tracking import device_name, git_sha, versions
 
@@ -28,7 +29,7 @@ def run_header(cfg: Config, accelerator: Accelerator, student: nn.Module, data: 
         "git": git_sha(), "versions": versions(), "device": device_name(accelerator.device),
         "world_size": accelerator.num_processes, "per_device_batch": per_device[first.batch],
         "grad_accumulation": cfg.train.grad_accumulation,
-        "effective_batch": first.batch, "mixed_precision": cfg.train.mixed_precision,
+        "effective_batch": first.batch, "mixed_precision": precision_run(accelerator),
         "reference_batch": cfg.scaling.reference_batch, "scaling_rule": cfg.scaling.rule,
         "kappa": first.kappa, "optimizer": cfg.optim.name,
         "scaled": [s.describe() for s in scaled.values()],

@@ -75,27 +75,31 @@ def _start(recipe: str | None, overrides: Sequence[str], resume: str | None,
     stop_with_launcher()
     cfg, run_dir, checkpoint = prepare_run(recipe, overrides, resume)
 
-    def build() -> Trainer:
+    def build(run_dir: Path) -> Trainer:
         from ssl_ema.engine.trainer import Trainer  # heavy imports only once the input is valid
 
         return Trainer(cfg, run_dir, checkpoint, stop_at)
 
-    return locked_start(run_dir, build)
+    return locked_start(run_dir, build, new=resume is None)
 
 
-def locked_start(run_dir: Path, build: Callable[[], Trainer]) -> tuple[Trainer, RunLock]:
-    """Lock the run directory, then ``build`` the trainer. A start that fails removes the run
-    directory it created and releases the lock."""
+def locked_start(run_dir: Path, build: Callable[[Path], Trainer],
+                 new: bool = False) -> tuple[Trainer, RunLock]:
+    """Lock the run directory, then ``build`` the trainer in it. ``new``: a new run, whose
+    folder is created, with a suffix where another run took ``run_dir`` first
+    (`lock.make_new_dir`). A start that fails removes the run directory it created and
+    releases the lock."""
     state = PartialState(cpu=cpu_processes())
-    created = [d for d in (run_dir, *run_dir.parents) if not d.exists()]  # deepest first
-    lock = lock_run_dir(run_dir, state)
+    created = new or not run_dir.exists()
+    parents = [d for d in run_dir.parents if not d.exists()]  # deepest first
+    lock = lock_run_dir(run_dir, state, new)
     try:
-        return build(), lock
+        return build(lock.run_dir), lock
     except BaseException:
         lock.release()
         if created and state.is_main_process:
-            shutil.rmtree(run_dir, ignore_errors=True)
-            for folder in created[1:]:  # <output_dir>/<name>, <output_dir>, if still empty
+            shutil.rmtree(lock.run_dir, ignore_errors=True)
+            for folder in parents:  # <output_dir>/<name>, <output_dir>, if still empty
                 with contextlib.suppress(OSError):
                     folder.rmdir()
         raise

@@ -31,7 +31,14 @@ class RunLock:
         self.path = run_dir / LOCK
         self._fd: int | None = None
 
-    def acquire(self) -> None:
+    @property
+    def run_dir(self) -> Path:
+        return self.path.parent
+
+    def acquire(self, new: bool = False) -> None:
+        """Take the lock; ``new``: on a folder of its own, which `make_new_dir` creates."""
+        if new:
+            self.path = make_new_dir(self.run_dir) / LOCK
         self.path.parent.mkdir(parents=True, exist_ok=True)
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -70,20 +77,39 @@ class RunLock:
         self._fd = None
 
 
-def lock_run_dir(run_dir: Path, state: PartialState) -> RunLock:
-    """Take the run directory's lock on rank 0; every rank raises ConfigError if it is held."""
+def make_new_dir(path: Path) -> Path:
+    """Create ``path``, or ``path-2``, ``path-3``, ... where taken: a directory is created by
+    exactly one caller (``mkdir`` without ``exist_ok`` is atomic), so runs started in the same
+    second, a sweep's seeds, get a folder each."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    candidate, n = path, 1
+    while True:
+        try:
+            candidate.mkdir()
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = path.with_name(f"{path.name}-{n}")
+
+
+def lock_run_dir(run_dir: Path, state: PartialState, new: bool = False) -> RunLock:
+    """Take the run directory's lock on rank 0; every rank raises ConfigError if it is held.
+    ``new``: a new run, in ``run_dir`` or, if another run took it first, ``run_dir-N``
+    (`make_new_dir`); the lock's ``run_dir`` is the folder every rank uses."""
     lock = RunLock(run_dir)
-    error = [None]
+    shared: list[str | None] = [None, str(run_dir)]  # (error, run directory)
     if state.is_main_process:
         try:
-            lock.acquire()
+            lock.acquire(new)
+            shared[1] = str(lock.run_dir)
         except ConfigError as e:
-            error = [str(e)]
+            shared[0] = str(e)
         except OSError as e:
-            error = [f"cannot create the run directory {run_dir}: {e.strerror or e}; set "
-                     "run.output_dir to a writable folder"]
+            shared[0] = (f"cannot create the run directory {run_dir}: {e.strerror or e}; set "
+                         "run.output_dir to a writable folder")
     if state.num_processes > 1:
-        broadcast_object_list(error)
-    if error[0]:
-        raise ConfigError(error[0])
+        broadcast_object_list(shared)
+    if shared[0]:
+        raise ConfigError(shared[0])
+    lock.path = Path(str(shared[1])) / LOCK
     return lock

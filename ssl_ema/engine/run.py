@@ -1,8 +1,10 @@
 """Where a run lives: a new timestamped directory, or an existing one being resumed.
 
 New runs go to ``<run.output_dir>/<run.name>/<YYYYmmdd-HHMMSS>`` so that repeating a command
-never overwrites earlier results. Resuming re-reads the run's resolved ``config.yaml`` and
-refuses a recipe that would change the training (a resumed run must be the same run).
+never overwrites earlier results (``-2``, ``-3``, ... for runs started in the same second: the
+folder is created when the run takes its lock, `lock.make_new_dir`). Resuming re-reads the run's
+resolved ``config.yaml`` and refuses a recipe that would change the training, or a different
+number of processes (a resumed run must be the same run).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import torch
 import yaml
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
+from accelerate.utils.constants import RNG_STATE_NAME
 
 from ssl_ema.config import Config, ConfigError, from_dict, load_config, parse_overrides, to_dict
 from ssl_ema.config_checks import refuse_given_keys
@@ -121,6 +124,27 @@ def check_same_run(run_dir: Path, cfg: Config) -> None:
                           "resume with the same recipe, or start a new run")
 
 
+def check_same_processes(checkpoint: Path, cfg: Config) -> None:
+    """Refuse a resume on another number of processes than the checkpoint's (Accelerate writes
+    one ``random_states_<rank>.pkl`` per process). The effective batch is kept, but its split
+    is not: BatchNorm statistics are per process, each process's random state and share of the
+    data depend on the split, so the run would not continue as it began (resume is bitwise
+    on one process, not across world sizes: docs/GUARANTEES.md)."""
+    saved = len(list(checkpoint.glob(f"{RNG_STATE_NAME}_*.pkl")))
+    now = PartialState(cpu=cpu_processes()).num_processes
+    if saved and saved != now:
+        acc, batch = cfg.train.grad_accumulation, cfg.train.batch_size
+
+        def split(world: int) -> str:
+            per = f"{batch / (world * acc):g}"
+            return f"{world} x {per} per device x {acc} accumulation = {batch}"
+
+        raise ConfigError(f"--resume: {checkpoint} was written by {saved} process(es) "
+                          f"({split(saved)}), this start has {now} ({split(now)}); the split "
+                          "changes BatchNorm statistics, random states and data shards: resume "
+                          f"on {saved} process(es), or start a new run")
+
+
 def cpu_processes() -> bool:
     """True for several processes on a machine without CUDA (torchrun / accelerate launch).
 
@@ -173,6 +197,7 @@ def check_engine() -> None:
 
 
 def new_run_dir(cfg: Config) -> Path:
+    """Where a new run goes; created (or suffixed) when it takes its lock (`locked_start`)."""
     state = PartialState(cpu=cpu_processes())  # all processes must agree on one timestamp
     stamp = [time.strftime("%Y%m%d-%H%M%S") if state.is_main_process else None]
     broadcast_object_list(stamp)
@@ -204,4 +229,5 @@ def prepare_run(recipe: str | None, overrides: Sequence[str],
         cfg = load_config(recipe, overrides)
     refuse_given_keys(cfg)
     check_same_run(run_dir, cfg)
+    check_same_processes(checkpoint, cfg)
     return cfg, run_dir, checkpoint

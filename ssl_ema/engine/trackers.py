@@ -9,6 +9,7 @@ the `Accelerator` as ``project_dir``. Each JSONL record's numbers are logged at 
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,19 @@ def start_trackers(accelerator: Accelerator, cfg: Config, run_dir: Path) -> None
     # The run's own name (its timestamp) where a tracker takes one; W&B's files under the run.
     own = {"wandb": {"dir": str(run_dir), "name": run_dir.name},
            "mlflow": {"run_name": run_dir.name}}
-    accelerator.init_trackers(cfg.run.name or run_dir.parent.name or "run", config=config,
-                              init_kwargs={k: v for k, v in own.items() if k in cfg.run.log_with})
+    try:
+        accelerator.init_trackers(cfg.run.name or run_dir.parent.name or "run", config=config,
+                                  init_kwargs={k: v for k, v in own.items()
+                                               if k in cfg.run.log_with})
+    except BaseException:
+        # Accelerate lists a tracker before starting it, so one that failed to start (its log
+        # folder unwritable) would fail again in `end_training`, whose `finish` needs what
+        # `start` did not create: finish what can be finished, then forget them all.
+        for tracker in accelerator.trackers:
+            with contextlib.suppress(Exception):
+                tracker.finish()
+        accelerator.trackers = []
+        raise
 
 
 def tracker_values(record: dict[str, Any]) -> dict[str, float]:

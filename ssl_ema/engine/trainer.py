@@ -26,7 +26,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from ssl_ema.config import Config, ConfigError
-from ssl_ema.data.datasets import DataBundle, build_data
+from ssl_ema.data.datasets import DataBundle, build_data, check_knn_bank
 from ssl_ema.ema import EMA
 from ssl_ema.engine.accelerator import build_accelerator
 from ssl_ema.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -101,6 +101,7 @@ class Trainer:
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         # data errors surface before any model is built, and before any warning
         self.data: DataBundle = build_data(cfg, data)
+        check_knn_bank(cfg, self.data)
         if (note := worker_warning(cfg.data.num_workers, local)) and \
                 self.accelerator.is_local_main_process:
             print(note, file=sys.stderr)

@@ -61,10 +61,10 @@ def backbone_builder(source: BackboneSource, in_chans: int, image_size: int,
     module (the student gets it, the teacher and EMA copies get deep copies, later loaded from
     the student anyway) or a function that builds a fresh one per call (for modules that
     ``copy.deepcopy`` breaks)."""
-    first = source if isinstance(source, nn.Module) else source()
+    first = source if isinstance(source, nn.Module) or not callable(source) else source()
     if not isinstance(first, nn.Module):
-        raise ConfigError(f"backbone: expected an nn.Module or a function returning one, got "
-                          f"{type(first).__name__}")
+        raise ConfigError(f"backbone: expected an nn.Module, a function returning one or a timm "
+                          f"model name, got {type(first).__name__}")
     dim = feature_dim(first, num_features)
     check_features(first, dim, in_chans, image_size)
     pending = [first]
