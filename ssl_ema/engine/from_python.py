@@ -22,7 +22,7 @@ from ssl_ema.config import Config, ConfigError, config_from, dump_yaml, load_con
 from ssl_ema.data.custom import given_data
 from ssl_ema.data.datasets import IMAGENET_MEAN, IMAGENET_STD
 from ssl_ema.engine.launch import locked_start
-from ssl_ema.engine.run import check_same_run, new_run_dir, resume_target
+from ssl_ema.engine.run import check_same_run, new_run_dir, resume_target, saved_config
 from ssl_ema.engine.trainer import Trainer
 from ssl_ema.models.custom import BackboneSource, describe
 
@@ -112,7 +112,6 @@ def _run_target(config: ConfigSource, overrides: Sequence[str],
         cfg = resolve_config(config, overrides)
         return cfg, new_run_dir(cfg), None
     run_dir, checkpoint = resume_target(str(resume))
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    cfg = resolve_config(saved if config is None else config, overrides)
+    cfg = resolve_config(saved_config(run_dir) if config is None else config, overrides)
     check_same_run(run_dir, cfg)
     return cfg, run_dir, checkpoint
