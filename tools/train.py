@@ -1,14 +1,17 @@
 #!/usr/bin/env python
 """Train a teacher-student method from a recipe.
 
-    accelerate launch tools/train.py recipes/quickstart.yaml [key.sub=value ...]
-    accelerate launch tools/train.py --resume runs/quickstart/20261122-120000
+    python tools/train.py recipes/quickstart.yaml [key.sub=value ...]
+    python tools/train.py --resume runs/quickstart/20261122-120000
     python tools/train.py recipes/quickstart.yaml --stop-after 600   # checkpoint, exit 3
+    accelerate launch --multi_gpu --num_processes 8 tools/train.py RECIPE   # several processes
 
 Bad input (unknown key, wrong type, unknown method/backbone/dataset, missing data) is a one-line
 error with exit code 2, before any model is built and without touching existing runs.
-SIGTERM, SIGINT or SIGUSR1 finish the step, write a checkpoint and exit with 128 + the signal's
-number; ``--resume`` continues from there (docs/GUARANTEES.md).
+SIGTERM, SIGINT or SIGUSR1 write a checkpoint of the last completed step (one process: the step
+or evaluation in flight is abandoned) and exit with 128 + the signal's number; ``--resume``
+continues from there (docs/GUARANTEES.md). One process needs no launcher, and under one
+(``accelerate launch``) exit codes become 1 (docs/CONFIGURATION.md, "Training commands").
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse  # noqa: E402
 import sys  # noqa: E402
 
 from ssl_ema.engine.launch import train  # noqa: E402
+from ssl_ema.engine.stop import exit_now  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,4 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code > 128:  # stopped by a signal: within the launcher's grace (engine/stop.py)
+        exit_now(code)
+    sys.exit(code)

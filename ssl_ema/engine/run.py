@@ -32,9 +32,11 @@ from ssl_ema.config import (
 from ssl_ema.config_checks import refuse_given_keys
 from ssl_ema.engine.checkpoint import is_checkpoint_path, newest_intact, verified
 
-# Keys that may differ on resume: they change bookkeeping, not the trajectory.
+# Keys that may differ on resume: they change bookkeeping, not the trajectory. train.nonfinite
+# too: while losses are finite, "skip" trains exactly as "fail" does, and resuming with "skip"
+# is the way past a non-finite step that stopped a run (engine/guard.py).
 RESUMABLE_CHANGES = {"train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.checkpoint_every_minutes",
+                     "train.checkpoint_every_minutes", "train.nonfinite",
                      "train.log_every", "data.num_workers", "eval.every_epochs", "run.log_with"}
 
 
