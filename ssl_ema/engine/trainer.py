@@ -229,7 +229,8 @@ class Trainer:
             self._stop_or_checkpoint()
             if st.step >= self.total_steps:
                 break
-            self.flight.begin()
+            if st.batch_in_epoch:  # at an epoch's end the next begin (evaluation, epoch) acts
+                self.flight.begin()
 
     def _epoch_batches(self) -> tuple[ScaledHyperparams, Iterable[Any], int]:
         """The epoch's hyperparameters (applied), its remaining batches, its length."""
