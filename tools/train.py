@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe", nargs="?", help="YAML recipe (optional with --resume)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     parser.add_argument("--resume", metavar="RUN_DIR_OR_CHECKPOINT",
-                        help="continue a run from its newest (or the given) checkpoint")
+                        help="continue a run from its newest intact (or the given) checkpoint")
     parser.add_argument("--stop-after", type=float, default=None, metavar="SECONDS",
                         help="checkpoint and stop (exit code 3) once SECONDS have passed; "
                         "--resume continues the run")
