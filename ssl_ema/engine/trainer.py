@@ -328,6 +328,7 @@ class Trainer:
         with self.flight.interruptible(stop):
             self.flight.begin()
             result = self.evaluate()
+            self.flight.commit()  # inside: a signal from here on waits for the next begin
         st = self.state
         self.log.write({"event": "eval", "step": st.step, "epoch": st.epoch,
                         "samples_seen": st.samples_seen, **result})
