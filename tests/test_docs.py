@@ -64,7 +64,7 @@ def test_readme_is_a_front_page() -> None:
     assert readme.stat().st_size <= 10_240, "README.md is over 10 kB: move reference to docs/"
     text = readme.read_text()
     # the two commands of the quick start, as CI (.ci/run) installs and tests
-    assert 'pip install -e ".[dev]" && accelerate launch tools/train.py recipes/quickstart.yaml' \
+    assert 'pip install -e ".[dev]" && python tools/train.py recipes/quickstart.yaml' \
         in text
     assert 'pip install -e ".[dev]" && pytest\n' in text
 

@@ -1,4 +1,4 @@
-"""The CPU recipes end to end via `accelerate launch`: they must beat the fair floor, random
+"""The CPU recipes end to end via the documented command: they must beat the fair floor, random
 weights with recomputed BatchNorm statistics (the quick start's teacher and student, DINO's
 student in a shortened run)."""
 
@@ -11,15 +11,13 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, python
 
 pytestmark = pytest.mark.slow  # trains, or runs the tools, through the real trainer
 
 
 def launch(recipe: str, tmp_path: Path, env: dict[str, str], *overrides: str) -> dict[str, Any]:
-    cmd = ["accelerate", "launch", "--num_processes", "1", "--num_machines", "1",
-           "--mixed_precision", "no", "--dynamo_backend", "no",
-           str(ROOT / "tools" / "train.py"), str(ROOT / "recipes" / recipe),
+    cmd = [python(), str(ROOT / "tools" / "train.py"), str(ROOT / "recipes" / recipe),
            f"run.output_dir={tmp_path}", *overrides]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -5,7 +5,7 @@
     python tools/eval.py RUN_A RUN_B --protocol linear --roles teacher student
     python tools/eval.py SUP_SEED0 SUP_SEED1 --protocol classifier --roles student ema_0.75
 
-CHECKPOINT is a run directory (its newest checkpoint) or one of its ``checkpoints/step_*``
+CHECKPOINT is a run directory (its newest intact checkpoint) or one of its ``checkpoints/step_*``
 folders. ``knn``: weighted kNN (k and temperature from the run's config unless given), the same
 numbers the trainer reports. ``linear``: logistic-regression probe, with ECE (15 and 100
 equal-mass bins), NLL and Brier of its probabilities before and after temperature scaling, a

@@ -2,7 +2,7 @@
 """Fine-tune an exported backbone end to end on a labelled data set, with its own recipe.
 
     python tools/export.py runs/quickstart/RUN                       # -> RUN/export/*.safetensors
-    accelerate launch tools/finetune.py RUN/export/step_00000330-teacher.safetensors \\
+    python tools/finetune.py RUN/export/step_00000330-teacher.safetensors \\
         recipes/finetune_digits.yaml [key.sub=value ...]
 
 The recipe trains a classifier: ``method.name=supervised`` (a linear classifier on the backbone,
@@ -22,6 +22,7 @@ from pathlib import Path
 
 from ssl_ema.config import ConfigError, load_config
 from ssl_ema.engine.launch import train
+from ssl_ema.engine.stop import exit_now
 from ssl_ema.models.export import read_metadata
 
 
@@ -52,4 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code > 128:  # stopped by a signal: within the launcher's grace (engine/stop.py)
+        exit_now(code)
+    sys.exit(code)

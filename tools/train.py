@@ -1,14 +1,17 @@
 #!/usr/bin/env python
 """Train a teacher-student method from a recipe.
 
-    accelerate launch tools/train.py recipes/quickstart.yaml [key.sub=value ...]
-    accelerate launch tools/train.py --resume runs/quickstart/20261122-120000
+    python tools/train.py recipes/quickstart.yaml [key.sub=value ...]
+    python tools/train.py --resume runs/quickstart/20261122-120000
     python tools/train.py recipes/quickstart.yaml --stop-after 600   # checkpoint, exit 3
+    accelerate launch --multi_gpu --num_processes 8 tools/train.py RECIPE   # several processes
 
 Bad input (unknown key, wrong type, unknown method/backbone/dataset, missing data) is a one-line
 error with exit code 2, before any model is built and without touching existing runs.
-SIGTERM, SIGINT or SIGUSR1 finish the step, write a checkpoint and exit with 128 + the signal's
-number; ``--resume`` continues from there (docs/GUARANTEES.md).
+SIGTERM, SIGINT or SIGUSR1 write a checkpoint of the last completed step (one process: the step
+or evaluation in flight is abandoned) and exit with 128 + the signal's number; ``--resume``
+continues from there (docs/GUARANTEES.md). One process needs no launcher, and under one
+(``accelerate launch``) exit codes become 1 (docs/CONFIGURATION.md, "Training commands").
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import argparse  # noqa: E402
 import sys  # noqa: E402
 
 from ssl_ema.engine.launch import train  # noqa: E402
+from ssl_ema.engine.stop import exit_now  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe", nargs="?", help="YAML recipe (optional with --resume)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     parser.add_argument("--resume", metavar="RUN_DIR_OR_CHECKPOINT",
-                        help="continue a run from its newest (or the given) checkpoint")
+                        help="continue a run from its newest intact (or the given) checkpoint")
     parser.add_argument("--stop-after", type=float, default=None, metavar="SECONDS",
                         help="checkpoint and stop (exit code 3) once SECONDS have passed; "
                         "--resume continues the run")
@@ -44,4 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code > 128:  # stopped by a signal: within the launcher's grace (engine/stop.py)
+        exit_now(code)
+    sys.exit(code)

@@ -27,6 +27,7 @@ from ssl_ema.engine.run import (
     check_same_run,
     new_run_dir,
     resume_target,
+    saved_config,
 )
 from ssl_ema.engine.trainer import Trainer
 from ssl_ema.models.custom import BackboneSource, describe
@@ -123,8 +124,7 @@ def _run_target(config: ConfigSource, overrides: Sequence[str],
         cfg = resolve_config(config, overrides)
         return cfg, new_run_dir(cfg), None
     run_dir, checkpoint = resume_target(str(resume))
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-    cfg = resolve_config(saved if config is None else config, overrides)
+    cfg = resolve_config(saved_config(run_dir) if config is None else config, overrides)
     check_same_run(run_dir, cfg)
     check_same_processes(checkpoint, cfg)
     return cfg, run_dir, checkpoint

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,6 +44,15 @@ class NonFiniteGuard:
         new = ~ok & torch.isinf(first_step)  # Python scalars below: no host-to-device copy
         self._first_bad = (torch.where(new, step, first_step), torch.where(new, epoch, first_epoch))
 
+    def state(self) -> tuple[Any, ...]:
+        """What `observe` has recorded, for `restore` (its tensors are replaced, never changed
+        in place)."""
+        return self._finite, self._first_bad
+
+    def restore(self, state: tuple[Any, ...]) -> None:
+        """Forget what was observed since `state` (an interrupted step)."""
+        self._finite, self._first_bad = state
+
     def all_finite(self) -> bool:
         """Skip mode: were all losses of this step finite on every process (host sync)?
         Deferred mode: True without looking; `first_nonfinite` tells later."""
@@ -65,10 +75,12 @@ class NonFiniteGuard:
         if bad is None:
             return
         saved = checkpoints(run_dir)
-        where = f"resume from {saved[-1]}" if saved else "no checkpoint was written yet"
+        skip = (f"resume from {saved[-1].name} dropping such steps: tools/train.py --resume "
+                f"{run_dir} train.nonfinite=skip" if saved else
+                "no checkpoint was written yet: start again with train.nonfinite=skip")
         raise NonFiniteLoss(
             f"non-finite loss at step {bad[0]} (epoch {bad[1]}); nothing was written after it; "
-            f"{where} with a lower optim.lr, or set train.nonfinite=skip"
+            f"{skip}; or start a new run with a lower optim.lr"
         )
 
     def _reduce_min(self, flag: torch.Tensor) -> float:

@@ -133,4 +133,9 @@ def _fit(trainer: Trainer) -> tuple[int, str]:
         return e.code, str(e)
     except RunFinished as e:
         return 0, str(e)
-    return 0, trainer.evaluation.table(result)
+    table = trainer.evaluation.table(result)
+    skipped = int(result.get("skipped_steps", 0))
+    if skipped:  # train.nonfinite=skip
+        table += (f"\n{skipped} of {int(result['step'])} optimizer steps skipped for a non-finite "
+                  "loss (train.nonfinite=skip: no update, no EMA step; 'skipped' in metrics.jsonl)")
+    return 0, table

@@ -12,10 +12,10 @@ from __future__ import annotations
 import functools
 import json
 import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -23,13 +23,23 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from accelerate.utils.constants import RNG_STATE_NAME
 
-from ssl_ema.config import Config, ConfigError, from_dict, load_config, parse_overrides, to_dict
+from ssl_ema.config import (
+    Config,
+    ConfigError,
+    _yaml_problem,
+    from_dict,
+    load_config,
+    parse_overrides,
+    to_dict,
+)
 from ssl_ema.config_checks import refuse_given_keys
-from ssl_ema.engine.checkpoint import PREFIX, checkpoints, damage
+from ssl_ema.engine.checkpoint import is_checkpoint_path, newest_intact, verified
 
-# Keys that may differ on resume: they change bookkeeping, not the trajectory.
+# Keys that may differ on resume: they change bookkeeping, not the trajectory. train.nonfinite
+# too: while losses are finite, "skip" trains exactly as "fail" does, and resuming with "skip"
+# is the way past a non-finite step that stopped a run (engine/guard.py).
 RESUMABLE_CHANGES = {"train.max_steps", "train.checkpoint_every", "train.keep_checkpoints",
-                     "train.checkpoint_every_minutes",
+                     "train.checkpoint_every_minutes", "train.nonfinite",
                      "train.log_every", "data.num_workers", "eval.every_epochs", "run.log_with"}
 
 
@@ -48,36 +58,46 @@ def resume_target(resume: str) -> tuple[Path, Path]:
     """(run dir, checkpoint dir) from a run directory (its newest intact checkpoint, with a
     one-line warning for each damaged newer one) or one of its checkpoints."""
     path = Path(resume)
-    if path.name.startswith(PREFIX) and path.parent.name == "checkpoints":
+    if is_checkpoint_path(path):
         if not path.is_dir():
             raise ConfigError(f"--resume: checkpoint '{path}' does not exist")
-        problem = damage(path)
-        if problem:
-            raise ConfigError(f"--resume: checkpoint '{path}' is damaged ({problem}); pass the "
-                              "run directory to resume from its newest intact checkpoint")
-        return path.parent.parent, path
-    found = checkpoints(path)
-    if not found:
-        raise ConfigError(f"--resume: no checkpoint under '{path}/checkpoints'; "
-                          "pass a run directory written by tools/train.py")
-    damaged = []
-    for checkpoint in reversed(found):
-        problem = damage(checkpoint)
-        if problem is None:
-            return path, checkpoint
-        damaged.append(f"{checkpoint.name}: {problem}")
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"warning: checkpoint {checkpoint} is damaged ({problem}); trying the one "
-                  "before it", file=sys.stderr)
-    raise ConfigError(f"--resume: no intact checkpoint under '{path}/checkpoints' "
-                      f"({'; '.join(damaged)}); start a new run")
+        return path.parent.parent, verified(path, "--resume: ")
+    return path, newest_intact(path, "--resume: ")
+
+
+def saved_config(run_dir: Path) -> dict[str, Any]:
+    """The run's resolved ``config.yaml`` as written when it started; ConfigError (one line)
+    if it is missing or damaged: without it the run cannot be rebuilt."""
+    path = run_dir / "config.yaml"
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"'{path}' is missing: without the run's resolved config it cannot be "
+                          "rebuilt; restore the file, or start a new run") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        problem = _yaml_problem(e) if isinstance(e, yaml.YAMLError) else f": {e}"
+        raise ConfigError(f"'{path}' is damaged (not readable YAML{problem}); restore the file, "
+                          "or start a new run") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"'{path}' is damaged (a {type(saved).__name__}, not a mapping of "
+                          "sections); restore the file, or start a new run")
+    return saved
 
 
 def given_objects(run_dir: Path) -> dict[str, str]:
     """What a run trained on that was given from Python (``train_set``, ``test_set``,
-    ``backbone``: their classes), from its header.json; empty for a recipe's run."""
+    ``backbone``: their classes), from its header.json; empty for a recipe's run.
+    ConfigError (one line) if header.json is damaged."""
     header = run_dir / "header.json"
-    return dict(json.loads(header.read_text()).get("given", {})) if header.is_file() else {}
+    if not header.is_file():
+        return {}
+    try:
+        given = json.loads(header.read_text()).get("given", {})
+        return {str(k): str(v) for k, v in given.items()}
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+        raise ConfigError(f"'{header}' is damaged ({e}); it says whether the run trained on "
+                          "objects given from Python: restore it, or delete it if the run "
+                          "trained from a recipe (tools/train.py writes it again)") from None
 
 
 def refuse_given(run_dir: Path) -> None:
@@ -93,8 +113,7 @@ def refuse_given(run_dir: Path) -> None:
 def changed_keys(run_dir: Path, cfg: Config, allowed: set[str]) -> list[tuple[str, object, object]]:
     """``(key, saved, now)`` for every key outside ``allowed`` where ``cfg`` differs from the
     run's saved ``config.yaml`` (see `config_changes`)."""
-    saved = flatten(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
-    return config_changes(saved, cfg, allowed)
+    return config_changes(flatten(saved_config(run_dir)), cfg, allowed)
 
 
 def config_changes(saved: dict[str, object], cfg: Config,
@@ -214,8 +233,7 @@ def prepare_run(recipe: str | None, overrides: Sequence[str],
     run_dir, checkpoint = resume_target(resume)
     refuse_given(run_dir)
     if recipe is None:
-        saved = yaml.safe_load((run_dir / "config.yaml").read_text())
-        merged = flatten(saved)
+        merged = flatten(saved_config(run_dir))
         merged.update(flatten(parse_overrides(overrides)))
         tree: dict = {}
         for key, value in merged.items():

@@ -2,12 +2,18 @@
 every rank.
 
 SIGTERM (a cluster pre-empting the job), SIGINT (Ctrl-C) and SIGUSR1 (SLURM's ``--signal``)
-only set a flag; the trainer reads it at optimizer-step boundaries, writes a checkpoint and
-stops with :class:`Stopped` (exit code 128 + the signal's number, as a shell reports a process
-killed by that signal). A second signal while the first is being handled (a second or more
-later) stops at once, without a checkpoint, for a user who does not want to wait. A deadline
-(``tools/train.py --stop-after``, a budgeted run of ``tools/reproduce.py``) stops the same way
-with exit code 3: a budget is a pre-emption the run knows about in advance.
+set a flag; the trainer reads it at optimizer-step boundaries, writes a checkpoint and stops
+with :class:`Stopped` (exit code 128 + the signal's number, as a shell reports a process killed
+by that signal). A step can outlast the grace a launcher gives after its SIGTERM (``accelerate
+launch``: 5 s, then SIGKILL; torchrun: 30 s; SLURM: ``KillWait``), so with one process a signal
+also interrupts the step (or evaluation) in flight: between `StopSignals.arm` and ``disarm`` the
+handler raises :class:`Interrupted`, and the trainer rolls the step back (`engine/rollback.py`)
+and checkpoints the last completed one. With several processes a rank cannot leave a step alone
+(the others would wait in its collectives), so the step finishes. A second signal while the
+first is being handled (a second or more later) stops at once, without a checkpoint, for a user
+who does not want to wait. A deadline (``tools/train.py --stop-after``, a budgeted run of
+``tools/reproduce.py``) stops the same way with exit code 3: a budget is a pre-emption the run
+knows about in advance.
 
 Several processes must stop at the same step (a checkpoint is a collective save), and so must
 they agree on when a wall-clock checkpoint is due (their clocks differ). The local flags are
@@ -19,6 +25,7 @@ to the step. With one process the flags are read at every step (a Python attribu
 from __future__ import annotations
 
 import ctypes
+import multiprocessing
 import os
 import signal
 import sys
@@ -27,7 +34,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 if TYPE_CHECKING:  # torch only for several processes: tools import this module before it
     import torch
@@ -59,14 +66,40 @@ class Stopped(RuntimeError):
                    128 + signum if signum else DEADLINE_EXIT)
 
 
+class Interrupted(BaseException):
+    """A stop signal arrived inside an armed region (`StopSignals.arm`): the work in flight is
+    abandoned. A BaseException, as KeyboardInterrupt, so that no ``except Exception`` on the way
+    out of a forward pass or a data loader swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class StopSignals:
     """Context manager: while inside, the stop signals set `received` instead of killing the
-    process; the previous handlers come back on exit. Only the main thread can install them."""
+    process; the previous handlers come back on exit. Only the main thread can install them.
+    ``interrupt``: a signal inside an armed region also raises :class:`Interrupted`."""
 
-    def __init__(self) -> None:
+    def __init__(self, interrupt: bool = False) -> None:
         self.received = 0  # signal number, 0 while none arrived
+        self.interrupt = interrupt
+        self._armed = False
         self._received_at = 0.0
         self._previous: dict[int, Any] = {}
+
+    def arm(self) -> None:
+        """From now until `disarm`, a stop signal raises :class:`Interrupted` (with
+        ``interrupt``); one that arrived before raises now. The caller can undo what happens in
+        between (`engine/rollback.py`)."""
+        if not self.interrupt:
+            return
+        if self.received:
+            raise Interrupted(self.received)
+        self._armed = True
+
+    def disarm(self) -> None:
+        self._armed = False
 
     def __enter__(self) -> StopSignals:
         if threading.current_thread() is threading.main_thread():
@@ -84,6 +117,9 @@ class StopSignals:
         now = time.monotonic()
         if not self.received:
             self.received, self._received_at = signum, now
+            if self._armed:
+                self._armed = False
+                raise Interrupted(signum)
         elif now - self._received_at >= REPEAT_AFTER_S:
             os._exit(128 + signum)  # the second signal: stop now (a handler must not print)
 
@@ -136,6 +172,18 @@ def stop_with_launcher() -> None:
     libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
     if os.getppid() == 1:  # the launcher died before the call: it will never fire
         os.kill(os.getpid(), signal.SIGTERM)
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process with ``code`` after a stop (checkpoint written, lock released, trackers
+    closed), skipping the interpreter's teardown: unloading torch and its modules takes a second
+    or more, and a launcher's grace after its SIGTERM is short (``accelerate launch``: 5 s).
+    Loader workers end as at a normal exit (multiprocessing terminates daemonic children)."""
+    for child in multiprocessing.active_children():
+        child.terminate()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def signal_name(signum: int) -> str:

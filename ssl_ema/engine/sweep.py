@@ -32,7 +32,7 @@ BOOKKEEPING = {"data.num_workers", "train.log_every", "train.checkpoint_every",
                "train.checkpoint_every_minutes",
                "train.keep_checkpoints", "run.output_dir", "run.name", "run.log_with"}
 # results.json keys that count, not score
-NOT_METRICS = {"step", "samples_seen"}
+NOT_METRICS = {"step", "samples_seen", "skipped_steps"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 

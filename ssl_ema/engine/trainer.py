@@ -44,6 +44,7 @@ from ssl_ema.engine.optim import (
     scheduled_lr_and_weight_decay,
     set_lr_and_weight_decay,
 )
+from ssl_ema.engine.rollback import InFlight, Rollback
 from ssl_ema.engine.scaled import ScaledHyperparams, resolve
 from ssl_ema.engine.state import TrainState
 from ssl_ema.engine.stop import Stopped, StopPoints, StopSignals, signal_name
@@ -131,7 +132,11 @@ class Trainer:
             cfg.train.nonfinite == "fail",
             (lambda x: gather(x[None]).min()) if self.accelerator.num_processes > 1 else None,
         )
-        self.signals = StopSignals()
+        # One process: a stop signal interrupts the step or evaluation in flight, which is rolled
+        # back (engine/stop.py, engine/rollback.py); so is a non-finite step under `skip`.
+        self.signals = StopSignals(interrupt=self.accelerator.num_processes == 1)
+        self.flight = InFlight(self.signals, Rollback(
+            self.model, self.accelerator, self.guard, self.optimizer, self.signals.interrupt))
         self.stops = StopPoints(
             self.signals, cfg.train.checkpoint_every_minutes, cfg.train.log_every,
             (lambda x: gather(x[None]).amax(0)) if self.accelerator.num_processes > 1 else None,
@@ -175,9 +180,16 @@ class Trainer:
         """The loop: micro-batches of an epoch of ``epoch_batches`` at ``hyper``'s batch size,
         one optimizer step at a time, to the logged metrics, until ``total_steps``. No host sync
         outside log points, except one per step under ``train.nonfinite=skip``
-        (`tools/bench_train.py` counts them)."""
+        (`tools/bench_train.py` counts them). A stop signal that interrupts a step rolls it
+        back and checkpoints the step before."""
+        with self.flight.interruptible(lambda signum: self._stop(signum, False, "step")):
+            self._steps(batches, hyper, epoch_batches, bar)
+
+    def _steps(self, batches: Iterable[Any], hyper: ScaledHyperparams, epoch_batches: int,
+               bar: tqdm | None) -> None:
         acc, cfg, st, model = self.accelerator, self.cfg, self.state, self.model
         micro = 0
+        self.flight.begin()
         for batch in batches:
             micro += 1
             with acc.accumulate(self.method):
@@ -189,6 +201,7 @@ class Trainer:
                 acc.backward(out["loss"])
                 if not acc.sync_gradients:
                     continue  # accumulating
+                self.flight.commit()  # from here on the step finishes, whatever arrives
                 # -------- optimizer step, unless a loss was NaN/inf under train.nonfinite=skip
                 finite = self.guard.all_finite()
                 momentum = model.momentum(progress)
@@ -202,7 +215,8 @@ class Trainer:
                     sched = {"lr": lr, "weight_decay": wd, "momentum_base": momentum}
                     if grad_norm is not None:
                         sched["grad_norm"] = grad_norm
-                else:  # dropped: no update, no EMA step
+                else:  # dropped: no update, no EMA step, the forward's buffer changes undone
+                    self.flight.rollback.restore_buffers()
                     sched = {"lr": self.optimizer.param_groups[0]["lr"], "momentum_base": momentum}
                 self.optimizer.zero_grad(set_to_none=True)
                 # -------- EMA: once per optimizer step (every `period`), on the unwrapped
@@ -227,6 +241,8 @@ class Trainer:
             self._stop_or_checkpoint()
             if st.step >= self.total_steps:
                 break
+            if st.batch_in_epoch:  # at an epoch's end the next begin (evaluation, epoch) acts
+                self.flight.begin()
 
     def _epoch_batches(self) -> tuple[ScaledHyperparams, Iterable[Any], int]:
         """The epoch's hyperparameters (applied), its remaining batches, its length."""
@@ -278,15 +294,18 @@ class Trainer:
         if ((every and st.step % every == 0) or clock_due) and st.step < self.total_steps:
             self._save()
 
-    def _stop(self, signum: int) -> None:
+    def _stop(self, signum: int, eval_pending: bool | None = None, interrupted: str = "") -> None:
         """A stop signal (``signum``) or the deadline (``signum`` 0) reached this step on some
-        process: checkpoint, then stop every rank."""
+        process: checkpoint, then stop every rank. ``eval_pending``: the evaluation after this
+        step is still to run (default: an epoch ended here and its evaluation is due);
+        ``interrupted``: the "step" or "evaluation" the signal interrupted and rolled back."""
         st = self.state
-        # An epoch ended at this step and its evaluation (run after the step) is still due.
-        pending = st.batch_in_epoch == 0 and self._more() and self._eval_due(st.epoch)
-        path = self._save({"eval_pending": pending})
-        self.log.write({"event": "stopped", "signal": signal_name(signum) if signum else
-                        "deadline", "step": st.step, "epoch": st.epoch})
+        if eval_pending is None:
+            eval_pending = st.batch_in_epoch == 0 and self._more() and self._eval_due(st.epoch)
+        path = self._save({"eval_pending": eval_pending})
+        cause = signal_name(signum) if signum else "deadline"
+        self.log.write({"event": "stopped", "signal": cause, "step": st.step, "epoch": st.epoch,
+                        **({"interrupted": interrupted} if interrupted else {})})
         raise Stopped.at(signum, st.step, st.epoch, path, self.run_dir)
 
     # ----------------------------------------------------------------------------- evaluation
@@ -307,9 +326,21 @@ class Trainer:
         every = self.cfg.eval.every_epochs
         return every > 0 and epoch_done % every == 0
 
-    def _log_eval(self) -> dict[str, float]:
+    def _log_eval(self, pending: bool = True) -> dict[str, float]:
+        """Evaluate and log. A stop signal (one process) interrupts the evaluation, which is
+        rolled back, and the run stops; ``pending``: a resume runs it first (the evaluations
+        before training and at the end run again on resume anyway)."""
         self.guard.check(self.run_dir)
-        result = self.evaluate()
+        saved = self.evaluation.state_dict()
+
+        def stop(signum: int) -> None:
+            self.evaluation.load_state_dict(saved)
+            self._stop(signum, pending, "evaluation")
+
+        with self.flight.interruptible(stop):
+            self.flight.begin()
+            result = self.evaluate()
+            self.flight.commit()  # inside: a signal from here on waits for the next begin
         st = self.state
         self.log.write({"event": "eval", "step": st.step, "epoch": st.epoch,
                         "samples_seen": st.samples_seen, **result})
@@ -329,7 +360,7 @@ class Trainer:
             self._mark()
             if st.step == 0 and st.knn_random < 0:
                 # before training: student == teacher == random init
-                st.knn_random = self._log_eval()[self.evaluation.baseline_key]
+                st.knn_random = self._log_eval(pending=False)[self.evaluation.baseline_key]
             elif eval_pending:  # stopped right after an epoch whose evaluation was due
                 self._log_eval()
             self.stops.saved()
@@ -340,10 +371,11 @@ class Trainer:
                 while self._more():
                     if self.train_epoch(bar) and self._more() and self._eval_due(st.epoch):
                         self._log_eval()  # during training, every eval.every_epochs
-            result = self._log_eval()  # the final evaluation, always
+            result = self._log_eval(pending=False)  # the final evaluation, always
             self._save()
         final = {self.evaluation.baseline_name: st.knn_random, **result, "step": st.step,
-                 "samples_seen": st.samples_seen, **self.evaluation.summary()}
+                 "samples_seen": st.samples_seen, "skipped_steps": st.skipped_steps,
+                 **self.evaluation.summary()}
         if acc.is_main_process:
             (self.run_dir / "results.json").write_text(json.dumps(final, indent=2) + "\n")
         return final

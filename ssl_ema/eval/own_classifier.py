@@ -19,13 +19,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ssl_ema.config import CLASSIFICATION_METHODS
 from ssl_ema.data.datasets import DataBundle
 from ssl_ema.ema import recompute_batchnorm
+from ssl_ema.engine.run import saved_config
 from ssl_ema.eval.calibration import calibration_metrics, calibration_report
 from ssl_ema.eval.features import extract_features
 from ssl_ema.eval.protocols import ProbeResult
@@ -37,7 +37,7 @@ BN_BATCH = 256  # the trainer's batch for BatchNorm recomputation (its kNN bank 
 
 def require_classifier(run_dir: Path) -> None:
     """A one-line ConfigError unless the run at ``run_dir`` trained a classifier."""
-    raw = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    raw = saved_config(run_dir)
     method = (raw.get("method") or {}).get("name", "byol")
     if method not in CLASSIFICATION_METHODS:
         raise no_classifier(run_dir, method)

@@ -61,7 +61,7 @@ def next_steps(run_dir: Path, dataset: str) -> str:
              f"  python tools/eval.py {run_dir} --protocol linear   # linear probe, calibration",
              f"  python tools/export.py {run_dir}   # teacher as a timm-loadable safetensors file"]
     if dataset == "digits":
-        lines.append("  accelerate launch tools/train.py recipes/byol_r18.yaml   "
+        lines.append("  python tools/train.py recipes/byol_r18.yaml   "
                      "# BYOL on CIFAR-10 (a GPU; data.root)")
     return "\n".join(lines)
 

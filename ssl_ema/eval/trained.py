@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ssl_ema.config import Config, ConfigError, load_config
-from ssl_ema.engine.checkpoint import PREFIX, checkpoints
+from ssl_ema.engine.checkpoint import is_checkpoint_path, newest_intact, verified
 from ssl_ema.engine.run import given_objects
 from ssl_ema.eval.context import roles as run_roles
 from ssl_ema.methods import TeacherStudentMethod, build_method
@@ -77,19 +77,17 @@ def _pick(available: dict[str, nn.Module], roles: Sequence[str]) -> dict[str, nn
 
 
 def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
-    """(run dir, checkpoint dir) from a run directory (its newest checkpoint) or a checkpoint."""
+    """(run dir, checkpoint dir) from a run directory (its newest intact checkpoint, with a
+    warning line for each damaged newer one, as ``--resume`` picks) or a checkpoint (checked
+    against its manifest)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"checkpoint '{path}' does not exist; pass a run directory written by "
                           "tools/train.py or one of its checkpoints/step_* folders")
-    if path.name.startswith(PREFIX) and path.parent.name == "checkpoints":
-        run_dir, ckpt = path.parent.parent, path
+    if is_checkpoint_path(path):
+        run_dir, ckpt = path.parent.parent, verified(path)
     else:
-        found = checkpoints(path)
-        if not found:
-            raise ConfigError(f"no checkpoint under '{path}/checkpoints'; pass a run directory "
-                              "written by tools/train.py or one of its checkpoints/step_* folders")
-        run_dir, ckpt = path, found[-1]
+        run_dir, ckpt = path, newest_intact(path)
     for needed in (run_dir / "config.yaml", ckpt / MODEL_FILE):
         if not needed.is_file():
             raise ConfigError(f"'{needed}' is missing; the run directory is incomplete "
