@@ -9,8 +9,8 @@ before their input is checked.
   `ConfigError` (the one-line error of any bad input);
 - training: `train` (a run from Python, optionally on your own `Dataset` and backbone module),
   `TrainedRun`, `Trainer` (the one loop);
-- the EMA: `EMA` (teachers of one student, fused update), `update_momentum`, `warmup_momentum`,
-  `recompute_batchnorm`;
+- the EMA: `EMA` (teachers of one student, fused update), `recompute_batchnorm`; its momentum
+  (`ssl_ema.momentum`, the EMA Scaling Rule): `update_momentum`, `warmup_momentum`;
 - scaling: `kappa`, `scale_momentum`, `scale_optimizer`, `ScaledValue`;
 - methods: `register`, `MethodSpec`, `METHODS`, `TeacherStudentMethod`
   (docs/ADDING_A_METHOD.md).
@@ -35,8 +35,8 @@ _EXPORTS: dict[str, str] = {
     "Trainer": "ssl_ema.engine.trainer",
     "EMA": "ssl_ema.ema",
     "recompute_batchnorm": "ssl_ema.ema",
-    "update_momentum": "ssl_ema.ema",
-    "warmup_momentum": "ssl_ema.ema",
+    "update_momentum": "ssl_ema.momentum",
+    "warmup_momentum": "ssl_ema.momentum",
     "ScaledValue": "ssl_ema.scaling",
     "kappa": "ssl_ema.scaling",
     "scale_momentum": "ssl_ema.scaling",
@@ -57,11 +57,12 @@ __all__ = [
 
 if TYPE_CHECKING:  # what type checkers and IDEs see; at run time __getattr__ imports lazily
     from ssl_ema.config import Config, ConfigError, config_from, load_config
-    from ssl_ema.ema import EMA, recompute_batchnorm, update_momentum, warmup_momentum
+    from ssl_ema.ema import EMA, recompute_batchnorm
     from ssl_ema.engine.from_python import TrainedRun, train
     from ssl_ema.engine.trainer import Trainer
     from ssl_ema.methods import METHODS, MethodSpec, TeacherStudentMethod
     from ssl_ema.methods.registry import register
+    from ssl_ema.momentum import update_momentum, warmup_momentum
     from ssl_ema.scaling import ScaledValue, kappa, scale_momentum, scale_optimizer
 
 

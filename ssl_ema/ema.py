@@ -6,10 +6,9 @@ optimizer step or every ``period`` steps (never per micro-batch: under gradient 
 per-micro-batch update silently shortens the averaging horizon), on unwrapped modules, so every
 process applies the same update to the same student and all ranks stay identical.
 
-Momenta are always stated *per optimizer step at the reference batch*; :func:`update_momentum`
-turns one into the momentum of one update: warm-up, then ``** (kappa * period)``. Updating every
-T steps with rho ** T keeps the averaging horizon in samples (peers that skip the power change it);
-the EMA Scaling Rule (Busbridge et al. 2023) is the same power for a batch kappa times larger.
+Momenta are always stated *per optimizer step at the reference batch*; `ssl_ema.momentum` turns
+one into the momentum of one update (schedule, warm-up, ``** (kappa * period)``: the EMA Scaling
+Rule, Busbridge et al. 2023); :meth:`EMA.update` takes that value as it is.
 
 The update is ``torch._foreach_lerp_``: one fused multi-tensor kernel per teacher that reads the
 student and the teacher once and writes the teacher once, instead of a foreach mul_ then add_
@@ -43,31 +42,6 @@ from torch.optim.swa_utils import update_bn
 
 BufferPolicy = Literal["own", "copy", "average"]
 BUFFER_POLICIES: tuple[str, ...] = ("own", "copy", "average")
-
-
-def warmup_momentum(momentum: float, t: float) -> float:
-    """Momentum warm-up min(rho, (t + 1) / (t + 10)) (Morales-Brotons et al. 2024, Sec. 3).
-
-    ``t`` counts optimizer steps at the reference batch (samples seen / reference batch), so the
-    warm-up, like the horizon, is fixed in samples whatever the batch and the update period.
-    """
-    return min(momentum, (t + 1.0) / (t + 10.0))
-
-
-def update_momentum(momentum: float, *, kappa: float = 1.0, period: int = 1,
-                    warmup_t: float | None = None) -> float:
-    """Momentum of one update from a per-step momentum at the reference batch.
-
-    One update every ``period`` steps at ``kappa`` times the reference batch replaces
-    ``kappa * period`` reference steps: rho -> rho ** (kappa * period).
-    """
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
-    if period < 1 or kappa <= 0:
-        raise ValueError(f"period must be >= 1 and kappa > 0, got {period} and {kappa}")
-    if warmup_t is not None:
-        momentum = warmup_momentum(momentum, warmup_t)
-    return momentum ** (kappa * period)
 
 
 def _multi_lerp(student: torch.Tensor, teachers: list[torch.Tensor], weights: torch.Tensor) -> None:
@@ -129,7 +103,7 @@ class EMA:
 
     All modules must have the same structure; teachers are built separately and loaded from the
     student (see `methods.base`), not deep-copied. Call :meth:`update` with one momentum per
-    teacher (the momentum of this update: see :func:`update_momentum`).
+    teacher (the momentum of this update: `ssl_ema.momentum.MomentumRule.per_update`).
     """
 
     def __init__(self, student: nn.Module, teachers: Sequence[nn.Module],

@@ -9,6 +9,8 @@ per 1024 examples).
   the batch grows by kappa, every EMA momentum rho becomes rho ** kappa (model EMA / teacher,
   DINO centre, BatchNorm running statistics). Derived from an SDE view: it keeps the dynamics as
   a function of samples seen unchanged, also when the EMA feeds back into training.
+  `ssl_ema.momentum` owns it (schedule, warm-up, period, kappa); `scale_momentum` names a scaled
+  momentum for logs and recipes.
 - SGD and LARS: lr * kappa (Goyal et al. 2017).
 - Adam and AdamW: square-root rule (Malladi et al., "On the SDEs and Scaling Rules for Adaptive
   Gradient Algorithms", NeurIPS 2022): lr * sqrt(kappa), beta -> 1 - kappa (1 - beta),
@@ -24,11 +26,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
 
 from torch import nn
 
-ScalingRule = Literal["ema", "optimizer", "none"]
+from ssl_ema.momentum import ScalingRule, batchnorm_momentum, ema_kappa, scaled_momentum
+
 RULES: tuple[str, ...] = ("ema", "optimizer", "none")
 OPTIMIZERS: tuple[str, ...] = ("sgd", "lars", "adam", "adamw")
 
@@ -54,10 +56,9 @@ def kappa(batch_size: int, reference_batch: int) -> float:
 
 
 def scale_momentum(base: float, k: float, name: str = "momentum") -> ScaledValue:
-    """EMA Scaling Rule: rho -> rho ** kappa (one update at kappa x batch = kappa updates)."""
-    if not 0.0 <= base <= 1.0:
-        raise ValueError(f"{name} must lie in [0, 1], got {base}")
-    return ScaledValue(name, base, k, base**k)
+    """EMA Scaling Rule: rho -> rho ** kappa (one update at kappa x batch = kappa updates);
+    `ssl_ema.momentum` holds the rule, this names the value for logs and recipes."""
+    return ScaledValue(name, base, k, scaled_momentum(base, k, name))
 
 
 @dataclass(frozen=True)
@@ -99,24 +100,26 @@ def scale_optimizer(optimizer: str, k: float, lr: float, betas: tuple[float, flo
     )
 
 
-def ema_kappa(k: float, rule: ScalingRule) -> float:
-    """The exponent applied to EMA momenta: kappa under the EMA rule, else 1 (unscaled)."""
-    return k if rule == "ema" else 1.0
-
-
 def batchnorm_layers(module: nn.Module) -> Iterable[nn.modules.batchnorm._BatchNorm]:
     return (m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
 
 
-def scale_batchnorm_momentum(module: nn.Module, k: float, base: float = 0.1) -> float:
-    """Set every BatchNorm's running-statistics momentum for kappa; returns the new value.
-
-    PyTorch's BN momentum m is 1 - rho of the running-statistics EMA
-    (running <- (1 - m) running + m batch_stat), so the rule gives m = 1 - (1 - base) ** kappa.
-    Layers with ``momentum=None`` (cumulative average) are left alone.
-    """
-    value = 1.0 - (1.0 - base) ** k
+def set_batchnorm_momentum(module: nn.Module, value: float) -> None:
+    """Set every BatchNorm's running-statistics momentum; layers with ``momentum=None``
+    (cumulative average) are left alone."""
     for bn in batchnorm_layers(module):
         if bn.momentum is not None:
             bn.momentum = value
+
+
+def scale_batchnorm_momentum(module: nn.Module, k: float, base: float = 0.1) -> float:
+    """Set every BatchNorm's running-statistics momentum for kappa; returns the new value,
+    1 - (1 - base) ** kappa (`ssl_ema.momentum.batchnorm_momentum`)."""
+    value = batchnorm_momentum(base, k)
+    set_batchnorm_momentum(module, value)
     return value
+
+
+__all__ = ["RULES", "OPTIMIZERS", "OptimizerHyperparams", "ScaledValue", "ScalingRule",
+           "batchnorm_layers", "ema_kappa", "kappa", "scale_batchnorm_momentum", "scale_momentum",
+           "scale_optimizer", "set_batchnorm_momentum"]

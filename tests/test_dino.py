@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from ssl_ema.config import load_config
 from ssl_ema.data.datasets import build_data
 from ssl_ema.methods.dino import DINO
+from ssl_ema.momentum import MomentumRule
 
 SMALL = ["method.name=dino", "data.image_size=16", "dino.local_size=8", "dino.local_views=2",
          "dino.output_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16",
@@ -56,15 +57,16 @@ def test_loss_matches_the_official_formula() -> None:
 
 
 def test_center_momentum_follows_the_scaling_rule() -> None:
-    """One centre step at forward_exponent 2 == two steps at the base momentum (0.9)."""
+    """One centre step at kappa 4 with 2 micro-batches (per-forward exponent 2) == two steps at
+    the base momentum (0.9)."""
     torch.manual_seed(2)
     teacher = [torch.randn(6, 64) + 1.0 for _ in range(2)]
     student = [torch.randn(6, 64) for _ in range(2)]
     a, b = dino(), dino()
-    a.prepare_step(0.5, forward_exponent=2.0)
+    a.prepare_step(0.5, MomentumRule.resolve(4.0, "ema", grad_accumulation=2))
     assert a.criterion.center_momentum == pytest.approx(0.81)
     a.criterion(teacher, student, teacher_temp=0.07)
-    b.prepare_step(0.5, forward_exponent=1.0)
+    b.prepare_step(0.5, MomentumRule.resolve(4.0, "optimizer"))
     for _ in range(2):
         b.criterion(teacher, student, teacher_temp=0.07)
     torch.testing.assert_close(a.criterion.center, b.criterion.center)
@@ -87,7 +89,7 @@ def test_last_layer_frozen_for_the_first_epoch() -> None:
     last = list(model.student["head"].last_layer.parameters())
     for progress, frozen in ((0.05, True), (0.15, False)):  # freeze: 1 of 10 epochs
         model.zero_grad(set_to_none=True)
-        model.prepare_step(progress, 1.0)
+        model.prepare_step(progress, MomentumRule.resolve(1.0, "ema"))
         model(batch)["loss"].backward()
         model.before_optimizer_step()
         trainable = [p for p in last if p.requires_grad]

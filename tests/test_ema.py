@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from ssl_ema.ema import EMA, recompute_batchnorm, update_momentum, warmup_momentum
+from ssl_ema.ema import EMA, recompute_batchnorm
+from ssl_ema.momentum import update_momentum, warmup_momentum
 
 
 def net(seed: int) -> nn.Sequential:

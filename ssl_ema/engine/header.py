@@ -53,7 +53,7 @@ def header_text(h: dict[str, Any], scaled: Mapping[int, ScaledHyperparams],
             f"batch: {h['world_size']} processes x {per_device[b]} per device x "
             f"{h['grad_accumulation']} accumulation = {b} effective (reference "
             f"{h['reference_batch']}, kappa {s.kappa:g}, rule {h['scaling_rule']}: "
-            f"momentum ** {s.ema_exponent * s.period:g})")
+            f"momentum ** {s.momentum.update_exponent:g})")
         lines.append("  " + "; ".join(s.optimizer.describe()) + f" ({h['optimizer']})")
     if h.get("given"):
         lines.append("given from Python: " + ", ".join(f"{k} {v}" for k, v in h["given"].items()))

@@ -195,7 +195,7 @@ class Trainer:
             with acc.accumulate(self.method):
                 # -------- forward and backward of one micro-batch
                 progress = st.samples_seen / self.total_samples
-                model.prepare_step(progress, hyper.forward_exponent)
+                model.prepare_step(progress, hyper.momentum)
                 out = self.forward(batch)
                 self.guard.observe(out["loss"], st.step + 1, st.epoch)
                 acc.backward(out["loss"])
@@ -221,9 +221,9 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 # -------- EMA: once per optimizer step (every `period`), on the unwrapped
                 # modules (all ranks hold the same student). Momenta are per step at the
-                # reference batch -> ** (kappa * period).
+                # reference batch -> warm-up -> ** (kappa * period): `ssl_ema.momentum`.
                 if finite and (st.step + 1) % cfg.ema.period == 0:
-                    momenta = [hyper.update_momentum(m, st.samples_seen)
+                    momenta = [hyper.momentum.per_update(m, st.samples_seen).value
                                for m in (momentum, *cfg.ema.extra_momenta)]
                     self.ema.update(momenta)
                     sched["momentum"] = momenta[0]

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ssl_ema.config_schema import Config
-from ssl_ema.schedules import cosine
+from ssl_ema.momentum import MomentumRule, scheduled_momentum
 
 
 class TeacherStudentMethod(nn.Module, ABC):
@@ -63,9 +63,10 @@ class TeacherStudentMethod(nn.Module, ABC):
     def teacher_backbone(self) -> nn.Module:
         return self.teacher["backbone"]
 
-    def prepare_step(self, progress: float, forward_exponent: float) -> None:
-        """Called before each forward: set progress-dependent state (temperatures, centre
-        momentum ** ``forward_exponent``, see `engine.scaled`). Default: nothing."""
+    def prepare_step(self, progress: float, momentum: MomentumRule) -> None:
+        """Called before each forward: set progress-dependent state (temperatures; an EMA
+        stepped per forward, as DINO's centre, takes ``momentum.per_forward(base).value``).
+        Default: nothing."""
 
     def before_optimizer_step(self) -> None:
         """Called after gradients are synchronised (and clipped), before the step: e.g. drop
@@ -79,7 +80,7 @@ class TeacherStudentMethod(nn.Module, ABC):
     def momentum(self, progress: float) -> float:
         """Teacher momentum at training progress in [0, 1] (fraction of samples seen), at the
         reference batch: the engine applies the EMA Scaling Rule and the update period."""
-        return cosine(self.momentum_start, self.momentum_end, progress)
+        return scheduled_momentum(self.momentum_start, self.momentum_end, progress)
 
     @abstractmethod
     def forward(self, batch: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -28,6 +28,7 @@ from ssl_ema.data.batch import Views
 from ssl_ema.methods.base import TeacherStudentMethod
 from ssl_ema.methods.registry import MethodSpec, register
 from ssl_ema.models.backbones import backbone_from_config
+from ssl_ema.momentum import MomentumRule
 
 
 @dataclass(frozen=True)
@@ -106,11 +107,11 @@ class DINO(TeacherStudentMethod):
         span = self.final_teacher_temp - self.warmup_teacher_temp
         return self.warmup_teacher_temp + span * progress / self.temp_warmup
 
-    def prepare_step(self, progress: float, forward_exponent: float) -> None:
+    def prepare_step(self, progress: float, momentum: MomentumRule) -> None:
         self.progress = progress
         self.teacher_temp = self.teacher_temperature(progress)
         # lightly's DINOLoss steps the centre inside forward with this attribute.
-        self.criterion.center_momentum = self.base_center_momentum**forward_exponent
+        self.criterion.center_momentum = momentum.per_forward(self.base_center_momentum).value
 
     def before_optimizer_step(self) -> None:
         # Early on the last layer gets no update: it stabilises training (official code,
