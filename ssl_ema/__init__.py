@@ -41,7 +41,8 @@ _EXPORTS: dict[str, str] = {
     "kappa": "ssl_ema.scaling",
     "scale_momentum": "ssl_ema.scaling",
     "scale_optimizer": "ssl_ema.scaling",
-    # ssl_ema.methods imports every method file, so the registry is full when these are used.
+    # The registry holds the built-in methods' specs (torch-free); a method's module is imported
+    # when it is built.
     "METHODS": "ssl_ema.methods",
     "MethodSpec": "ssl_ema.methods",
     "TeacherStudentMethod": "ssl_ema.methods",
@@ -70,8 +71,6 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'ssl_ema' has no attribute '{name}'")
-    if name == "register":  # fill the registry first, as for the other method names
-        importlib.import_module("ssl_ema.methods")
     value = getattr(importlib.import_module(module), name)
     globals()[name] = value  # later lookups skip __getattr__
     return value

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import timm
-
 from ssl_ema.config_schema import Config, ConfigError
 from ssl_ema.methods.registry import METHODS, MethodSpec, classification_methods, method_spec
 
@@ -35,6 +33,19 @@ def refuse_given_keys(cfg: Config) -> None:
                               "(docs/PYTHON_API.md); name one here")
 
 
+def _validate_backbone(name: str) -> None:
+    """A timm model name. timm (and with it torch) is imported here, only once every key and
+    type of the recipe has been read, so a recipe's typo is reported without loading torch."""
+    if name == GIVEN:
+        return
+    import timm
+
+    if not timm.is_model(name):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:8]
+        hint = f"; similar: {', '.join(close)}" if close else "; see timm.list_models()"
+        raise ConfigError(f"model.backbone: unknown timm model '{name}'{hint}")
+
+
 def validate(cfg: Config) -> None:
     """Check choices and cross-field constraints that the types alone cannot express."""
     for dotted, valid in CHOICES.items():
@@ -42,10 +53,7 @@ def validate(cfg: Config) -> None:
         value = getattr(getattr(cfg, section), key)
         if value not in valid:
             raise ConfigError(f"{dotted}: unknown value '{value}'; valid: {', '.join(valid)}")
-    if cfg.model.backbone != GIVEN and not timm.is_model(cfg.model.backbone):
-        close = timm.list_models(f"*{cfg.model.backbone.split('_')[0]}*")[:8]
-        hint = f"; similar: {', '.join(close)}" if close else "; see timm.list_models()"
-        raise ConfigError(f"model.backbone: unknown timm model '{cfg.model.backbone}'{hint}")
+    _validate_backbone(cfg.model.backbone)
     spec = method_spec(cfg.method.name)
     _validate_pipeline(cfg, spec)
     _validate_ranges(cfg)

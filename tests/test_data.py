@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from ssl_ema.config import load_config
-from ssl_ema.data.datasets import DataError, build_data, digits_split
+from ssl_ema.data.datasets import DataError, digits_split
 from ssl_ema.data.views import DigitsView
+from ssl_ema.engine.loaders import build_run_data
 from tests.conftest import SHARED_DATA
 
 
@@ -27,7 +28,7 @@ def test_digits_split_is_stratified_and_fixed() -> None:
 
 
 def test_digits_bundle_views() -> None:
-    data = build_data(load_config(None, ["data.image_size=16"]))
+    data = build_run_data(load_config(None, ["data.image_size=16"]))
     v0, v1, y = data.train[0]
     assert v0.shape == v1.shape == (1, 16, 16)
     assert not torch.equal(v0, v1)  # two independent augmentations
@@ -56,17 +57,17 @@ def test_missing_cifar_is_a_clear_error(tmp_path: Path) -> None:
     cfg = load_config(None, ["data.dataset=cifar10", f"data.root={tmp_path}",
                              "data.download=false"])
     with pytest.raises(DataError, match=r"CIFAR-10 not found under data.root=.*set data.root"):
-        build_data(cfg)
+        build_run_data(cfg)
 
 
 def test_imagefolder_errors(tmp_path: Path) -> None:
     cfg = load_config(None, ["data.dataset=imagefolder", f"data.root={tmp_path}"])
     with pytest.raises(DataError, match="has no 'train/' folder"):
-        build_data(cfg)
+        build_run_data(cfg)
     (tmp_path / "train").mkdir()
     (tmp_path / "test").mkdir()
     with pytest.raises(DataError, match="no images found"):
-        build_data(cfg)
+        build_run_data(cfg)
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "cifar10-jpg.tar.gz").exists(),
@@ -79,14 +80,14 @@ def test_imagefolder_on_the_shared_cifar10_copy(tmp_path: Path) -> None:
         tar.extractall(tmp_path, members=members, filter="data")
     root = next(p for p in tmp_path.iterdir() if p.is_dir())
     cfg = load_config(None, ["data.dataset=imagefolder", f"data.root={root}"])
-    data = build_data(cfg)
+    data = build_run_data(cfg)
     assert data.num_classes == 2 and data.in_chans == 3
     v0, v1, y = data.train[0]
     assert v0.shape == (3, 32, 32) and y == 0
 
 
 def test_training_views_are_a_function_of_seed_epoch_and_index() -> None:
-    data = build_data(load_config(None, ["data.image_size=16"]))
+    data = build_run_data(load_config(None, ["data.image_size=16"]))
     ds = data.train
     torch.manual_seed(123)
     first = ds[7]
@@ -120,8 +121,8 @@ def test_unreadable_image_fails_or_is_skipped(tmp_path: Path) -> None:
     base = ["data.dataset=imagefolder", f"data.root={root}", "data.image_size=8"]
     with pytest.raises(DataError, match=r"broken.png' is not a readable image \(1 such files\)"
                                         r".*data.corrupt=skip"):
-        build_data(load_config(None, base))
-    data = build_data(load_config(None, [*base, "data.corrupt=skip"]))
+        build_run_data(load_config(None, base))
+    data = build_run_data(load_config(None, [*base, "data.corrupt=skip"]))
     assert data.skipped_files == 1 and len(data.train) == 6 and len(data.test_eval) == 6
     assert len(data.train[5]) == 3  # two views and a label: the survivors still load
 
@@ -152,8 +153,8 @@ def cut_jpeg_folder(root: Path) -> tuple[Path, list[str]]:
 def test_a_jpeg_cut_off_mid_data_is_found_at_start_up(tmp_path: Path) -> None:
     cut, base = cut_jpeg_folder(tmp_path / "imgs")
     with pytest.raises(DataError, match=r"001.jpg' is not a readable image \(1 such files\)"):
-        build_data(load_config(None, base))
-    data = build_data(load_config(None, [*base, "data.corrupt=skip"]))
+        build_run_data(load_config(None, base))
+    data = build_run_data(load_config(None, [*base, "data.corrupt=skip"]))
     assert data.skipped_files == 1 and len(data.train) == 5  # the padded file is kept
     assert str(cut) not in [path for path, _ in data.train.source.samples]
 
@@ -164,7 +165,7 @@ def test_an_unreadable_image_met_in_a_worker_is_one_line(tmp_path: Path) -> None
     from torch.utils.data import DataLoader
 
     cut, base = cut_jpeg_folder(tmp_path / "imgs")
-    data = build_data(load_config(None, [*base, "data.corrupt=trust"]))
+    data = build_run_data(load_config(None, [*base, "data.corrupt=trust"]))
     with pytest.raises(DataError) as caught:
         list(DataLoader(data.train_eval, batch_size=6, num_workers=1))
     assert re.fullmatch(rf"'{re.escape(str(cut))}' is not a readable image \(image file is "
@@ -177,4 +178,5 @@ def test_empty_data_root_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "empty" / "train").mkdir(parents=True)
     (tmp_path / "empty" / "test").mkdir()
     with pytest.raises(DataError, match="no images found under"):
-        build_data(load_config(None, ["data.dataset=imagefolder", f"data.root={tmp_path}/empty"]))
+        build_run_data(load_config(None, ["data.dataset=imagefolder",
+                                          f"data.root={tmp_path}/empty"]))

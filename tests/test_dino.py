@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from ssl_ema.config import load_config
-from ssl_ema.data.datasets import build_data
+from ssl_ema.engine.loaders import build_run_data
 from ssl_ema.methods.dino import DINO
 from ssl_ema.momentum import MomentumRule
 
@@ -100,7 +100,7 @@ def test_last_layer_frozen_for_the_first_epoch() -> None:
 
 
 def test_multicrop_views_of_digits() -> None:
-    data = build_data(load_config(None, SMALL))
+    data = build_run_data(load_config(None, SMALL))
     *views, label = data.train[0]
     assert [tuple(v.shape) for v in views] == [(1, 16, 16)] * 2 + [(1, 8, 8)] * 2
     assert isinstance(label, int)

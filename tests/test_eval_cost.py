@@ -9,9 +9,8 @@ import torch
 from torch import nn
 
 from ssl_ema.config import load_config
-from ssl_ema.data.datasets import build_data
 from ssl_ema.ema import recompute_batchnorm
-from ssl_ema.engine.loaders import worker_warning
+from ssl_ema.engine.loaders import build_run_data, worker_warning
 from ssl_ema.eval.classify import logits_of_all
 from ssl_ema.eval.distinct import representatives, same_weights
 
@@ -58,15 +57,15 @@ def test_train_per_class_keeps_the_first_images_of_each_class() -> None:
     def images(bundle):  # SeededViews(Subset(Relabelled(TensorImages), train split), views)
         return bundle.train.source.dataset.source
 
-    full = images(build_data(load_config("recipes/supervised_ema_digits.yaml", [])))
-    sub = build_data(load_config("recipes/supervised_ema_digits.yaml",
+    full = images(build_run_data(load_config("recipes/supervised_ema_digits.yaml", [])))
+    sub = build_run_data(load_config("recipes/supervised_ema_digits.yaml",
                                  ["data.train_per_class=30"]))
     assert np.bincount(images(sub).labels.numpy()).tolist() == [30] * 10
     # the first 30 of each class of the full training set, whatever the seed
     y = full.labels.numpy()
     first = np.sort(np.concatenate([np.flatnonzero(y == c)[:30] for c in range(10)]))
     assert torch.equal(images(sub).images, full.images[first])
-    again = build_data(load_config("recipes/supervised_ema_digits.yaml",
+    again = build_run_data(load_config("recipes/supervised_ema_digits.yaml",
                                    ["data.train_per_class=30", "run.seed=5"]))
     assert torch.equal(images(again).images, full.images[first])
     # the validation split (labels.val_fraction 0.2) comes out of the subset

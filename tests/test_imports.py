@@ -4,6 +4,9 @@ function) and ``TYPE_CHECKING`` ones included, read from the source without impo
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 from tests.conftest import ROOT
@@ -95,3 +98,31 @@ def test_engine_and_eval_have_no_cycles() -> None:
 
 def test_no_import_cycles() -> None:
     assert cycles(import_graph()) == []
+
+
+def test_data_imports_nothing_from_methods() -> None:
+    """The engine looks the method up and hands the data code its views (`MethodData`)."""
+    graph = import_graph()
+    up = {(m, t) for m, targets in graph.items() if m.startswith("ssl_ema.data")
+          for t in targets if t.startswith("ssl_ema.methods")}
+    assert up == set()
+
+
+def test_reading_a_recipe_loads_no_torch(tmp_path: Path) -> None:
+    """`ssl_ema.config` and the method registry are torch-free, so a recipe's typo is one line
+    from tools/train.py in well under a second (torch, timm and lightly take seconds)."""
+    code = ("import sys, ssl_ema.config, ssl_ema.methods; "
+            "print(sorted(m for m in ('torch', 'timm', 'lightly', 'ssl_ema.methods.dino') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[]"
+    recipe = tmp_path / "typo.yaml"
+    recipe.write_text("method:\n  name: byol\ntrain:\n  epochz: 3\n")
+    start = time.perf_counter()
+    done = subprocess.run([sys.executable, str(ROOT / "tools" / "train.py"), str(recipe)],
+                          cwd=tmp_path, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    assert done.returncode == 2 and done.stderr.count("\n") == 1
+    assert "unknown key 'train.epochz'" in done.stderr
+    assert elapsed < 5.0  # about 0.2 s of CPU; the bound leaves room for a loaded machine

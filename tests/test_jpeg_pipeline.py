@@ -16,10 +16,11 @@ from torchvision.transforms.v2 import functional as TF
 from ssl_ema.config import load_config
 from ssl_ema.config_schema import ConfigError
 from ssl_ema.data import gpu_augment
-from ssl_ema.data.datasets import DataError, build_data
+from ssl_ema.data.datasets import DataError
 from ssl_ema.data.file_index import IndexedFolder, cached_index, scan_folder
 from ssl_ema.data.gpu_augment import ViewSpec
 from ssl_ema.data.jpeg import FileBytes, JpegTrainStream, decode_batch, resized_crops
+from ssl_ema.engine.loaders import build_run_data
 
 CPU = torch.device("cpu")
 SIZES = ((24, 18), (17, 30), (20, 20), (33, 15), (16, 26))  # (height, width): all differ
@@ -99,12 +100,12 @@ def test_start_up_opens_a_sample_and_lists_once(tmp_path: Path,
     monkeypatch.setattr(Image, "open", counting_open)
     base = ["data.dataset=imagefolder", f"data.root={root}", "data.pipeline=jpeg",
             f"data.index_cache={tmp_path / 'cache'}", "data.image_size=8"]
-    data = build_data(load_config(None, base))
+    data = build_run_data(load_config(None, base))
     assert len(data.train) == 304 and len(opened) == 256 + 4  # train's sample, all 4 test files
     # the second start-up lists no folder (the index is read back) and trust opens no file
     monkeypatch.setattr(file_index, "scan_folder", lambda folder: pytest.fail("re-scanned"))
     opened.clear()
-    again = build_data(load_config(None, [*base, "data.corrupt=trust"]))
+    again = build_run_data(load_config(None, [*base, "data.corrupt=trust"]))
     assert again.train.source.samples == data.train.source.samples and opened == []
 
 
@@ -203,11 +204,11 @@ def test_an_unreadable_file_fails_or_leaves_its_batch(tmp_path: Path) -> None:
             f"data.index_cache={tmp_path / 'cache'}", "data.image_size=8"]
     # start-up: the sampled check (here every file: fewer than 256) names the file
     with pytest.raises(DataError, match=r"001.jpg' is not a readable image \(1 in a sample"):
-        build_data(load_config(None, base))
-    data = build_data(load_config(None, [*base, "data.corrupt=skip"]))
+        build_run_data(load_config(None, base))
+    data = build_run_data(load_config(None, [*base, "data.corrupt=skip"]))
     assert data.skipped_files == 1 and len(data.train) == 5
     # lazily (trust: no start-up check): the batch that holds it fails, naming it ...
-    folder = build_data(load_config(None, [*base, "data.corrupt=trust"])).train.source
+    folder = build_run_data(load_config(None, [*base, "data.corrupt=trust"])).train.source
     strict = stream(folder, 6)
     strict.set_epoch(0)
     with pytest.raises(DataError, match="001.jpg' is not a readable image.*data.corrupt=skip"):

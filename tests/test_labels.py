@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ssl_ema.config import load_config
-from ssl_ema.data.datasets import build_data, digits_split
+from ssl_ema.data.datasets import digits_split
 from ssl_ema.data.labels import per_class_subset, stratified_split
 from ssl_ema.data.noisy_labels import (
     attach_noisy_labels,
@@ -19,6 +19,7 @@ from ssl_ema.data.noisy_labels import (
     load_cifar10n,
 )
 from ssl_ema.data.synthetic_noise import noise_rate, symmetric_noise
+from ssl_ema.engine.loaders import build_run_data
 from tests.conftest import SHARED_DATA
 
 CIFAR10N = SHARED_DATA / "cifar10n" / "CIFAR-10_human.pt"
@@ -41,7 +42,7 @@ def test_labelled_subset_is_by_count_per_class_and_seeded() -> None:
 def test_pseudo_label_bundle_splits_labelled_and_unlabelled() -> None:
     cfg = load_config(None, ["method.name=pseudo_label", "labels.per_class=4",
                              "pseudo_label.mu=3", "labels.val_fraction=0.2"])
-    data = build_data(cfg)
+    data = build_run_data(cfg)
     items = data.train.source
     y = digits_split()[2]
     val = np.asarray(data.val_eval.source.indices)
@@ -134,8 +135,8 @@ def labels_of(dataset: Dataset, workers: int = 0) -> np.ndarray:
 def test_symmetric_noise_in_a_run_flips_train_and_validation_not_test() -> None:
     base = ["method.name=supervised", "labels.val_fraction=0.2", "data.image_size=8",
             "data.num_workers=0"]
-    clean = build_data(load_config(None, base))
-    noisy = build_data(load_config(None, [*base, "labels.symmetric_noise=0.4"]))
+    clean = build_run_data(load_config(None, base))
+    noisy = build_run_data(load_config(None, [*base, "labels.symmetric_noise=0.4"]))
     assert clean.label_noise == {}
     # the same images are held out at every noise level; only their labels differ
     assert clean.val_eval.source.indices == noisy.val_eval.source.indices

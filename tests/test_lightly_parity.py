@@ -45,7 +45,7 @@ from lightly.utils.benchmarking import knn_predict
 from torch import nn
 
 from ssl_ema.config import load_config
-from ssl_ema.data.datasets import build_data
+from ssl_ema.engine.loaders import build_run_data
 from ssl_ema.engine.trainer import Trainer
 from ssl_ema.eval.evaluations import KNNEvaluation
 from ssl_ema.eval.features import extract_features
@@ -432,7 +432,7 @@ def test_recipe_views_are_lightlys_simclr_views(tmp_path: Path) -> None:
     """The loader pipeline builds their SimCLRTransform(input_size=32, cj_strength=0.5,
     gaussian_blur=0.0) with ImageNet statistics, the same for both views."""
     cfg = recipe("byol_r18_lightly.yaml", tmp_path, "data.image_size=32")
-    ours = build_data(cfg).train.transform
+    ours = build_run_data(cfg).train.transform
     theirs = SimCLRTransform(input_size=32, cj_strength=0.5, gaussian_blur=0.0)
     assert [described(t) for t in ours.transforms] == [described(t) for t in theirs.transforms]
 

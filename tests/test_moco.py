@@ -12,7 +12,7 @@ import yaml
 from lightly.loss import NTXentLoss
 
 from ssl_ema.config import ConfigError, dump_yaml, from_dict, load_config
-from ssl_ema.data.datasets import build_data
+from ssl_ema.engine.loaders import build_run_data
 from ssl_ema.methods import build_method
 from ssl_ema.methods.moco import KeyQueue, MoCo, MoCoConfig, _gather
 
@@ -82,7 +82,7 @@ def test_step_pushes_the_teacher_keys_of_the_second_view() -> None:
 def test_recipe_section_views_and_checks() -> None:
     cfg = load_config(None, [*SMALL, "moco.temperature=0.2"])
     assert cfg.section(MoCoConfig).temperature == 0.2
-    assert len(build_data(load_config(None, SMALL)).train[0]) == 3  # two views + label
+    assert len(build_run_data(load_config(None, SMALL)).train[0]) == 3  # two views + label
     with pytest.raises(ConfigError, match="moco.queue_size: 12 keys is fewer than one batch"):
         load_config(None, [*SMALL, "train.batch_schedule=[[1, 16]]", "train.epochs=2"])
     with pytest.raises(ConfigError, match="moco.temperature: must be positive"):

@@ -18,9 +18,11 @@ from torch import nn
 import ssl_ema
 from ssl_ema.config import ConfigError, load_config
 from ssl_ema.data.custom import given_data
-from ssl_ema.data.datasets import DataError, build_data
+from ssl_ema.data.datasets import DataError
+from ssl_ema.engine.loaders import build_run_data
 from ssl_ema.engine.run import refuse_given
 from ssl_ema.eval.trained import load_run
+from ssl_ema.methods.registry import method_data
 from ssl_ema.models.custom import backbone_builder
 from tests.conftest import ROOT
 
@@ -85,7 +87,7 @@ def test_given_data_converts_every_image_type_and_counts_classes() -> None:
     array = np.full((8, 8, 3), 255, dtype=np.uint8)  # (H, W, C) uint8 array
     pil = Image.new("L", (8, 8), 0)
     train = Items([grey, array, pil], [0, 4, 2])
-    bundle = given_data(cfg, train, train)
+    bundle = given_data(cfg, method_data(cfg), train, train)
     assert bundle.num_classes == 5 and bundle.in_chans == 3  # largest label + 1; RGB
     x, label = bundle.train_eval[0]
     assert x.shape == (3, 8, 8) and label == 0
@@ -97,23 +99,23 @@ def test_given_data_converts_every_image_type_and_counts_classes() -> None:
     assert bundle.train.source.targets.tolist() == [0, 4, 2]  # read from the items
     views = bundle.train[1]
     assert len(views) == 3 and views[0].shape == (3, 8, 8)  # BYOL's two views + the label
-    assert given_data(cfg, train, train, num_classes=7).num_classes == 7
+    assert given_data(cfg, method_data(cfg), train, train, num_classes=7).num_classes == 7
 
 
 def test_given_data_refuses_bad_sets() -> None:
     cfg = load_config(None, ["data.image_size=8"])
     ok = Items([torch.zeros(3, 8, 8)] * 2, [0, 1])
     with pytest.raises(DataError, match="train_set: expected a non-empty"):
-        given_data(cfg, Items([], []), ok)
+        given_data(cfg, method_data(cfg), Items([], []), ok)
     with pytest.raises(DataError, match="items must be"):
-        given_data(cfg, ok, Items(["not an image"], [0]))
+        given_data(cfg, method_data(cfg), ok, Items(["not an image"], [0]))
     with pytest.raises(DataError, match="at least 2"):
-        given_data(cfg, Items([torch.zeros(3, 8, 8)], [0]), ok)
+        given_data(cfg, method_data(cfg), Items([torch.zeros(3, 8, 8)], [0]), ok)
     with pytest.raises(ConfigError, match="give both train_set and test_set"):
         ssl_ema.train(None, train_set=ok)
     with pytest.raises(DataError, match="^data.dataset=given: the data sets are passed from "
                                         "Python"):  # e.g. tools/train.py data.dataset=given
-        build_data(load_config(None, ["data.dataset=given"]))
+        build_run_data(load_config(None, ["data.dataset=given"]))
 
 
 def test_labels_outside_the_classes_are_refused_up_front(tmp_path: Path) -> None:

@@ -1,5 +1,5 @@
-"""The method registry: everything that lists methods derives from it, so a new method file gets
-these generic checks for free (import cycles: test_imports.py)."""
+"""The method registry: everything that lists methods derives from it, so a new method gets these
+generic checks for free (import cycles and what may import what: test_imports.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from ssl_ema.config import CHOICES, CLASSIFICATION_METHODS, ConfigError, load_config
-from ssl_ema.data.datasets import build_data
+from ssl_ema.engine.loaders import build_run_data
 from ssl_ema.methods import METHODS, TeacherStudentMethod, build_method
+from ssl_ema.methods.registry import method_data
 
 # Tiny models on 8 px digits: the generic checks build every method in a second or two.
 TINY = ["data.image_size=8", "model.backbone=test_resnet", "model.cifar_stem=false",
@@ -43,7 +44,7 @@ def test_every_method_trains_on_its_own_batches(name: str) -> None:
     spec = METHODS[name]
     labels = [] if spec.labels != "none" else ["labels.per_class=0"]
     cfg = load_config(None, [*TINY, *labels, f"method.name={name}", *spec.tiny_overrides])
-    data = build_data(cfg)
+    data = build_run_data(cfg)
     method = build_method(cfg, data.in_chans, data.num_classes)
     batch = next(iter(DataLoader(data.train, batch_size=4)))
     out = method(batch)
@@ -75,7 +76,7 @@ def test_every_method_section_is_registered_in_its_own_file() -> None:
     shared = {f.name for f in dataclasses.fields(Config)}
     for name, spec in METHODS.items():
         if spec.section is not None:
-            assert spec.section.__module__ == f"ssl_ema.methods.{name}"
+            assert spec.section.__module__ == f"ssl_ema.methods.{name}_spec"
             assert spec.key not in shared
     assert {"dino", "moco", "supervised", "pseudo_label"} <= set(sections())
     cfg = load_config(None, ["dino.output_dim=64", "pseudo_label.mu=3"])
@@ -83,9 +84,11 @@ def test_every_method_section_is_registered_in_its_own_file() -> None:
     assert cfg.section(dino).output_dim == 64 and cfg.section(pseudo_label).mu == 3
     tree = to_dict(cfg)
     assert tree["dino"]["output_dim"] == 64 and tree["pseudo_label"]["mu"] == 3
-    # The data code reads mu and the strong views from the method, not from its section.
-    unlabelled = METHODS["pseudo_label"].unlabelled
-    assert unlabelled is not None and unlabelled(cfg).mu == 3
+    # The data code gets mu and the strong views from the engine (the method's, looked up once),
+    # not from its section.
+    unlabelled = method_data(load_config(None, ["method.name=pseudo_label", "labels.per_class=4",
+                                                "pseudo_label.mu=3"])).unlabelled
+    assert unlabelled is not None and unlabelled.mu == 3
 
 
 def test_a_semi_supervised_method_must_say_how_it_sees_unlabelled_images() -> None:

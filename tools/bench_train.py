@@ -33,9 +33,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from ssl_ema.config import Config, ConfigError, load_config
-from ssl_ema.data.datasets import Transformed, build_data
+from ssl_ema.data.datasets import Transformed
 from ssl_ema.data.device import DeviceTrainStream
 from ssl_ema.data.views import byol_rgb_views
+from ssl_ema.engine.loaders import build_run_data
 from ssl_ema.engine.tracking import read_metrics
 from ssl_ema.engine.trainer import Trainer
 
@@ -148,7 +149,7 @@ def lightly_loader(cfg: Config, tr: Trainer, steps: int, workers: int) -> dict[s
     d = cfg.data
     loader_cfg = load_config(None, [f"data.dataset={d.dataset}", f"data.root={d.root}",
                                     "data.corrupt=trust"])
-    source = build_data(loader_cfg).train.source
+    source = build_run_data(loader_cfg).train.source
     data = Transformed(source, byol_rgb_views(cfg.data.image_size, (0.5,) * 3, (0.5,) * 3))
     batch = tr.per_device[cfg.train.batch_size]
     loader = DataLoader(data, batch_size=batch, shuffle=True, drop_last=True,

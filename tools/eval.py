@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def evaluate_checkpoint(path: str, args: argparse.Namespace, device: torch.device
                         ) -> dict[str, ProbeResult]:
-    from ssl_ema.data.datasets import build_data
+    from ssl_ema.engine.loaders import build_run_data
     from ssl_ema.eval.protocols import embed, run_protocol
     from ssl_ema.eval.trained import load_run
 
@@ -73,10 +73,10 @@ def evaluate_checkpoint(path: str, args: argparse.Namespace, device: torch.devic
         nets = run.classifiers(args.roles)  # unknown role: error before any forward pass
         n_bn = args.recompute_bn if args.recompute_bn is not None else \
             run.cfg.ema.recompute_bn_batches
-        return classifier_protocol(nets, build_data(run.cfg), device, n_bn,
+        return classifier_protocol(nets, build_run_data(run.cfg), device, n_bn,
                                    run.cfg.data.num_workers)
     backbones = run.backbones(args.roles)  # unknown role: error before any forward pass
-    data = build_data(run.cfg)
+    data = build_run_data(run.cfg)
     k = args.k if args.k is not None else run.cfg.eval.knn_k
     t = args.temperature if args.temperature is not None else run.cfg.eval.knn_temperature
     key = cache_key(run.cfg.data, run.cfg.run.seed)

@@ -23,7 +23,7 @@ STARTED = time.monotonic()  # --stop-after counts from here: start-up is part of
 import argparse  # noqa: E402
 import sys  # noqa: E402
 
-from ssl_ema.engine.launch import train  # noqa: E402
+from ssl_ema.config import ConfigError, load_config  # noqa: E402  (imports no torch)
 from ssl_ema.engine.stop import exit_now  # noqa: E402
 
 
@@ -44,6 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     if recipe and "=" in recipe and not recipe.endswith((".yaml", ".yml")):
         recipe, overrides = None, [recipe, *overrides]  # only overrides after --resume
     stop_at = None if args.stop_after is None else STARTED + args.stop_after
+    if recipe is not None and args.resume is None:
+        try:  # a recipe's typo is one line before torch and the engine are imported (seconds)
+            load_config(recipe, overrides)
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    from ssl_ema.engine.launch import train
+
     return train(recipe, overrides, args.resume, stop_at)
 
 

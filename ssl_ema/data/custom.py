@@ -19,6 +19,7 @@ from torchvision.transforms.functional import to_pil_image
 
 from ssl_ema.config_schema import Config
 from ssl_ema.data.datasets import IMAGENET_MEAN, IMAGENET_STD, DataBundle, DataError, rgb_bundle
+from ssl_ema.data.method_data import MethodData
 
 
 def to_rgb(image: Any) -> Any:
@@ -66,9 +67,9 @@ def class_count(train: RGBImages, num_classes: int | None) -> int:
     return int(train.targets.max()) + 1
 
 
-def given_data(cfg: Config, train_set: Dataset, test_set: Dataset, num_classes: int | None = None,
-               mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD
-               ) -> DataBundle:
+def given_data(cfg: Config, method: MethodData, train_set: Dataset, test_set: Dataset,
+               num_classes: int | None = None, mean: Sequence[float] = IMAGENET_MEAN,
+               std: Sequence[float] = IMAGENET_STD) -> DataBundle:
     """The bundle `ssl_ema.data.datasets.build_data` finishes (labels, evaluation subsets):
     training views of ``train_set``; its plain images as the kNN bank; ``test_set`` as the
     held-out queries."""
@@ -87,7 +88,7 @@ def given_data(cfg: Config, train_set: Dataset, test_set: Dataset, num_classes: 
         raise DataError(f"num_classes={classes}: the labelled evaluation needs at least 2")
     for name, ds in (("train_set", train), ("test_set", test)):
         check_labels(name, ds.targets, classes)
-    return rgb_bundle(train, test, cfg, mean, std, classes)
+    return rgb_bundle(train, test, cfg, method, mean, std, classes)
 
 
 def check_labels(name: str, labels: np.ndarray, num_classes: int) -> None:

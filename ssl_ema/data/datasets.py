@@ -21,8 +21,8 @@ from ssl_ema.config_schema import Config, ConfigError
 from ssl_ema.data import views
 from ssl_ema.data.file_index import IMAGE_EXTENSIONS, IndexedFolder, cached_index
 from ssl_ema.data.labels import apply_labels
+from ssl_ema.data.method_data import MethodData
 from ssl_ema.data.seeded import SeededViews, Transformed
-from ssl_ema.methods.registry import method_spec
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN, CIFAR100_STD = (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
@@ -60,6 +60,7 @@ class DataBundle:
     # labels.symmetric_noise: requested and realised rates (training / validation labels that
     # differ from the true ones); empty without synthetic noise
     label_noise: dict[str, float] = field(default_factory=dict)
+    method: MethodData | None = None  # what the method trains on (set by build_data)
 
 
 # What PIL raises for a file that is not a readable image (UnidentifiedImageError is an OSError).
@@ -209,12 +210,7 @@ def digits_split(seed: int = 0, test_fraction: float = 0.2) -> tuple[np.ndarray,
     )
 
 
-def _train_views(cfg: Config, family: str, mean: Any, std: Any) -> views.Transform:
-    """The registered method's loader-pipeline views for the image family ("digits", "rgb")."""
-    return method_spec(cfg.method.name).loader_views(cfg, family, mean, std)
-
-
-def build_digits(cfg: Config) -> DataBundle:
+def build_digits(cfg: Config, method: MethodData) -> DataBundle:
     x_train, x_test, y_train, y_test = digits_split()
     mean, std = float(x_train.mean()), float(x_train.std())
     size = cfg.data.image_size
@@ -225,7 +221,7 @@ def build_digits(cfg: Config) -> DataBundle:
     train = TensorImages(images(x_train), torch.from_numpy(y_train))
     test = TensorImages(images(x_test), torch.from_numpy(y_test))
     return DataBundle(
-        train=SeededViews(train, _train_views(cfg, "digits", mean, std), cfg.run.seed),
+        train=SeededViews(train, method.loader_views("digits", mean, std), cfg.run.seed),
         train_eval=Transformed(train, views.digits_eval(size, mean, std)),
         test_eval=Transformed(test, views.digits_eval(size, mean, std)),
         num_classes=10,
@@ -233,7 +229,7 @@ def build_digits(cfg: Config) -> DataBundle:
     )
 
 
-def rgb_bundle(train: Any, test: Any, cfg: Config, mean: Sequence[float],
+def rgb_bundle(train: Any, test: Any, cfg: Config, method: MethodData, mean: Sequence[float],
                std: Sequence[float], num_classes: int) -> DataBundle:
     """A bundle of RGB ``(PIL image, label)`` sources: the method's training views, and the
     plain evaluation transform."""
@@ -241,7 +237,7 @@ def rgb_bundle(train: Any, test: Any, cfg: Config, mean: Sequence[float],
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     size, m, s = cfg.data.image_size, tuple(mean), tuple(std)
     return DataBundle(
-        train=SeededViews(train, _train_views(cfg, "rgb", m, s), cfg.run.seed),
+        train=SeededViews(train, method.loader_views("rgb", m, s), cfg.run.seed),
         train_eval=Transformed(train, views.rgb_eval(size, m, s)),
         test_eval=Transformed(test, views.rgb_eval(size, m, s)),
         num_classes=num_classes,
@@ -251,7 +247,7 @@ def rgb_bundle(train: Any, test: Any, cfg: Config, mean: Sequence[float],
     )
 
 
-def build_cifar(cfg: Config) -> DataBundle:
+def build_cifar(cfg: Config, method: MethodData) -> DataBundle:
     from torchvision.datasets import CIFAR10, CIFAR100
 
     is10 = cfg.data.dataset == "cifar10"
@@ -268,10 +264,10 @@ def build_cifar(cfg: Config) -> DataBundle:
             f"set data.root to the folder that holds {folder}/, or run once with internet access"
         ) from e
     mean, std = (CIFAR10_MEAN, CIFAR10_STD) if is10 else (CIFAR100_MEAN, CIFAR100_STD)
-    return rgb_bundle(train, test, cfg, mean, std, len(train.classes))
+    return rgb_bundle(train, test, cfg, method, mean, std, len(train.classes))
 
 
-def build_imagefolder(cfg: Config) -> DataBundle:
+def build_imagefolder(cfg: Config, method: MethodData) -> DataBundle:
     from torchvision.datasets import ImageFolder
 
     root = Path(cfg.data.root)
@@ -305,13 +301,13 @@ def build_imagefolder(cfg: Config) -> DataBundle:
         mean, std = CIFAR10_MEAN, CIFAR10_STD
     else:
         mean, std = IMAGENET_MEAN, IMAGENET_STD
-    bundle = rgb_bundle(splits["train"], splits["test"], cfg, mean, std,
+    bundle = rgb_bundle(splits["train"], splits["test"], cfg, method, mean, std,
                          len(splits["train"].classes))
     bundle.skipped_files = skipped
     return bundle
 
 
-BUILDERS: dict[str, Callable[[Config], DataBundle]] = {
+BUILDERS: dict[str, Callable[[Config, MethodData], DataBundle]] = {
     "digits": build_digits,
     "cifar10": build_cifar,
     "cifar100": build_cifar,
@@ -319,20 +315,20 @@ BUILDERS: dict[str, Callable[[Config], DataBundle]] = {
 }
 
 
-def build_data(cfg: Config, given: DataBundle | None = None) -> DataBundle:
-    """Build the data a recipe names, or take the bundle of data sets ``given`` from Python
-    (`ssl_ema.data.custom`); then the labels and evaluation subsets. Raises DataError with the
-    fix when data is missing."""
+def build_data(cfg: Config, method: MethodData, given: DataBundle | None = None) -> DataBundle:
+    """Build the data a recipe names with ``method``'s training views (the engine looks them up:
+    `ssl_ema.methods.registry.method_data`), or take the bundle of data sets ``given`` from
+    Python (`ssl_ema.data.custom`); then the labels and evaluation subsets. Raises DataError
+    with the fix when data is missing."""
     if given is None and cfg.data.dataset == "given":
         raise DataError("data.dataset=given: the data sets are passed from Python "
                         "(ssl_ema.train(train_set=..., test_set=...)); name a data set here")
-    bundle = BUILDERS[cfg.data.dataset](cfg) if given is None else given
+    bundle = BUILDERS[cfg.data.dataset](cfg, method) if given is None else given
+    bundle.method = method
     if cfg.data.train_per_class:
         keep_first_per_class(bundle.train.source, cfg.data.train_per_class)
-    spec = method_spec(cfg.method.name)
-    if spec.labels != "none":  # splits, noisy labels, labelled subset
-        unlabelled = spec.unlabelled(cfg) if spec.unlabelled is not None else None
-        bundle = apply_labels(bundle, cfg, unlabelled)
+    if method.labels != "none":  # splits, noisy labels, labelled subset
+        bundle = apply_labels(bundle, cfg, method.unlabelled)
     n, seed = cfg.data.eval_subset, cfg.run.seed
     bundle.train_eval = _subset(bundle.train_eval, n, seed)
     bundle.test_eval = _subset(bundle.test_eval, n, seed + 1)
@@ -346,7 +342,7 @@ def check_knn_bank(cfg: Config, data: DataBundle) -> None:
     query would then vote over the whole bank, a score of class frequencies and similarities
     rather than of neighbours."""
     k, bank = cfg.eval.knn_k, len(data.train_eval)  # type: ignore[arg-type]
-    if method_spec(cfg.method.name).evaluation == "knn" and k > bank:
+    if data.method is not None and data.method.evaluation == "knn" and k > bank:
         subset = f" (data.eval_subset={cfg.data.eval_subset})" if cfg.data.eval_subset else ""
         raise DataError(f"eval.knn_k={k} is more than the {bank} training images of the kNN "
                         f"bank{subset}; set eval.knn_k to at most {bank} (20 suits about 150 "

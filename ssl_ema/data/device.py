@@ -28,18 +28,17 @@ from ssl_ema.data import gpu_augment
 from ssl_ema.data.datasets import DataBundle, DataError
 from ssl_ema.data.device_classify import ClassifyStream, classify_streams
 from ssl_ema.data.gpu_augment import ViewParams, ViewSpec
+from ssl_ema.data.method_data import MethodData
 from ssl_ema.data.uint8 import check_fits, decode_uint8
-from ssl_ema.methods.registry import method_spec
 
 
-def view_specs(cfg: Config) -> tuple[ViewSpec, ...]:
-    """The registered method's view distributions on the device (config_checks refuses
+def view_specs(method: MethodData | None) -> tuple[ViewSpec, ...]:
+    """The method's view distributions on the device (config_checks refuses
     data.pipeline=device for a method that has none)."""
-    device_views = method_spec(cfg.method.name).device_views
-    if device_views is None:
-        raise DataError(f"method {cfg.method.name} has no device-pipeline views; use "
-                        "data.pipeline=loader")
-    return device_views(cfg)
+    if method is None or method.device_views is None:
+        name = "this method" if method is None else f"method {method.name}"
+        raise DataError(f"{name} has no device-pipeline views; use data.pipeline=loader")
+    return method.device_views()
 
 
 class DeviceTrainStream:
@@ -134,14 +133,14 @@ def device_streams(bundle: DataBundle, cfg: Config, per_device: dict[int, int],
     workers = cfg.data.num_workers
     mean, std, flags = bundle.mean, bundle.std, cfg.train
     train: dict[int, TrainStream]
-    if method_spec(cfg.method.name).device_classify:  # weak (+ strong) views with labels
+    if bundle.method is not None and bundle.method.device_classify:  # weak (+ strong), labels
         train, train_x, train_y = classify_streams(bundle, cfg, per_device, device, rank, world)
     else:
         train_source, _ = _source(bundle.train)  # type: ignore[arg-type]
         train_x, train_y = decode_uint8(train_source, workers)
         check_fits(train_x, device)
         train_x, train_y = train_x.to(device), train_y.to(device)
-        train = {b: DeviceTrainStream(train_x, train_y, view_specs(cfg), mean, std, per,
+        train = {b: DeviceTrainStream(train_x, train_y, view_specs(bundle.method), mean, std, per,
                                       seed=cfg.run.seed, rank=rank, world=world,
                                       channels_last=flags.channels_last, compile=flags.compile)
                  for b, per in per_device.items()}

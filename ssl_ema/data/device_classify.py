@@ -35,7 +35,6 @@ from ssl_ema.data.datasets import DataBundle
 from ssl_ema.data.gpu_randaugment import draw_ops, rand_augment
 from ssl_ema.data.labels import LabelledUnlabelled
 from ssl_ema.data.uint8 import check_fits, decode_uint8
-from ssl_ema.methods.registry import method_spec
 
 
 @dataclass(frozen=True)
@@ -233,9 +232,9 @@ def classify_streams(bundle: DataBundle, cfg: Config, per_device: dict[int, int]
     flags = {"seed": cfg.run.seed, "rank": rank, "world": world,
              "channels_last": cfg.train.channels_last}
     if isinstance(data, LabelledUnlabelled):
-        spec = method_spec(cfg.method.name)
-        assert spec.unlabelled is not None  # LabelledUnlabelled data only for labels="semi"
-        strong = strong_spec(cfg.data.image_size, spec.unlabelled(cfg))
+        unlabelled = bundle.method.unlabelled if bundle.method is not None else None
+        assert unlabelled is not None  # LabelledUnlabelled data only for labels="semi"
+        strong = strong_spec(cfg.data.image_size, unlabelled)
         index = np.union1d(data.labelled, data.unlabelled)  # sorted: train_eval's order
         images, labels = decode_uint8(Subset(data.source, index.tolist()), workers)
         check_fits(images, device)

@@ -210,7 +210,8 @@ def jpeg_streams(bundle: DataBundle, cfg: Config, per_device: dict[int, int],
     folder = bundle.train.source
     if not isinstance(folder, IndexedFolder):
         raise DataError("data.pipeline=jpeg reads data.dataset=imagefolder folders")
-    return {b: JpegTrainStream(folder, view_specs(cfg), bundle.mean, bundle.std, per, device,
+    specs = view_specs(bundle.method)
+    return {b: JpegTrainStream(folder, specs, bundle.mean, bundle.std, per, device,
                                seed=cfg.run.seed, rank=rank, world=world,
                                num_workers=cfg.data.num_workers, corrupt=cfg.data.corrupt,
                                channels_last=cfg.train.channels_last)

@@ -30,6 +30,7 @@ from ssl_ema.engine.run import (
     saved_config,
 )
 from ssl_ema.engine.trainer import Trainer
+from ssl_ema.methods.registry import method_data
 from ssl_ema.models.custom import BackboneSource, describe
 
 ConfigSource = Config | str | Path | Mapping[str, Any] | None
@@ -98,7 +99,7 @@ def train(config: ConfigSource = None, overrides: Sequence[str] = (), *,
     cfg, run_dir, checkpoint = _run_target(config, overrides, resume)
     data = None
     if train_set is not None and test_set is not None:
-        data = given_data(cfg, train_set, test_set, num_classes, mean, std)
+        data = given_data(cfg, method_data(cfg), train_set, test_set, num_classes, mean, std)
     given = {**({} if train_set is None else {"train_set": describe(train_set),
                                               "test_set": describe(test_set)}),
              **({} if backbone is None else {"backbone": describe(backbone)})}

@@ -13,13 +13,20 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ssl_ema.config import Config, ConfigError
-from ssl_ema.data.datasets import DataBundle
+from ssl_ema.data.datasets import DataBundle, build_data
 from ssl_ema.data.device import TrainStream, device_streams
 from ssl_ema.data.jpeg import JpegTrainStream, jpeg_streams
+from ssl_ema.methods.registry import method_data
 
 EVAL_BATCH = 256
 Stream = TrainStream | JpegTrainStream  # batches made on the device, resumed by `iter_from`
 TrainBatches = DataLoader | Stream
+
+
+def build_run_data(cfg: Config, given: DataBundle | None = None) -> DataBundle:
+    """The run's data: the method looked up once, its views, labels and unlabelled stream handed
+    to `ssl_ema.data.datasets.build_data` (the data code reads no method registry)."""
+    return build_data(cfg, method_data(cfg), given)
 
 
 def per_device_batch(cfg: Config, world_size: int, batch: int | None = None) -> int:

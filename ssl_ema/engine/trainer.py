@@ -26,7 +26,7 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 
 from ssl_ema.config import Config, ConfigError
-from ssl_ema.data.datasets import DataBundle, build_data, check_knn_bank
+from ssl_ema.data.datasets import DataBundle, check_knn_bank
 from ssl_ema.ema import EMA
 from ssl_ema.engine.accelerator import build_accelerator
 from ssl_ema.engine.checkpoint import load_checkpoint, save_checkpoint
@@ -35,6 +35,7 @@ from ssl_ema.engine.header import header_text, run_header, write_run_files
 from ssl_ema.engine.loaders import (
     Stream,
     TrainBatches,
+    build_run_data,
     per_device_batch,
     prepare,
     worker_warning,
@@ -52,7 +53,8 @@ from ssl_ema.engine.trackers import TrackerMirror, start_trackers
 from ssl_ema.engine.tracking import MetricsLog
 from ssl_ema.eval.context import EvalContext
 from ssl_ema.eval.evaluations import Evaluation, build_evaluation
-from ssl_ema.methods import TeacherStudentMethod, build_method
+from ssl_ema.methods.base import TeacherStudentMethod
+from ssl_ema.methods.registry import build_method
 from ssl_ema.models.backbones import given_backbone
 from ssl_ema.models.custom import BackboneSource, backbone_builder
 from ssl_ema.schedules import batch_at_epoch
@@ -101,7 +103,7 @@ class Trainer:
         self.per_device = {b: per_device_batch(cfg, world, b) for b in self.batches}
         local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
         # data errors surface before any model is built, and before any warning
-        self.data: DataBundle = build_data(cfg, data)
+        self.data: DataBundle = build_run_data(cfg, data)
         check_knn_bank(cfg, self.data)
         if (note := worker_warning(cfg.data.num_workers, local)) and \
                 self.accelerator.is_local_main_process:

@@ -1,27 +1,23 @@
-"""Methods: one file each, registered in `ssl_ema.methods.registry` when imported.
-
-Every module of this package is imported here (in name order), so a new method is one new file:
-its ``register(MethodSpec(...))`` call makes it known to the config, the checks, the data
-pipelines and the tests.
+"""Methods: one module each (the ``nn.Module``), with a torch-free spec beside it
+(``<name>_spec.py``: its recipe section, checks and `MethodSpec`), registered explicitly in
+`ssl_ema.methods.registry`. Importing this package imports no method module and no torch.
 """
 
 from __future__ import annotations
 
 import importlib
-import pkgutil
+from typing import TYPE_CHECKING, Any
 
-from ssl_ema.config_schema import Config
-from ssl_ema.methods.base import TeacherStudentMethod
-from ssl_ema.methods.registry import METHODS, MethodSpec, method_spec
+from ssl_ema.methods.registry import METHODS, MethodSpec, build_method, method_spec
 
-for _module in pkgutil.iter_modules(__path__):
-    importlib.import_module(f"{__name__}.{_module.name}")
+if TYPE_CHECKING:
+    from ssl_ema.methods.base import TeacherStudentMethod
 
 
-def build_method(cfg: Config, in_chans: int, num_classes: int = 0) -> TeacherStudentMethod:
-    """The registered method ``cfg.method.name``, for images of ``in_chans`` channels and (for
-    the classification methods) ``num_classes`` classes."""
-    return method_spec(cfg.method.name).build(cfg, in_chans, num_classes)
+def __getattr__(name: str) -> Any:
+    if name == "TeacherStudentMethod":  # the base class imports torch: on first use only
+        return importlib.import_module("ssl_ema.methods.base").TeacherStudentMethod
+    raise AttributeError(f"module 'ssl_ema.methods' has no attribute '{name}'")
 
 
 __all__ = ["METHODS", "MethodSpec", "TeacherStudentMethod", "build_method", "method_spec"]

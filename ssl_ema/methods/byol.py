@@ -15,10 +15,8 @@ from lightly.models.modules import BYOLPredictionHead, BYOLProjectionHead
 from torch import nn
 
 from ssl_ema.config_schema import Config
-from ssl_ema.data import gpu_augment, views
 from ssl_ema.data.batch import Views
 from ssl_ema.methods.base import TeacherStudentMethod
-from ssl_ema.methods.registry import MethodSpec, register
 from ssl_ema.models.backbones import backbone_from_config
 
 
@@ -57,7 +55,3 @@ class BYOL(TeacherStudentMethod):
         z0, z1 = self._teacher(view0), self._teacher(view1)  # (B, D), no graph
         loss = 0.5 * (self.criterion(p0, z1) + self.criterion(p1, z0))
         return {"loss": loss, "cosine": -loss.detach()}
-
-
-register(MethodSpec(name="byol", build=BYOL, loader_views=views.pair_views,
-                    device_views=gpu_augment.pair_specs, pair_views=True))

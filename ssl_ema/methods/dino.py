@@ -13,8 +13,7 @@ momentum goes through the EMA Scaling Rule (``prepare_step``), like the teacher'
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from lightly.loss import DINOLoss
@@ -22,45 +21,13 @@ from lightly.models.modules import DINOProjectionHead
 from lightly.models.modules.heads import ProjectionHead
 from torch import nn
 
-from ssl_ema.config_schema import Config, ConfigError
+from ssl_ema.config_schema import Config
 from ssl_ema.data import gpu_augment, views
 from ssl_ema.data.batch import Views
 from ssl_ema.methods.base import TeacherStudentMethod
-from ssl_ema.methods.registry import MethodSpec, register
+from ssl_ema.methods.dino_spec import DINOConfig
 from ssl_ema.models.backbones import backbone_from_config
 from ssl_ema.momentum import MomentumRule
-
-
-@dataclass(frozen=True)
-class DINOConfig:
-    """DINO (Caron et al. 2021); defaults are the paper's ViT-S/16 ImageNet values."""
-
-    hidden_dim: int = 2048
-    bottleneck_dim: int = 256
-    output_dim: int = 65536
-    head_batch_norm: bool = False  # BN in the head's MLP (DINO's use_bn_in_head)
-    norm_last_layer: bool = True  # weight-normalised last layer with fixed norm
-    student_temp: float = 0.1
-    teacher_temp: float = 0.04
-    warmup_teacher_temp: float = 0.04  # linear warm-up from here to teacher_temp ...
-    warmup_teacher_temp_epochs: float = 30.0  # ... over these epochs (of samples)
-    # Centre EMA c <- m c + (1 - m) mean(teacher output), once per forward pass: an EMA, so
-    # its momentum is scaled like the teacher's (per forward, batch / accumulation samples).
-    center_momentum: float = 0.9
-    freeze_last_layer_epochs: float = 1.0  # no gradient to the last layer early on
-    local_views: int = 6  # multi-crop: 2 global views + this many local views
-    local_size: int = 96  # side of the local views (global views: data.image_size)
-    global_scale: tuple[float, float] = (0.4, 1.0)
-    local_scale: tuple[float, float] = (0.05, 0.4)
-    # Linear layers of the head's MLP before the weight-normalised last layer (the official
-    # code's nlayers; lightly's CIFAR-10 benchmark uses 2) and their init: trunc_normal (std
-    # 0.02, bias 0: official DINO, lightly's DINOProjectionHead) or torch (PyTorch's defaults,
-    # which lightly's benchmark head keeps).
-    head_layers: int = 3
-    head_init: Literal["trunc_normal", "torch"] = "trunc_normal"
-    # true: views of one resolution go through the networks in one pass (official DINO, so
-    # BatchNorm sees them together); false: one pass per view, as lightly's benchmarks.
-    batch_views: bool = True
 
 
 def dino_head(input_dim: int, d: DINOConfig) -> DINOProjectionHead:
@@ -157,24 +124,3 @@ def device_views(cfg: Config) -> tuple[gpu_augment.ViewSpec, ...]:
     d = cfg.section(DINOConfig)
     return gpu_augment.dino_specs(cfg.data.image_size, d.local_size, d.local_views,
                                   d.global_scale, d.local_scale)
-
-
-def check(cfg: Config) -> None:
-    d = cfg.section(DINOConfig)
-    for key, value in {"output_dim": d.output_dim, "local_size": d.local_size,
-                       "student_temp": d.student_temp, "teacher_temp": d.teacher_temp,
-                       "warmup_teacher_temp": d.warmup_teacher_temp,
-                       "head_layers": d.head_layers}.items():
-        if value <= 0:
-            raise ConfigError(f"dino.{key}: must be positive, got {value}")
-    if not 0.0 <= d.center_momentum <= 1.0:
-        raise ConfigError(f"dino.center_momentum: a momentum must lie in [0, 1], got "
-                          f"{d.center_momentum}")
-
-
-register(MethodSpec(
-    name="dino", build=DINO, loader_views=loader_views, device_views=device_views,
-    section=DINOConfig, check=check,
-    tiny_overrides=("dino.output_dim=64", "dino.hidden_dim=32", "dino.bottleneck_dim=16",
-                    "dino.local_views=2", "dino.local_size=4", "optim.clip_grad_norm=0.5",
-                    "optim.weight_decay=0.04", "optim.weight_decay_end=0.4")))

@@ -21,7 +21,6 @@ concat_all_gather), so all ranks hold the same queue.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,23 +30,11 @@ from lightly.loss import NTXentLoss
 from lightly.models.modules import MoCoProjectionHead
 from torch import nn
 
-from ssl_ema.config_schema import Config, ConfigError
-from ssl_ema.data import gpu_augment, views
+from ssl_ema.config_schema import Config
 from ssl_ema.data.batch import Views
 from ssl_ema.methods.base import TeacherStudentMethod
-from ssl_ema.methods.registry import MethodSpec, register
+from ssl_ema.methods.moco_spec import MoCoConfig
 from ssl_ema.models.backbones import backbone_from_config
-
-
-@dataclass(frozen=True)
-class MoCoConfig:
-    """The ``moco:`` recipe section; defaults are lightly's CIFAR-10 benchmark values."""
-
-    hidden_dim: int = 512  # projection head MLP
-    output_dim: int = 128  # key / query dimension
-    temperature: float = 0.1
-    # Negatives: teacher keys of this many most recent images (samples, not batches).
-    queue_size: int = 4096
 
 
 class KeyQueue(nn.Module):
@@ -129,22 +116,3 @@ class MoCo(TeacherStudentMethod):
         if self.training:
             self.queue.push(_gather(k1))
         return {"loss": loss}
-
-
-def check(cfg: Config) -> None:
-    mc = cfg.section(MoCoConfig)
-    for key, value in {"hidden_dim": mc.hidden_dim, "output_dim": mc.output_dim,
-                       "temperature": mc.temperature, "queue_size": mc.queue_size}.items():
-        if value <= 0:
-            raise ConfigError(f"moco.{key}: must be positive, got {value}")
-    batch = max([cfg.train.batch_size, *(b for _, b in cfg.train.batch_schedule)])
-    if mc.queue_size < batch:
-        raise ConfigError(f"moco.queue_size: {mc.queue_size} keys is fewer than one batch "
-                          f"({batch}); the queue holds the negatives of several batches, so "
-                          "raise it (e.g. 4096) or lower the batch")
-
-
-register(MethodSpec(
-    name="moco", build=MoCo, loader_views=views.pair_views, device_views=gpu_augment.pair_specs,
-    pair_views=True, section=MoCoConfig, check=check,
-    tiny_overrides=("moco.hidden_dim=32", "moco.output_dim=16", "moco.queue_size=64")))

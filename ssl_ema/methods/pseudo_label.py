@@ -19,30 +19,17 @@ method without the unlabelled term), so this class extends `Supervised` rather t
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ssl_ema.config_schema import Config, ConfigError
+from ssl_ema.config_schema import Config
 from ssl_ema.data.batch import Semi
 from ssl_ema.data.classify_views import Unlabelled, WeakStrong, weak_strong
 from ssl_ema.losses.pseudo_label import pseudo_label_loss, pseudo_labels
-from ssl_ema.methods.registry import MethodSpec, register
+from ssl_ema.methods.pseudo_label_spec import PseudoLabelConfig
 from ssl_ema.methods.supervised import Supervised
-
-
-@dataclass(frozen=True)
-class PseudoLabelConfig:
-    """The ``pseudo_label:`` recipe section (Sohn et al. 2020; Busbridge et al. 2023, Sec. 3.3);
-    the defaults are FixMatch's CIFAR-10 values."""
-
-    threshold: float = 0.95  # tau: keep pseudo-labels whose teacher confidence is >= tau
-    mu: int = 7  # unlabelled images per labelled image in a batch
-    unlabelled_weight: float = 1.0  # lambda_u
-    randaugment_ops: int = 2  # strong views: torchvision RandAugment(ops, magnitude) + erasing
-    randaugment_magnitude: int = 10
 
 
 class PseudoLabel(Supervised):
@@ -89,20 +76,3 @@ def unlabelled(cfg: Config) -> Unlabelled:
 def views(cfg: Config, family: str, mean: Any, std: Any) -> WeakStrong:
     """Weak views of the labelled images; weak and strong views of the unlabelled ones."""
     return weak_strong(family, cfg.data.image_size, mean, std, unlabelled(cfg))
-
-
-def check(cfg: Config) -> None:
-    pl = cfg.section(PseudoLabelConfig)
-    if cfg.labels.per_class <= 0:
-        raise ConfigError("labels.per_class: pseudo_label needs a labelled subset; set it > 0 "
-                          "(e.g. 400 for CIFAR-10 with 4,000 labels)")
-    if not 0.0 <= pl.threshold <= 1.0:
-        raise ConfigError(f"pseudo_label.threshold: must lie in [0, 1], got {pl.threshold}")
-    if pl.mu < 1 or pl.unlabelled_weight < 0:
-        raise ConfigError(f"pseudo_label.mu must be >= 1 and pseudo_label.unlabelled_weight "
-                          f">= 0, got {pl.mu} and {pl.unlabelled_weight}")
-
-
-register(MethodSpec(name="pseudo_label", build=PseudoLabel, loader_views=views,
-                    labels="semi", unlabelled=unlabelled, section=PseudoLabelConfig,
-                    check=check, device_classify=True))

@@ -1,74 +1,37 @@
-"""The method registry: each method file registers one `MethodSpec`, and everything that used to
-list methods by name derives from it: the config's choices and sections (`ssl_ema.config`), the
-checks (`ssl_ema.config_checks`), the training views of each data pipeline (`ssl_ema.data`), and
-the tests' method lists.
+"""The method registry: the built-in methods, registered explicitly below, and any added from
+Python with :func:`register`. Everything that used to list methods by name derives from it: the
+config's choices and sections (`ssl_ema.config`), the checks (`ssl_ema.config_checks`), what the
+engine hands the data code (:func:`method_data`), and the tests' method lists.
 
-``ssl_ema/methods/__init__.py`` imports every module of this package, so importing anything from
-``ssl_ema.methods`` fills the registry; a new method is one new file (docs/ADDING_A_METHOD.md).
+A spec is torch-free (`ssl_ema.methods.spec`), so reading a recipe imports no method module; a
+method's module is imported when the method or its views are built. A new method is its module
+and its spec, added to ``BUILT_IN`` (docs/ADDING_A_METHOD.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+import dataclasses
+from typing import TYPE_CHECKING, Any
 
 from ssl_ema.config_schema import Config, ConfigError
+from ssl_ema.methods import byol_spec, dino_spec, moco_spec, pseudo_label_spec, supervised_spec
+from ssl_ema.methods.spec import Labels, MethodSpec, resolve_target
 
-if TYPE_CHECKING:  # annotation only: the registry imports nothing from ssl_ema.data
-    from ssl_ema.data.classify_views import Unlabelled
+if TYPE_CHECKING:  # annotation only: the registry imports no torch
+    from ssl_ema.data.method_data import MethodData
+    from ssl_ema.methods.base import TeacherStudentMethod
 
-# What a method trains on (`ssl_ema.data.labels`): "none" (self-supervised; labels ride along in
-# the batch for the kNN evaluation only), "all" (every training label), "semi" (a labelled
-# subset + unlabelled groups, FixMatch's batch).
-Labels = Literal["none", "all", "semi"]
-# (cfg, image family "digits" | "rgb", mean, std) -> the loader pipeline's per-sample transform.
-LoaderViews = Callable[[Config, str, Any, Any], Callable[..., Any]]
-# cfg -> the device pipeline's view distributions (`ssl_ema.data.gpu_augment.ViewSpec`s).
-DeviceViews = Callable[[Config], tuple[Any, ...]]
-
-
-@dataclass(frozen=True)
-class MethodSpec:
-    """Everything the rest of the package needs to know about a method, in one place."""
-
-    name: str  # method.name in recipes
-    build: Callable[[Config, int, int], Any]  # (cfg, in_chans, num_classes) -> the method
-    loader_views: LoaderViews
-    device_views: DeviceViews | None = None  # None: data.pipeline=device is refused ...
-    # ... unless the method trains on the classification streams (weak, + strong views with
-    # labels: `ssl_ema.data.device_classify`) instead of view pairs.
-    device_classify: bool = False
-    labels: Labels = "none"
-    # labels="semi" only: cfg -> how the unlabelled images are drawn and viewed
-    # (`ssl_ema.data.classify_views.Unlabelled`), read by the data code from the method.
-    unlabelled: Callable[[Config], Unlabelled] | None = None
-    section: type | None = None  # the method's own config dataclass ...
-    section_key: str = ""  # ... under this top-level recipe key (default: name)
-    # Cross-field checks of the method's own keys, run by `config_checks.validate`; raise
-    # ConfigError with a one-line fix.
-    check: Callable[[Config], None] | None = None
-    # Overrides that make the method tiny for the generic 8 px smoke tests (tests/); the
-    # shared TINY list there already shrinks the data, batch and BYOL-style heads.
-    tiny_overrides: tuple[str, ...] = ()
-    # Whether data.views (BYOL's or SimCLR's view pair) chooses this method's views.
-    pair_views: bool = False
-
-    @property
-    def key(self) -> str:
-        return self.section_key or self.name
-
-    @property
-    def evaluation(self) -> str:
-        """The method class's ``evaluation`` ("knn" or "classify", `ssl_ema.eval`)."""
-        return str(getattr(self.build, "evaluation", "knn"))
-
+BUILT_IN: tuple[MethodSpec, ...] = (byol_spec.SPEC, dino_spec.SPEC, moco_spec.SPEC,
+                                    pseudo_label_spec.SPEC, supervised_spec.SPEC)
 
 METHODS: dict[str, MethodSpec] = {}
 
 
 def register(spec: MethodSpec) -> MethodSpec:
-    """Add ``spec``; a second method of the same name (or section key) is a programming error."""
+    """Add ``spec``; a second method of the same name (or section key) is a programming error.
+    A class given as ``build`` names its own evaluation (`TeacherStudentMethod.evaluation`)."""
+    if not isinstance(spec.build, str) and hasattr(spec.build, "evaluation"):
+        spec = dataclasses.replace(spec, evaluation=str(spec.build.evaluation))
     if (spec.labels == "semi") != (spec.unlabelled is not None):
         raise ValueError(f"method '{spec.name}': labels='semi' and unlabelled go together")
     taken = {s.key for s in METHODS.values() if s.section is not None}
@@ -76,6 +39,10 @@ def register(spec: MethodSpec) -> MethodSpec:
         raise ValueError(f"method '{spec.name}' (section '{spec.key}') is registered twice")
     METHODS[spec.name] = spec
     return spec
+
+
+for _spec in BUILT_IN:
+    register(_spec)
 
 
 def method_spec(name: str) -> MethodSpec:
@@ -93,3 +60,33 @@ def sections() -> dict[str, type]:
 def classification_methods() -> tuple[str, ...]:
     """Methods that train on labels (supervised, pseudo-labelling)."""
     return tuple(name for name, s in METHODS.items() if s.labels != "none")
+
+
+def build_method(cfg: Config, in_chans: int, num_classes: int = 0) -> TeacherStudentMethod:
+    """The registered method ``cfg.method.name``, for images of ``in_chans`` channels and (for
+    the classification methods) ``num_classes`` classes."""
+    return method_spec(cfg.method.name).builder()(cfg, in_chans, num_classes)  # type: ignore
+
+
+def method_data(cfg: Config) -> MethodData:
+    """What the data code builds for ``cfg.method.name``: its views, labels and unlabelled
+    stream, looked up here once and handed to `ssl_ema.data.datasets.build_data`."""
+    from ssl_ema.data.method_data import MethodData
+
+    spec = method_spec(cfg.method.name)
+    loader_views = resolve_target(spec.loader_views)
+    device_views = None if spec.device_views is None else resolve_target(spec.device_views)
+    unlabelled = None if spec.unlabelled is None else resolve_target(spec.unlabelled)(cfg)
+
+    def views(family: str, mean: Any, std: Any) -> Any:
+        return loader_views(cfg, family, mean, std)
+
+    return MethodData(
+        name=spec.name, loader_views=views,
+        device_views=None if device_views is None else (lambda: device_views(cfg)),
+        device_classify=spec.device_classify, labels=spec.labels, unlabelled=unlabelled,
+        evaluation=spec.evaluation)
+
+
+__all__ = ["BUILT_IN", "METHODS", "Labels", "MethodSpec", "build_method", "classification_methods",
+           "method_data", "method_spec", "register", "sections"]

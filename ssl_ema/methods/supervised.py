@@ -10,25 +10,17 @@ Fine-tuning a pretrained backbone is this method with ``model.init_from``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ssl_ema.config_schema import Config, ConfigError
+from ssl_ema.config_schema import Config
 from ssl_ema.data import classify_views
 from ssl_ema.data.batch import Views
 from ssl_ema.methods.base import TeacherStudentMethod
-from ssl_ema.methods.registry import MethodSpec, register
+from ssl_ema.methods.supervised_spec import SupervisedConfig
 from ssl_ema.models.classifier import classifier_modules
-
-
-@dataclass(frozen=True)
-class SupervisedConfig:
-    """The ``supervised:`` recipe section."""
-
-    label_smoothing: float = 0.0
 
 
 class Supervised(TeacherStudentMethod):
@@ -51,14 +43,3 @@ class Supervised(TeacherStudentMethod):
 def weak_views(cfg: Config, family: str, mean: Any, std: Any) -> classify_views.WeakStrong:
     """Weak views (pad-crop + flip) only: every training image is labelled."""
     return classify_views.weak_strong(family, cfg.data.image_size, mean, std, None)
-
-
-def check(cfg: Config) -> None:
-    smoothing = cfg.section(SupervisedConfig).label_smoothing
-    if not 0.0 <= smoothing < 1.0:
-        raise ConfigError(f"supervised.label_smoothing: must lie in [0, 1), got {smoothing}")
-
-
-register(MethodSpec(name="supervised", build=Supervised, loader_views=weak_views,
-                    labels="all", section=SupervisedConfig, check=check,
-                    device_classify=True))
