@@ -37,7 +37,7 @@ from ssl_ema.config_schema import (  # the schema, re-exported for the layers ab
     dump_yaml,
     to_dict,
 )
-from ssl_ema.methods.registry import classification_methods
+from ssl_ema.methods.registry import classification_methods, section_key
 from ssl_ema.methods.registry import sections as method_sections
 
 # Methods that train a classifier on labels (`MethodSpec.labels`).
@@ -198,21 +198,57 @@ def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+# Keys that moved: old recipes and the config.yaml of older runs still load (and resume, and
+# match stored results: `ssl_ema.engine.run.config_changes` renames their flat keys too).
+MOVED_KEYS: dict[str, str] = {f"method.{k}": f"byol.{k}" for k in (
+    "projection_hidden_dim", "projection_dim", "prediction_hidden_dim")}
+
+
+def _move_old_keys(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` with every key of `MOVED_KEYS` at its new place; one given at both is an
+    error naming both."""
+    out = {k: dict(v) if isinstance(v, Mapping) else v for k, v in values.items()}
+    for old, new in MOVED_KEYS.items():
+        (old_section, key), (new_section, new_key) = old.split("."), new.split(".")
+        section = out.get(old_section)
+        if not isinstance(section, dict) or key not in section:
+            continue
+        target = out.setdefault(new_section, {})
+        if not isinstance(target, dict):
+            continue  # the section's own error comes when it is read
+        if new_key in target:
+            raise ConfigError(f"{old} and {new} are both given; keep {new} ({old} is its "
+                              "old name)")
+        target[new_key] = section.pop(key)
+    return out
+
+
+def _method_name(values: Mapping[str, Any]) -> str:
+    method = values.get("method")
+    name = method.get("name") if isinstance(method, Mapping) else None
+    return name if isinstance(name, str) else MethodConfig.name
+
+
 def _method_sections(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split the recipe's top level into `Config`'s own sections and the registered method
-    sections (every one present, with its defaults where the recipe has none)."""
+    """Split the recipe's top level into `Config`'s own sections and the run's method section
+    (with its defaults where the recipe has none). Another registered method's section is read
+    and checked like any, then left out: runs written before a config held only its own
+    method's section carry every method's defaults, and they must still load."""
     registered = method_sections()
     own = [f.name for f in dataclasses.fields(Config) if f.name != "sections"]
     clash = set(own) & set(registered)
     if clash:  # a programming error in a method file, not a user error
         raise TypeError(f"method sections {sorted(clash)} shadow Config's own sections")
+    run_key = section_key(_method_name(values))
     core: dict[str, Any] = {}
-    sections: dict[str, Any] = {key: cls() for key, cls in registered.items()}
+    sections: dict[str, Any] = {} if run_key is None else {run_key: registered[run_key]()}
     for key, value in values.items():
         if key in registered:
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{key}: expected a section of keys, got {value!r}")
-            sections[key] = _build(registered[key], value, f"{key}.")
+            section = _build(registered[key], value, f"{key}.")
+            if key == run_key:
+                sections[key] = section
         elif key in own:
             core[key] = value
         else:
@@ -223,7 +259,7 @@ def _method_sections(values: Mapping[str, Any]) -> tuple[dict[str, Any], dict[st
 
 def from_dict(values: Mapping[str, Any]) -> Config:
     """Build and validate a :class:`Config` from nested plain values."""
-    core, sections = _method_sections(values)
+    core, sections = _method_sections(_move_old_keys(values))
     cfg = dataclasses.replace(_build(Config, core, ""), sections=sections)
     validate(cfg)
     return cfg
@@ -272,6 +308,6 @@ def _yaml_problem(e: yaml.YAMLError) -> str:
 __all__ = [
     "CHOICES", "CLASSIFICATION_METHODS", "Config", "ConfigError", "DataConfig", "EMAConfig",
     "EvalConfig", "LabelsConfig", "MethodConfig", "ModelConfig", "OptimConfig", "RunConfig",
-    "ScalingConfig", "TrainConfig",
+    "ScalingConfig", "TrainConfig", "MOVED_KEYS",
     "dump_yaml", "from_dict", "load_config", "parse_overrides", "to_dict",
 ]

@@ -3,8 +3,9 @@
 A recipe holds only the differences from the defaults below. This module is the bottom of the
 package: models, data and methods import their types from here; `ssl_ema.config` (the loader)
 sits above the method registry and builds a `Config` from YAML and overrides. A method's own
-section (e.g. ``moco``) is a dataclass in the method's file, held in ``Config.sections`` and read
-with ``cfg.section(MoCoConfig)``.
+section (e.g. ``moco``) is a dataclass in the method's spec (``methods/moco_spec.py``); a
+`Config` holds the run's method's section only, in ``Config.sections``, read with
+``cfg.section(MoCoConfig)``.
 """
 
 from __future__ import annotations
@@ -110,9 +111,6 @@ class ModelConfig:
 @dataclass(frozen=True)
 class MethodConfig:
     name: str = "byol"
-    projection_hidden_dim: int = 4096
-    projection_dim: int = 256
-    prediction_hidden_dim: int = 4096
     # Teacher momentum rho in teacher <- rho*teacher + (1-rho)*student, cosine from
     # momentum to momentum_end over training (BYOL, Grill et al. 2020, Sec. 3.2).
     momentum: float = 0.99
@@ -234,12 +232,12 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     labels: LabelsConfig = field(default_factory=LabelsConfig)
-    # Sections that methods register with their own dataclass (`ssl_ema.methods.registry`),
-    # by top-level key; `section` reads one, its defaults when the recipe has none.
+    # The run's method's own section (a dataclass registered with the method,
+    # `ssl_ema.methods.registry`), by its top-level key; `section` reads it (defaults if absent).
     sections: dict[str, Any] = field(default_factory=dict)
 
     def section(self, cls: type[T]) -> T:
-        """The registered method section of type ``cls`` (its defaults if absent)."""
+        """The method section of type ``cls`` (its defaults if the run's method has another)."""
         for value in self.sections.values():
             if type(value) is cls:
                 return value

@@ -4,6 +4,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 from ssl_ema.config import ConfigError, load_config, parse_overrides
 from tests.conftest import ROOT, python
@@ -126,3 +127,33 @@ def test_exponent_floats_without_a_dot_are_numbers() -> None:
 def test_a_nan_string_is_not_a_number() -> None:
     with pytest.raises(ConfigError, match="optim.lr: expected a number, got 'nan'"):
         load_config(None, ["optim.lr=nan"])
+
+
+def test_configs_of_older_runs_load_resume_and_match(tmp_path: Path) -> None:
+    """Older config.yaml files hold every method's section and BYOL's heads under method:;
+    they load (the heads moved to byol:), resume (check_same_run) and match stored results."""
+    from ssl_ema.config import from_dict, to_dict
+    from ssl_ema.engine.run import check_same_run, config_changes, flatten
+    from ssl_ema.methods.byol_spec import BYOLConfig
+    from ssl_ema.methods.registry import sections
+
+    cfg = load_config(ROOT / "recipes" / "quickstart.yaml")
+    old = to_dict(cfg)
+    old["method"].update(old.pop("byol"))  # BYOL's heads where they were
+    old.update({key: {} for key in sections() if key != "byol"})  # every method's section
+    assert "projection_dim" in old["method"] and "dino" in old
+    again = from_dict(old)
+    assert again == cfg and again.section(BYOLConfig).projection_dim == 128
+    assert config_changes(flatten(old), cfg, set()) == []
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(old, sort_keys=False))
+    check_same_run(run_dir, cfg)
+    changed = load_config(ROOT / "recipes" / "quickstart.yaml", ["byol.projection_dim=64"])
+    with pytest.raises(ConfigError, match="byol.projection_dim: 128 -> 64"):
+        check_same_run(run_dir, changed)
+    with pytest.raises(ConfigError, match="method.projection_dim and byol.projection_dim"):
+        load_config(ROOT / "recipes" / "quickstart.yaml", ["method.projection_dim=64"])
+    # An older recipe's heads under method: still load, into byol:.
+    assert load_config(None, ["method.projection_dim=64"]).section(BYOLConfig).projection_dim \
+        == 64

@@ -279,8 +279,8 @@ def test_byol_imagenet_recipe_trains_and_resumes_exactly(tmp_path: Path) -> None
     root = jpeg_folder(tmp_path / "imgs", per_class=8)
     tiny = [f"data.root={root}", f"data.index_cache={tmp_path / 'cache'}",
             f"run.output_dir={tmp_path}", "data.image_size=32", "data.num_workers=0",
-            "data.eval_subset=6", "model.backbone=test_resnet", "method.projection_hidden_dim=32",
-            "method.projection_dim=16", "method.prediction_hidden_dim=32",
+            "data.eval_subset=6", "model.backbone=test_resnet", "byol.projection_hidden_dim=32",
+            "byol.projection_dim=16", "byol.prediction_hidden_dim=32",
             "train.batch_size=4", "train.max_steps=2", "train.checkpoint_every=1",
             "train.keep_checkpoints=3",
             "train.mixed_precision=no", "train.channels_last=false", "train.log_every=1",
@@ -305,8 +305,8 @@ def test_bench_jpeg_runs_on_a_cpu(tmp_path: Path, tools_env: dict[str, str]) -> 
     args = ["--dir", str(tmp_path / "jpegs"), "--images", "24", "--test-images", "8",
             "--classes", "2", "--size", "40x30", "--batch", "4", "--warmup", "1", "--steps",
             "1", "--workers", "1", "model.backbone=test_resnet", "data.image_size=16",
-            "method.projection_hidden_dim=16", "method.prediction_hidden_dim=16",
-            "method.projection_dim=8", "eval.knn_k=3"]
+            "byol.projection_hidden_dim=16", "byol.prediction_hidden_dim=16",
+            "byol.projection_dim=8", "eval.knn_k=3"]
     proc = subprocess.run([sys.executable, str(tool), *args], capture_output=True, text=True,
                           env=tools_env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

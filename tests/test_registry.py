@@ -16,8 +16,8 @@ from ssl_ema.methods.registry import method_data
 
 # Tiny models on 8 px digits: the generic checks build every method in a second or two.
 TINY = ["data.image_size=8", "model.backbone=test_resnet", "model.cifar_stem=false",
-        "method.projection_hidden_dim=16", "method.projection_dim=8",
-        "method.prediction_hidden_dim=16", "train.batch_size=4", "labels.per_class=8",
+        "byol.projection_hidden_dim=16", "byol.projection_dim=8",
+        "byol.prediction_hidden_dim=16", "train.batch_size=4", "labels.per_class=8",
         "pseudo_label.mu=2"]
 
 
@@ -68,8 +68,9 @@ def test_byol_with_a_vit_honours_patch_size() -> None:
 
 
 def test_every_method_section_is_registered_in_its_own_file() -> None:
-    """Config holds only the sections every run shares; each method's keys are its own
-    dataclass, in its file, read with cfg.section and written back to resolved.yaml."""
+    """Config's own fields are the sections every run shares; each method's keys are its own
+    dataclass, in its spec, read with cfg.section, and a run's config.yaml holds its own
+    method's section only (the others are checked, then left out)."""
     from ssl_ema.config import Config, to_dict
     from ssl_ema.methods.registry import sections
 
@@ -78,12 +79,15 @@ def test_every_method_section_is_registered_in_its_own_file() -> None:
         if spec.section is not None:
             assert spec.section.__module__ == f"ssl_ema.methods.{name}_spec"
             assert spec.key not in shared
-    assert {"dino", "moco", "supervised", "pseudo_label"} <= set(sections())
-    cfg = load_config(None, ["dino.output_dim=64", "pseudo_label.mu=3"])
+    assert {"byol", "dino", "moco", "supervised", "pseudo_label"} <= set(sections())
+    cfg = load_config(None, ["method.name=dino", "dino.output_dim=64", "pseudo_label.mu=3"])
     dino, pseudo_label = (sections()[k] for k in ("dino", "pseudo_label"))
-    assert cfg.section(dino).output_dim == 64 and cfg.section(pseudo_label).mu == 3
+    assert cfg.section(dino).output_dim == 64 and cfg.section(pseudo_label).mu == 7  # its default
     tree = to_dict(cfg)
-    assert tree["dino"]["output_dim"] == 64 and tree["pseudo_label"]["mu"] == 3
+    assert tree["dino"]["output_dim"] == 64
+    assert not {"byol", "moco", "supervised", "pseudo_label"} & set(tree)
+    with pytest.raises(ConfigError, match="unknown key 'moco.queu'"):
+        load_config(None, ["method.name=dino", "moco.queu=3"])
     # The data code gets mu and the strong views from the engine (the method's, looked up once),
     # not from its section.
     unlabelled = method_data(load_config(None, ["method.name=pseudo_label", "labels.per_class=4",

@@ -21,8 +21,8 @@ pytestmark = pytest.mark.slow  # trains, or runs the tools, through the real tra
 # backbone's size, and ResNet-18 made them most of the suite's time.
 TINY = ["data.image_size=8", "data.num_workers=0", "data.eval_subset=64",
         "model.backbone=test_resnet", "model.cifar_stem=false",
-        "method.projection_hidden_dim=32", "method.projection_dim=16",
-        "method.prediction_hidden_dim=32", "optim.name=sgd", "optim.lr=0.05",
+        "byol.projection_hidden_dim=32", "byol.projection_dim=16",
+        "byol.prediction_hidden_dim=32", "optim.name=sgd", "optim.lr=0.05",
         "optim.warmup_epochs=0", "train.batch_size=16", "train.grad_accumulation=2",
         "train.epochs=1", "train.max_steps=3", "train.log_every=1", "eval.every_epochs=0",
         "scaling.reference_batch=16",

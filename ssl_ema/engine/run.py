@@ -24,6 +24,7 @@ from accelerate.utils import broadcast_object_list
 from accelerate.utils.constants import RNG_STATE_NAME
 
 from ssl_ema.config import (
+    MOVED_KEYS,
     Config,
     ConfigError,
     _yaml_problem,
@@ -124,6 +125,7 @@ def config_changes(saved: dict[str, object], cfg: Config,
     defaults to the behaviour from before it. So runs resume, and stored results stay valid,
     across versions that only add options; a changed default still counts as a change (the
     saved config holds the old value)."""
+    saved = {MOVED_KEYS.get(k, k): v for k, v in saved.items()}  # older runs' key names
     now = flatten(to_dict(cfg))
     defaults = _defaults()
     return [(k, saved.get(k), now[k]) for k in sorted(now)

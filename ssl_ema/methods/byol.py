@@ -17,12 +17,13 @@ from torch import nn
 from ssl_ema.config_schema import Config
 from ssl_ema.data.batch import Views
 from ssl_ema.methods.base import TeacherStudentMethod
+from ssl_ema.methods.byol_spec import BYOLConfig
 from ssl_ema.models.backbones import backbone_from_config
 
 
 class BYOL(TeacherStudentMethod):
     def __init__(self, cfg: Config, in_chans: int, num_classes: int = 0):
-        m = cfg.method
+        m = cfg.section(BYOLConfig)
 
         def build() -> dict[str, nn.Module]:
             backbone = backbone_from_config(cfg, in_chans)

@@ -57,6 +57,12 @@ def sections() -> dict[str, type]:
     return {s.key: s.section for s in METHODS.values() if s.section is not None}
 
 
+def section_key(name: str) -> str | None:
+    """The recipe key of method ``name``'s own section; None without one (or unknown)."""
+    spec = METHODS.get(name)
+    return spec.key if spec is not None and spec.section is not None else None
+
+
 def classification_methods() -> tuple[str, ...]:
     """Methods that train on labels (supervised, pseudo-labelling)."""
     return tuple(name for name, s in METHODS.items() if s.labels != "none")
@@ -89,4 +95,4 @@ def method_data(cfg: Config) -> MethodData:
 
 
 __all__ = ["BUILT_IN", "METHODS", "Labels", "MethodSpec", "build_method", "classification_methods",
-           "method_data", "method_spec", "register", "sections"]
+           "method_data", "method_spec", "register", "section_key", "sections"]
