@@ -100,6 +100,14 @@ def test_no_import_cycles() -> None:
     assert cycles(import_graph()) == []
 
 
+def test_eval_imports_nothing_from_the_engine() -> None:
+    """Finished runs are read through `ssl_ema.run_files`, below both."""
+    graph = import_graph()
+    up = {(m, t) for m, targets in graph.items() if m.startswith("ssl_ema.eval")
+          for t in targets if t.startswith("ssl_ema.engine")}
+    assert up == set()
+
+
 def test_data_imports_nothing_from_methods() -> None:
     """The engine looks the method up and hands the data code its views (`MethodData`)."""
     graph = import_graph()

@@ -10,22 +10,17 @@ Writing: the folder is written under a temporary name, every file is fsynced, th
 an interrupted save never hides the previous checkpoint and a folder without a manifest is
 never taken for one. A failed write (disk full, read-only directory) on any process stops every
 process with :class:`CheckpointWriteError` and removes the half-written folder.
-Reading: :func:`damage` compares the files with the manifest (a missing or truncated file, a
-changed byte); :func:`newest_intact` is the one place that picks a run's checkpoint, for a
-resume and for the tools that read a run (eval, export, transfer) alike: the newest intact one,
-with a warning line for each damaged newer one. Only intact checkpoints count towards
-``train.keep_checkpoints``. Folders in ``checkpoints/`` that are not named ``step_NNNNNNNN``
-(``step_00000017.bak``, a file manager's ``step_00000017 (copy)``) are ignored with a warning.
+Reading (the checks against the manifest, the one picker of a run's checkpoint) is
+`ssl_ema.run_files`, below the engine and the evaluation alike. Only intact checkpoints count
+towards ``train.keep_checkpoints``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,55 +28,26 @@ import torch
 from accelerate import Accelerator
 from safetensors import SafetensorError
 
-from ssl_ema.config import ConfigError
+from ssl_ema.run_files import (
+    COUNTERS,
+    MANIFEST,
+    PREFIX,
+    TMP,
+    checkpoints,
+    damage,
+    intact,
+    is_intact,
+    sha256,
+    warn,
+)
 
-PREFIX = "step_"
-COUNTERS = "counters.json"
-MANIFEST = "manifest.json"
-TMP = ".tmp-"  # a save in progress (or interrupted): never a checkpoint
-NAME = re.compile(rf"{PREFIX}(\d+)")
 # What a failed write raises: OSError from Python's own writes, SafetensorError (safetensors,
 # the model) and RuntimeError (torch.save's "PytorchStreamWriter failed writing file") from
 # the libraries', which report a full disk without an errno.
 WRITE_ERRORS = (OSError, SafetensorError, RuntimeError)
-_warned: set[str] = set()  # warnings this process has given (a tool may look twice)
-_intact: set[Path] = set()  # checkpoints this process sealed or verified by checksum
-
 
 class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written; the message names the path and the last good one."""
-
-
-def warn(message: str) -> None:
-    """One warning line on stderr, from the first process only, once per process."""
-    if int(os.environ.get("RANK", "0")) == 0 and message not in _warned:
-        _warned.add(message)
-        print(f"warning: {message}", file=sys.stderr)
-
-
-def checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoints of a run (renamed into place, not yet verified), oldest first. Other folders
-    in ``checkpoints/`` are ignored, with one warning each per process."""
-    folder = run_dir / "checkpoints"
-    if not folder.is_dir():
-        return []
-    found = []
-    for path in folder.iterdir():
-        match = NAME.fullmatch(path.name)
-        if match and path.is_dir():
-            found.append((int(match[1]), path))
-        elif not path.name.startswith(TMP):
-            warn(f"ignoring {path}: not a checkpoint (those are folders named "
-                 f"{PREFIX}NNNNNNNN)")
-    return [path for _, path in sorted(found)]
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while block := f.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync(path: Path) -> None:
@@ -98,30 +64,11 @@ def _seal(folder: Path) -> None:
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         _fsync(path)
         files[str(path.relative_to(folder))] = {"bytes": path.stat().st_size,
-                                                "sha256": _sha256(path)}
+                                                "sha256": sha256(path)}
     manifest = folder / MANIFEST
     manifest.write_text(json.dumps({"files": files}, indent=1))
     _fsync(manifest)
     _fsync(folder)
-
-
-def damage(path: Path, hashes: bool = True) -> str | None:
-    """What is wrong with the checkpoint at ``path`` compared with its manifest, or None;
-    without ``hashes`` only the files' presence and sizes are checked."""
-    try:
-        files = json.loads((path / MANIFEST).read_text())["files"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"{MANIFEST} is missing or unreadable (an incomplete save)"
-    for name, want in files.items():
-        file = path / name
-        if not file.is_file():
-            return f"{name} is missing"
-        size = file.stat().st_size
-        if size != want["bytes"]:
-            return f"{name} has {size} bytes, the manifest says {want['bytes']}"
-        if hashes and _sha256(file) != want["sha256"]:
-            return f"{name} differs from its checksum in the manifest"
-    return None
 
 
 def _everyone(accelerator: Accelerator, ok: bool) -> bool:
@@ -159,7 +106,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: in
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync(folder)
-            _intact.add(final)
+            intact.add(final)
         except OSError as e:
             error = e
     if not _everyone(accelerator, error is None):
@@ -173,18 +120,6 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: in
     return final
 
 
-def _is_intact(path: Path) -> bool:
-    """Checked against the manifest: by checksum once per process (or not at all when this
-    process sealed it), then by file sizes, which catch the usual damage (a truncated or
-    missing file) without reading gigabytes at every save."""
-    if path in _intact:
-        return damage(path, hashes=False) is None
-    if damage(path) is None:
-        _intact.add(path)
-        return True
-    return False
-
-
 def _prune(run_dir: Path, keep: int, newest: Path) -> None:
     """Keep ``newest`` and the newest intact older ones, ``keep`` in all; remove the rest:
     damaged ones (a damaged checkpoint never stands in for an intact one) and any newer than
@@ -196,7 +131,7 @@ def _prune(run_dir: Path, keep: int, newest: Path) -> None:
     kept = 1
     for path in reversed(older):
         if kept < keep:
-            if _is_intact(path):
+            if is_intact(path):
                 kept += 1
                 continue
             warn(f"removing damaged checkpoint {path} ({damage(path)})")
@@ -207,47 +142,13 @@ def _prune(run_dir: Path, keep: int, newest: Path) -> None:
 
 
 def _remove(path: Path) -> None:
-    _intact.discard(path)
+    intact.discard(path)
     shutil.rmtree(path, ignore_errors=True)
-
-
-def newest_intact(run_dir: Path, prefix: str = "") -> Path:
-    """The newest checkpoint of ``run_dir`` that matches its manifest, with a warning line for
-    each damaged newer one; ConfigError (its message starting with ``prefix``) if none."""
-    found = checkpoints(run_dir)
-    if not found:
-        raise ConfigError(f"{prefix}no checkpoint under '{run_dir}/checkpoints'; pass a run "
-                          "directory written by tools/train.py or one of its "
-                          "checkpoints/step_* folders")
-    damaged = []
-    for checkpoint in reversed(found):
-        problem = damage(checkpoint)
-        if problem is None:
-            _intact.add(checkpoint)
-            return checkpoint
-        damaged.append(f"{checkpoint.name}: {problem}")
-        warn(f"checkpoint {checkpoint} is damaged ({problem}); trying the one before it")
-    raise ConfigError(f"{prefix}no intact checkpoint under '{run_dir}/checkpoints' "
-                      f"({'; '.join(damaged)}); start a new run")
-
-
-def verified(checkpoint: Path, prefix: str = "") -> Path:
-    """``checkpoint`` itself, named by the user: ConfigError if it is damaged (no fall-back)."""
-    problem = damage(checkpoint)
-    if problem:
-        raise ConfigError(f"{prefix}checkpoint '{checkpoint}' is damaged ({problem}); pass the "
-                          "run directory to use its newest intact checkpoint")
-    return checkpoint
-
-
-def is_checkpoint_path(path: Path) -> bool:
-    """Does ``path`` name one checkpoint (``RUN/checkpoints/step_NNNNNNNN``)?"""
-    return NAME.fullmatch(path.name) is not None and path.parent.name == "checkpoints"
 
 
 def _write_error(run_dir: Path, final: Path, tmp: Path,
                  error: Exception | None) -> CheckpointWriteError:
-    previous = [c for c in checkpoints(run_dir) if c != final and _is_intact(c)]
+    previous = [c for c in checkpoints(run_dir) if c != final and is_intact(c)]
     kept = (f"the last checkpoint, {previous[-1]}, is intact" if previous
             else "no checkpoint was written before")
     return CheckpointWriteError(f"could not write checkpoint {final}: {_reason(error, tmp)}; "

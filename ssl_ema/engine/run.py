@@ -10,15 +10,12 @@ number of processes (a resumed run must be the same run).
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
-import yaml
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from accelerate.utils.constants import RNG_STATE_NAME
@@ -27,14 +24,19 @@ from ssl_ema.config import (
     MOVED_KEYS,
     Config,
     ConfigError,
-    _yaml_problem,
     from_dict,
     load_config,
     parse_overrides,
     to_dict,
 )
 from ssl_ema.config_checks import refuse_given_keys
-from ssl_ema.engine.checkpoint import is_checkpoint_path, newest_intact, verified
+from ssl_ema.run_files import (
+    given_objects,
+    is_checkpoint_path,
+    newest_intact,
+    saved_config,
+    verified,
+)
 
 # Keys that may differ on resume: they change bookkeeping, not the trajectory. train.nonfinite
 # too: while losses are finite, "skip" trains exactly as "fail" does, and resuming with "skip"
@@ -64,41 +66,6 @@ def resume_target(resume: str) -> tuple[Path, Path]:
             raise ConfigError(f"--resume: checkpoint '{path}' does not exist")
         return path.parent.parent, verified(path, "--resume: ")
     return path, newest_intact(path, "--resume: ")
-
-
-def saved_config(run_dir: Path) -> dict[str, Any]:
-    """The run's resolved ``config.yaml`` as written when it started; ConfigError (one line)
-    if it is missing or damaged: without it the run cannot be rebuilt."""
-    path = run_dir / "config.yaml"
-    try:
-        saved = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"'{path}' is missing: without the run's resolved config it cannot be "
-                          "rebuilt; restore the file, or start a new run") from None
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        problem = _yaml_problem(e) if isinstance(e, yaml.YAMLError) else f": {e}"
-        raise ConfigError(f"'{path}' is damaged (not readable YAML{problem}); restore the file, "
-                          "or start a new run") from None
-    if not isinstance(saved, dict):
-        raise ConfigError(f"'{path}' is damaged (a {type(saved).__name__}, not a mapping of "
-                          "sections); restore the file, or start a new run")
-    return saved
-
-
-def given_objects(run_dir: Path) -> dict[str, str]:
-    """What a run trained on that was given from Python (``train_set``, ``test_set``,
-    ``backbone``: their classes), from its header.json; empty for a recipe's run.
-    ConfigError (one line) if header.json is damaged."""
-    header = run_dir / "header.json"
-    if not header.is_file():
-        return {}
-    try:
-        given = json.loads(header.read_text()).get("given", {})
-        return {str(k): str(v) for k, v in given.items()}
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
-        raise ConfigError(f"'{header}' is damaged ({e}); it says whether the run trained on "
-                          "objects given from Python: restore it, or delete it if the run "
-                          "trained from a recipe (tools/train.py writes it again)") from None
 
 
 def refuse_given(run_dir: Path) -> None:

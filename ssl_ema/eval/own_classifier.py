@@ -25,11 +25,11 @@ from torch.utils.data import DataLoader, Dataset
 from ssl_ema.config import CLASSIFICATION_METHODS
 from ssl_ema.data.datasets import DataBundle
 from ssl_ema.ema import recompute_batchnorm
-from ssl_ema.engine.run import saved_config
 from ssl_ema.eval.calibration import calibration_metrics, calibration_report
 from ssl_ema.eval.features import extract_features
 from ssl_ema.eval.protocols import ProbeResult
 from ssl_ema.eval.trained import no_classifier
+from ssl_ema.run_files import saved_config
 
 BN_SUFFIX = "+bn"
 BN_BATCH = 256  # the trainer's batch for BatchNorm recomputation (its kNN bank loader)

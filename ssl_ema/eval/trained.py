@@ -18,11 +18,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from ssl_ema.config import Config, ConfigError, load_config
-from ssl_ema.engine.checkpoint import is_checkpoint_path, newest_intact, verified
-from ssl_ema.engine.run import given_objects
 from ssl_ema.eval.context import roles as run_roles
 from ssl_ema.methods import TeacherStudentMethod, build_method
 from ssl_ema.models.backbones import backbone_from_config
+from ssl_ema.run_files import given_objects, is_checkpoint_path, newest_intact, verified
 
 MODEL_FILE = "model.safetensors"
 BEST_EMA_FILE = "best_ema.safetensors"  # eval/early_stopping.py
