@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from ssl_ema.config import ConfigError
+from ssl_ema.eval.context import EVAL_BATCH
 from ssl_ema.eval.protocols import ProbeResult, cache_key, check_protocol
 
 # Protocols that give test probabilities (calibration, consistency, reliability diagram), with
@@ -53,8 +54,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="config overrides that do not touch the weights, e.g. data.root=...")
     parser.add_argument("--recompute-bn", type=int, metavar="BATCHES",
                         help="classifier: also score each role with BatchNorm statistics "
-                             "recomputed on this many training batches of 256 (default: the "
-                             "run's ema.recompute_bn_batches; 0: own statistics only)")
+                             f"recomputed on this many training batches of {EVAL_BATCH} "
+                             "(default: the run's ema.recompute_bn_batches; 0: own statistics "
+                             "only)")
     parser.add_argument("--out", type=Path, help="JSON file to write")
     parser.add_argument("--no-cache", action="store_true", help="recompute features")
     return parser.parse_args(argv)

@@ -16,9 +16,9 @@ from ssl_ema.config import Config, ConfigError
 from ssl_ema.data.datasets import DataBundle, build_data
 from ssl_ema.data.device import TrainStream, device_streams
 from ssl_ema.data.jpeg import JpegTrainStream, jpeg_streams
+from ssl_ema.eval.context import EVAL_BATCH
 from ssl_ema.methods.registry import method_data
 
-EVAL_BATCH = 256
 Stream = TrainStream | JpegTrainStream  # batches made on the device, resumed by `iter_from`
 TrainBatches = DataLoader | Stream
 

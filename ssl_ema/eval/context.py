@@ -15,6 +15,10 @@ from torch import nn
 from ssl_ema.config import Config
 from ssl_ema.methods import TeacherStudentMethod
 
+# Images per batch of every evaluation (kNN bank and queries, classifiers, probes, transfer):
+# no gradients are kept, so only memory bounds it. The one place it is written.
+EVAL_BATCH = 256
+
 
 def roles(model: TeacherStudentMethod, extra_momenta: Sequence[float]
           ) -> dict[str, nn.ModuleDict]:

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ssl_ema.config import ConfigError
 from ssl_ema.eval.calibration import calibration_report
+from ssl_ema.eval.context import EVAL_BATCH
 from ssl_ema.eval.features import cached_features
 from ssl_ema.eval.knn import knn_classify
 from ssl_ema.eval.linear import train_linear_probe
@@ -62,7 +63,7 @@ def cache_key(*parts: Any) -> str:
 
 
 def embed(backbone: nn.Module, train: Dataset, test: Dataset, num_classes: int,
-          cache_prefix: Path | None, batch_size: int = 256, num_workers: int = 0
+          cache_prefix: Path | None, batch_size: int = EVAL_BATCH, num_workers: int = 0
           ) -> FrozenFeatures:
     """Features of both splits (cached as ``<prefix>-{train,test}.safetensors`` if a prefix)."""
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

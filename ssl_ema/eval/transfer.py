@@ -29,6 +29,7 @@ from torchvision.transforms import v2
 
 from ssl_ema.config import ConfigError
 from ssl_ema.data.datasets import DataError, TensorImages, Transformed, _subset
+from ssl_ema.eval.context import EVAL_BATCH
 from ssl_ema.eval.floor import fair_floor
 from ssl_ema.eval.protocols import embed, run_protocol
 
@@ -183,7 +184,7 @@ def prepare(data: Downstream, *, in_chans: int, image_size: int, subset: int = 0
 
 
 def score(backbone: nn.Module, data: Prepared, protocols: list[str], *, k: int = 200,
-          temperature: float = 0.1, batch_size: int = 256) -> dict[str, Any]:
+          temperature: float = 0.1, batch_size: int = EVAL_BATCH) -> dict[str, Any]:
     """``{protocol: metrics}`` of ``backbone``'s frozen features on ``data``."""
     start = time.perf_counter()
     feats = embed(backbone, data.train, data.test, data.num_classes, None, batch_size)
@@ -195,7 +196,7 @@ def score(backbone: nn.Module, data: Prepared, protocols: list[str], *, k: int =
     return out
 
 
-def floor_on(random_backbone: nn.Module, data: Prepared, batch_size: int = 256) -> nn.Module:
+def floor_on(random_backbone: nn.Module, data: Prepared, batch_size: int = EVAL_BATCH) -> nn.Module:
     """The fair floor on a downstream data set: ``random_backbone`` (the architecture under test,
     untrained) with BatchNorm statistics recomputed on all of ``data``'s training images."""
     device = next(random_backbone.parameters()).device
