@@ -1,15 +1,9 @@
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -22,6 +16,9 @@ if "PYTEST_XDIST_WORKER" in os.environ:
 
     torch.set_num_threads(1)
 
+# What the tests share (paths, the tiny run, image folders) is tests/helpers.py; fixtures here.
+from tests.helpers import ROOT, TINY  # noqa: E402  (after the thread settings above)
+
 
 @pytest.fixture
 def tools_env() -> dict[str, str]:
@@ -31,29 +28,32 @@ def tools_env() -> dict[str, str]:
     return env
 
 
-def python() -> str:
-    return sys.executable
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tools' run (test_eval_tools.py, test_finetune.py): a 3-step BYOL run on digits
+    (ResNet-10-T, 8 px), evaluated on all 1,437/360 images."""
+    from ssl_ema.config import load_config
+    from ssl_ema.engine.trainer import Trainer
 
-
-def load_tool(name: str) -> ModuleType:
-    """``tools/<name>.py`` as a module (registered, so its dataclasses find their module)."""
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    out = tmp_path_factory.mktemp("run")
+    cfg = load_config(None, [*TINY, "model.backbone=resnet10t", "model.cifar_stem=false",
+                             "data.eval_subset=0", f"run.output_dir={out}"])
+    Trainer(cfg, out / "run").fit()
+    return out / "run"
 
 
 # pytest-xdist hands out single tests (pyproject: --dist loadgroup), which balances the two
-# workers better than whole files did; a module whose module-scoped fixture trains or builds
-# something once keeps all its tests on one worker, so that fixture still runs once.
-SHARED_FIXTURE_MODULES = {"test_bench_ema", "test_device_classify", "test_device_pipeline",
-                          "test_eval_tools", "test_finetune", "test_noisy_quadratic",
-                          "test_own_classifier"}
+# workers better than whole files did; a module whose tests share a module-scoped fixture (one
+# that trains or builds something once) keeps all its tests on one worker, so that fixture still
+# runs once. Found from the fixtures each test uses, not from a list of modules.
+def uses_module_fixture(item: pytest.Item) -> bool:
+    info = getattr(item, "_fixtureinfo", None)  # pytest's fixture closure of the test
+    if info is None:
+        return False
+    return any(d.scope == "module" for defs in info.name2fixturedefs.values() for d in defs)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
-        if item.path.stem in SHARED_FIXTURE_MODULES:
+        if uses_module_fixture(item):
             item.add_marker(pytest.mark.xdist_group(item.path.stem))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import ROOT, python
+from tests.helpers import ROOT, python
 
 BENCH = ROOT / "tools" / "bench_ema.py"
 

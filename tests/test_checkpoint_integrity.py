@@ -20,10 +20,7 @@ from ssl_ema.engine.checkpoint import MANIFEST, checkpoints, damage, save_checkp
 from ssl_ema.engine.launch import train
 from ssl_ema.engine.run import prepare_run
 from ssl_ema.engine.tracking import read_metrics
-from tests.conftest import load_tool
-from tests.test_reliability import STEPS
-from tests.test_stop import FAST
-from tests.test_training import run
+from tests.helpers import FAST, STEPS, load_tool, run
 
 
 @pytest.mark.slow

@@ -18,8 +18,7 @@ from ssl_ema.engine.trainer import Trainer
 from ssl_ema.eval.calibration import calibration_metrics
 from ssl_ema.losses.pseudo_label import pseudo_label_loss, pseudo_labels
 from ssl_ema.methods import build_method
-from tests.conftest import ROOT
-from tests.test_training import resume_from
+from tests.helpers import ROOT, resume_from
 
 spec = importlib.util.spec_from_file_location("train_tool", ROOT / "tools" / "train.py")
 assert spec is not None and spec.loader is not None

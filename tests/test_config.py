@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from ssl_ema.config import ConfigError, load_config, parse_overrides
-from tests.conftest import ROOT, python
+from tests.helpers import ROOT, python
 
 
 def write(tmp_path: Path, text: str) -> Path:

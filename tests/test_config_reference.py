@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Literal
 
-from tests.conftest import ROOT, load_tool
+from tests.helpers import ROOT, load_tool
 
 
 def _tool() -> ModuleType:

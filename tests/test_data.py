@@ -12,7 +12,7 @@ from ssl_ema.config import load_config
 from ssl_ema.data.datasets import DataError, digits_split
 from ssl_ema.data.views import DigitsView
 from ssl_ema.engine.loaders import build_run_data
-from tests.conftest import SHARED_DATA
+from tests.helpers import SHARED_DATA, cut_jpeg_folder, tiny_imagefolder
 
 
 def test_digits_split_is_stratified_and_fixed() -> None:
@@ -103,19 +103,6 @@ def test_training_views_are_a_function_of_seed_epoch_and_index() -> None:
     assert not torch.equal(ds[7][0], first[0])  # a new epoch draws new views
 
 
-def tiny_imagefolder(root: Path) -> Path:
-    from PIL import Image
-
-    for split in ("train", "test"):
-        for c, colour in enumerate(("red", "blue")):
-            folder = root / split / f"class{c}"
-            folder.mkdir(parents=True)
-            for i in range(3):
-                Image.new("RGB", (8, 8), colour).save(folder / f"{i}.png")
-    (root / "train" / "class1" / "broken.png").write_bytes(b"not an image at all")
-    return root
-
-
 def test_unreadable_image_fails_or_is_skipped(tmp_path: Path) -> None:
     root = tiny_imagefolder(tmp_path / "imgs")
     base = ["data.dataset=imagefolder", f"data.root={root}", "data.image_size=8"]
@@ -125,29 +112,6 @@ def test_unreadable_image_fails_or_is_skipped(tmp_path: Path) -> None:
     data = build_run_data(load_config(None, [*base, "data.corrupt=skip"]))
     assert data.skipped_files == 1 and len(data.train) == 6 and len(data.test_eval) == 6
     assert len(data.train[5]) == 3  # two views and a label: the survivors still load
-
-
-def cut_jpeg(path: Path) -> None:
-    """Cut a JPEG off mid-data: halfway between its start-of-scan marker (FF DA) and its end."""
-    raw = path.read_bytes()
-    path.write_bytes(raw[:(raw.index(b"\xff\xda") + len(raw)) // 2])
-
-
-def cut_jpeg_folder(root: Path) -> tuple[Path, list[str]]:
-    """A JPEG folder whose train/class1/001.jpg is cut off mid-data (and whose
-    train/class0/002.jpg, intact, has bytes after its end-of-image marker); the overrides."""
-    from PIL import Image
-
-    from tests.test_jpeg_pipeline import jpeg_folder
-
-    jpeg_folder(root, per_class=3)
-    cut = root / "train" / "class1" / "001.jpg"
-    cut_jpeg(cut)
-    with Image.open(cut) as image:
-        image.verify()  # what the start-up check relied on: it passes the cut file
-    padded = root / "train" / "class0" / "002.jpg"
-    padded.write_bytes(padded.read_bytes() + b"\0" * 16)  # decoders ignore what follows FF D9
-    return cut, ["data.dataset=imagefolder", f"data.root={root}", "data.image_size=8"]
 
 
 def test_a_jpeg_cut_off_mid_data_is_found_at_start_up(tmp_path: Path) -> None:

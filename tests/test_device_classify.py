@@ -16,8 +16,7 @@ from ssl_ema.data.device_classify import (
     SupervisedStream,
     make_view,
 )
-from tests.test_device_pipeline import rgb_folder
-from tests.test_training import resume_from, run
+from tests.helpers import resume_from, rgb_folder, run
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
 WEAK, STRONG = ClassifySpec(8), ClassifySpec(8, num_ops=2, magnitude=10)

@@ -12,7 +12,7 @@ from ssl_ema.config import ConfigError, load_config
 from ssl_ema.data import gpu_augment as A
 from ssl_ema.data.device import DeviceTrainStream
 from ssl_ema.data.uint8 import decode_uint8
-from tests.test_training import resume_from, run
+from tests.helpers import resume_from, rgb_folder, run
 
 SPECS = A.byol_specs(8)
 MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
@@ -69,27 +69,6 @@ def test_cuda_views_equal_cpu_views() -> None:
     for a, b in zip(cpu, gpu):
         for va, vb in zip(a, b):
             torch.testing.assert_close(va, vb.cpu(), atol=1e-4, rtol=0)
-
-
-def rgb_folder(root: Path, per_class: int = 40) -> Path:
-    """Grey digits tinted per image, saved as a 16 px RGB ImageFolder (train and test)."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    rng = np.random.default_rng(0)
-    counts: dict[tuple[str, int], int] = {}
-    for i, (image, label) in enumerate(zip(digits.images, digits.target)):
-        split = "test" if i % 4 == 0 else "train"
-        if counts.get((split, label), 0) >= per_class:
-            continue
-        counts[(split, label)] = counts.get((split, label), 0) + 1
-        folder = root / split / str(label)
-        folder.mkdir(parents=True, exist_ok=True)
-        tint = rng.uniform(0.3, 1.0, 3)
-        rgb = (image[..., None] / 16 * tint * 255).astype(np.uint8)
-        Image.fromarray(rgb).resize((16, 16), Image.BILINEAR).save(folder / f"{i}.png")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
@@ -13,31 +11,10 @@ import timm
 import torch
 from PIL import Image
 
-from ssl_ema.config import load_config
-from ssl_ema.engine.trainer import Trainer
 from ssl_ema.eval.trained import load_run
-from tests.conftest import ROOT
-from tests.test_training import TINY
+from tests.helpers import load_tool
 
 pytestmark = pytest.mark.slow  # trains, or runs the tools, through the real trainer
-
-
-def tool(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(f"tool_{name}", ROOT / "tools" / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 3-step BYOL run on digits (ResNet-10-T, 8 px), evaluated on all 1,437/360 images."""
-    out = tmp_path_factory.mktemp("run")
-    cfg = load_config(None, [*TINY, "model.backbone=resnet10t", "model.cifar_stem=false",
-                             "data.eval_subset=0", f"run.output_dir={out}"])
-    Trainer(cfg, out / "run").fit()
-    return out / "run"
 
 
 def read(path: Path) -> dict:
@@ -45,7 +22,7 @@ def read(path: Path) -> dict:
 
 
 def test_knn_protocol_reproduces_the_trainers_numbers(run_dir: Path) -> None:
-    assert tool("eval").main([str(run_dir), "--protocol", "knn"]) == 0
+    assert load_tool("eval").main([str(run_dir), "--protocol", "knn"]) == 0
     got = read(run_dir / "eval" / "step_00000003-knn.json")["results"][str(run_dir)]
     trained = read(run_dir / "results.json")
     assert got["teacher"]["accuracy"] == pytest.approx(trained["knn_teacher"], abs=1e-7)
@@ -54,7 +31,7 @@ def test_knn_protocol_reproduces_the_trainers_numbers(run_dir: Path) -> None:
 
 
 def test_linear_protocol_calibration_and_churn(run_dir: Path) -> None:
-    assert tool("eval").main([str(run_dir / "checkpoints" / "step_00000003"),
+    assert load_tool("eval").main([str(run_dir / "checkpoints" / "step_00000003"),
                               "--protocol", "linear"]) == 0
     doc = read(run_dir / "eval" / "step_00000003-linear.json")
     res = doc["results"][str(run_dir / "checkpoints" / "step_00000003")]
@@ -73,7 +50,7 @@ def test_linear_protocol_calibration_and_churn(run_dir: Path) -> None:
 
 def test_exported_teacher_gives_the_teachers_features(run_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "teacher.safetensors"
-    assert tool("export").main([str(run_dir), "--out", str(out)]) == 0
+    assert load_tool("export").main([str(run_dir), "--out", str(out)]) == 0
     teacher = load_run(run_dir).method.teacher_backbone
     loaded = timm.create_model("resnet10t", pretrained=True, num_classes=0, in_chans=1,
                                pretrained_cfg_overlay={"file": str(out)}).eval()
@@ -96,9 +73,9 @@ def image_folder(root: Path) -> Path:
 def test_transfer_to_digits_and_an_image_folder(run_dir: Path, tmp_path: Path) -> None:
     folder = image_folder(tmp_path / "folder")
     out = tmp_path / "transfer.json"
-    assert tool("transfer").main([str(run_dir), "--datasets", "digits", f"imagefolder={folder}",
-                                  "--roles", "teacher", "student", "--k", "5",
-                                  "--out", str(out)]) == 0
+    assert load_tool("transfer").main([str(run_dir), "--datasets", "digits",
+                                       f"imagefolder={folder}", "--roles", "teacher", "student",
+                                       "--k", "5", "--out", str(out)]) == 0
     r = read(out)["results"]
     assert (r["digits"]["train_images"], r["digits"]["test_images"]) == (1437, 360)
     digits, trained = r["digits"]["models"], read(run_dir / "results.json")
@@ -126,7 +103,7 @@ def test_training_curves_end_at_the_final_evaluation(run_dir: Path, tmp_path: Pa
     assert panels["kNN top-1"]["teacher"] == ([0.0, 48.0], [final["knn_random"],
                                                             final["knn_teacher"]])
     assert panels["loss"]["loss"][0] == [16.0, 32.0, 48.0]
-    assert tool("plot").main([str(run_dir), "--out", str(tmp_path / "c.png")]) == 0
+    assert load_tool("plot").main([str(run_dir), "--out", str(tmp_path / "c.png")]) == 0
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
 
 
@@ -146,6 +123,6 @@ def test_bad_input_is_one_line_and_exit_2(run_dir: Path, tmp_path: Path,
                                           capsys: pytest.CaptureFixture[str], name: str,
                                           args: list[str], message: str) -> None:
     argv = [a.format(tmp=tmp_path, run=run_dir) for a in args]
-    assert tool(name).main(argv) == 2
+    assert load_tool(name).main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err

@@ -11,8 +11,7 @@ import torch
 from ssl_ema.engine.checkpoint import checkpoints
 from ssl_ema.eval.trained import load_run
 from ssl_ema.models.export import load_backbone
-from tests.conftest import ROOT
-from tests.test_eval_tools import run_dir, tool  # noqa: F401  (the module-scoped tiny run)
+from tests.helpers import ROOT, load_tool
 
 pytestmark = pytest.mark.slow  # trains, or runs the tools, through the real trainer
 
@@ -24,7 +23,7 @@ FAST = ["data.image_size=8", "train.epochs=1", "train.max_steps=2", "eval.every_
 @pytest.fixture(scope="module")
 def export(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:  # noqa: F811
     out = tmp_path_factory.mktemp("export") / "teacher.safetensors"
-    assert tool("export").main([str(run_dir), "--out", str(out)]) == 0
+    assert load_tool("export").main([str(run_dir), "--out", str(out)]) == 0
     return out
 
 
@@ -32,7 +31,7 @@ def test_finetuning_starts_from_the_exported_backbone(export: Path, tmp_path: Pa
     # lr 0 and no weight decay: after the steps the student's weights are still the export's
     argv = [str(export), RECIPE, *FAST, f"run.output_dir={tmp_path}", "run.name=ft",
             "optim.lr=1e-12", "optim.weight_decay=0"]
-    assert tool("finetune").main(argv) == 0
+    assert load_tool("finetune").main(argv) == 0
     run = next((tmp_path / "ft").iterdir())
     cfg = (run / "config.yaml").read_text()
     assert "backbone: resnet10t" in cfg and str(export.resolve()) in cfg
@@ -47,7 +46,7 @@ def test_finetuning_starts_from_the_exported_backbone(export: Path, tmp_path: Pa
 def test_finetuning_learns(export: Path, tmp_path: Path) -> None:
     argv = [str(export), RECIPE, *FAST, "train.max_steps=30", "train.epochs=2",
             f"run.output_dir={tmp_path}", "run.name=ft"]
-    assert tool("finetune").main(argv) == 0
+    assert load_tool("finetune").main(argv) == 0
     run = next((tmp_path / "ft").iterdir())
     results = json.loads((run / "results.json").read_text())
     assert results["acc_student_test"] > 0.5  # 10 classes; a random classifier scores ~0.1
@@ -61,7 +60,7 @@ def test_bad_input_is_one_line_and_exit_2(export: Path, tmp_path: Path, extra: l
                                           message: str, capsys: pytest.CaptureFixture[str]
                                           ) -> None:
     argv = [str(export), RECIPE, *FAST, f"run.output_dir={tmp_path}", *extra]
-    assert tool("finetune").main(argv) == 2
+    assert load_tool("finetune").main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and message in err and "\n" not in err
     assert not any(tmp_path.iterdir())  # nothing written
@@ -69,5 +68,5 @@ def test_bad_input_is_one_line_and_exit_2(export: Path, tmp_path: Path, extra: l
 
 def test_a_missing_export_is_one_line_and_exit_2(tmp_path: Path,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    assert tool("finetune").main([str(tmp_path / "none.safetensors"), RECIPE]) == 2
+    assert load_tool("finetune").main([str(tmp_path / "none.safetensors"), RECIPE]) == 2
     assert "does not exist" in capsys.readouterr().err

@@ -13,7 +13,7 @@ from ssl_ema.config import ConfigError, OptimConfig, load_config
 from ssl_ema.engine.optim import build_optimizer, param_groups
 from ssl_ema.methods.byol import BYOL
 from ssl_ema.models.backbones import build_backbone
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 QUICKSTART = ROOT / "recipes" / "quickstart.yaml"
 

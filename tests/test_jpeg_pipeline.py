@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import time
 from pathlib import Path
@@ -21,33 +20,9 @@ from ssl_ema.data.file_index import IndexedFolder, cached_index, scan_folder
 from ssl_ema.data.gpu_augment import ViewSpec
 from ssl_ema.data.jpeg import FileBytes, JpegTrainStream, decode_batch, resized_crops
 from ssl_ema.engine.loaders import build_run_data
+from tests.helpers import SIZES, jpeg_folder, resume_from
 
 CPU = torch.device("cpu")
-SIZES = ((24, 18), (17, 30), (20, 20), (33, 15), (16, 26))  # (height, width): all differ
-
-
-def jpeg_bytes(rng: np.random.Generator, height: int, width: int) -> bytes:
-    from PIL import Image
-
-    # smooth content (a random 4x4 colour field upscaled): JPEG keeps it close to the input
-    field = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-    image = Image.fromarray(field).resize((width, height), Image.BILINEAR)
-    buf = io.BytesIO()
-    image.save(buf, "JPEG", quality=90)
-    return buf.getvalue()
-
-
-def jpeg_folder(root: Path, per_class: int = 5, seed: int = 0) -> Path:
-    """root/{train,test}/class{0,1}/*.jpg of the varied SIZES."""
-    rng = np.random.default_rng(seed)
-    for split in ("train", "test"):
-        for c in range(2):
-            folder = root / split / f"class{c}"
-            folder.mkdir(parents=True)
-            for i in range(per_class):
-                h, w = SIZES[(i + c) % len(SIZES)]
-                (folder / f"{i:03d}.jpg").write_bytes(jpeg_bytes(rng, h, w))
-    return root
 
 
 def folder_of(root: Path, cache: Path) -> IndexedFolder:
@@ -274,7 +249,6 @@ def test_byol_imagenet_recipe_trains_and_resumes_exactly(tmp_path: Path) -> None
     """recipes/byol_r50_imagenet.yaml on a slice: its data path (jpeg pipeline), LARS and
     schedules with a tiny backbone at 32 px, 2 steps, resumed bit for bit at step 1."""
     from ssl_ema.engine.trainer import Trainer
-    from tests.test_training import resume_from
 
     root = jpeg_folder(tmp_path / "imgs", per_class=8)
     tiny = [f"data.root={root}", f"data.index_cache={tmp_path / 'cache'}",

@@ -20,7 +20,7 @@ from ssl_ema.data.noisy_labels import (
 )
 from ssl_ema.data.synthetic_noise import noise_rate, symmetric_noise
 from ssl_ema.engine.loaders import build_run_data
-from tests.conftest import SHARED_DATA
+from tests.helpers import SHARED_DATA
 
 CIFAR10N = SHARED_DATA / "cifar10n" / "CIFAR-10_human.pt"
 CIFAR10_JPG = SHARED_DATA / "cifar10-jpg.tar.gz"

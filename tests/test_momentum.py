@@ -15,7 +15,7 @@ from ssl_ema.engine.scaled import resolve
 from ssl_ema.engine.trainer import Trainer
 from ssl_ema.momentum import Momentum, MomentumRule, update_momentum
 from ssl_ema.scaling import scale_batchnorm_momentum, scale_momentum
-from tests.test_training import METHOD_TINY, TINY
+from tests.helpers import METHOD_TINY, TINY
 
 
 def test_per_update_returns_the_parts_the_log_prints() -> None:

@@ -11,8 +11,7 @@ import pytest
 import torch
 
 from ssl_ema.engine.checkpoint import checkpoints
-from tests.conftest import ROOT, python
-from tests.test_training import TINY, run
+from tests.helpers import ROOT, TINY, python, run
 
 pytestmark = pytest.mark.slow  # trains, or runs the tools, through the real trainer
 

@@ -14,7 +14,7 @@ from types import ModuleType
 import pytest
 import torch
 
-from tests.conftest import ROOT, python
+from tests.helpers import ROOT, python
 
 
 def _load_tool() -> ModuleType:

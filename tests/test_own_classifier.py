@@ -9,8 +9,7 @@ import pytest
 
 from ssl_ema.config import load_config
 from ssl_ema.engine.trainer import Trainer
-from tests.conftest import ROOT
-from tests.test_eval_tools import tool
+from tests.helpers import ROOT, load_tool
 
 pytestmark = pytest.mark.slow  # trains, or runs the tools, through the real trainer
 
@@ -36,7 +35,7 @@ def test_classifier_protocol_reproduces_the_trainers_numbers_and_compares_runs(
     ckpt = run_dir / "checkpoints" / "step_00000006"
     out = tmp_path / "eval.json"
     # the same weights reached by two paths stand in for two seeds: churn across "runs" is 0
-    assert tool("eval").main([str(run_dir), str(ckpt), "--protocol", "classifier",
+    assert load_tool("eval").main([str(run_dir), str(ckpt), "--protocol", "classifier",
                               "--roles", *ROLES, "best_ema", "--out", str(out)]) == 0
     doc = json.loads(out.read_text())
     trained = json.loads((run_dir / "results.json").read_text())
@@ -72,7 +71,7 @@ def test_classifier_protocol_reproduces_the_trainers_numbers_and_compares_runs(
 def test_classifier_protocol_without_recomputation_scores_own_statistics_only(
         run_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "own.json"
-    assert tool("eval").main([str(run_dir), "--protocol", "classifier", "--recompute-bn", "0",
+    assert load_tool("eval").main([str(run_dir), "--protocol", "classifier", "--recompute-bn", "0",
                               "--out", str(out)]) == 0
     got = json.loads(out.read_text())["results"][str(run_dir)]
     trained = json.loads((run_dir / "results.json").read_text())

@@ -14,7 +14,7 @@ import pytest
 
 from ssl_ema.eval.curves import draw_training_curves
 from ssl_ema.reproduce.scaling_figure import draw_scaling_figure, kappa_label
-from tests.conftest import load_tool
+from tests.helpers import load_tool
 
 matplotlib.use("Agg")
 

@@ -12,7 +12,7 @@ from ssl_ema.engine.checkpoint import checkpoints
 from ssl_ema.engine.tracking import read_metrics
 from ssl_ema.engine.trainer import Trainer
 from ssl_ema.schedules import warmup_cosine
-from tests.test_training import run
+from tests.helpers import run
 
 pytestmark = pytest.mark.slow  # trains, or runs the tools, through the real trainer
 

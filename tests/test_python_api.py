@@ -24,7 +24,7 @@ from ssl_ema.engine.run import refuse_given
 from ssl_ema.eval.trained import load_run
 from ssl_ema.methods.registry import method_data
 from ssl_ema.models.custom import backbone_builder
-from tests.conftest import ROOT
+from tests.helpers import ROOT, TINY
 
 DOC = ROOT / "docs" / "PYTHON_API.md"
 
@@ -236,7 +236,6 @@ def test_doc_example_trains_on_the_given_objects(tmp_path: Path,
 
 @pytest.mark.slow  # trains 3 tiny steps
 def test_a_timm_name_as_backbone_trains_as_the_recipe_would(tmp_path: Path) -> None:
-    from tests.test_training import TINY
 
     recipe = [o for o in TINY if not o.startswith("model.backbone=")]
     run = ssl_ema.train(None, [*recipe, f"run.output_dir={tmp_path}"], backbone="test_resnet")

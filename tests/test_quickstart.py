@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import ROOT, python
+from tests.helpers import ROOT, python
 
 pytestmark = pytest.mark.slow  # trains, or runs the tools, through the real trainer
 

@@ -13,12 +13,11 @@ from ssl_ema.config import CHOICES, CLASSIFICATION_METHODS, ConfigError, load_co
 from ssl_ema.engine.loaders import build_run_data
 from ssl_ema.methods import METHODS, TeacherStudentMethod, build_method
 from ssl_ema.methods.registry import method_data
+from tests.helpers import TINY
 
-# Tiny models on 8 px digits: the generic checks build every method in a second or two.
-TINY = ["data.image_size=8", "model.backbone=test_resnet", "model.cifar_stem=false",
-        "byol.projection_hidden_dim=16", "byol.projection_dim=8",
-        "byol.prediction_hidden_dim=16", "train.batch_size=4", "labels.per_class=8",
-        "pseudo_label.mu=2"]
+# The shared tiny run (tests/helpers.py), at batch 4: the generic checks build every method in a
+# second or two.
+SMALL = [*TINY, "train.batch_size=4", "labels.per_class=8", "pseudo_label.mu=2"]
 
 
 def test_choices_and_checks_derive_from_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -43,7 +42,7 @@ def test_every_method_trains_on_its_own_batches(name: str) -> None:
     by the loader, go through the method's forward to a finite loss with a graph."""
     spec = METHODS[name]
     labels = [] if spec.labels != "none" else ["labels.per_class=0"]
-    cfg = load_config(None, [*TINY, *labels, f"method.name={name}", *spec.tiny_overrides])
+    cfg = load_config(None, [*SMALL, *labels, f"method.name={name}", *spec.tiny_overrides])
     data = build_run_data(cfg)
     method = build_method(cfg, data.in_chans, data.num_classes)
     batch = next(iter(DataLoader(data.train, batch_size=4)))

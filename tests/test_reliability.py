@@ -18,13 +18,9 @@ from ssl_ema.engine.launch import train
 from ssl_ema.engine.run import prepare_run
 from ssl_ema.engine.trainer import Trainer
 from ssl_ema.methods.byol import BYOL
-from tests.conftest import ROOT, python
-from tests.test_training import TINY, run
+from tests.helpers import ROOT, STEPS, TINY, python, run
 
 pytestmark = pytest.mark.slow  # trains, or runs the tools, through the real trainer
-
-STEPS = ["train.grad_accumulation=1", "train.max_steps=4", "train.checkpoint_every=1",
-         "train.keep_checkpoints=5"]
 
 
 @pytest.fixture

@@ -14,8 +14,7 @@ from ssl_ema.reproduce.analyses import best_within, ema_curve_rule, ema_gain, fi
 from ssl_ema.reproduce.runner import Budget, plan_study, spend, status
 from ssl_ema.reproduce.store import Store
 from ssl_ema.reproduce.study import FAILS, HOLDS, TOO_FEW, Study, StudyVariant
-from tests.conftest import ROOT
-from tests.test_eval_tools import tool
+from tests.helpers import ROOT, load_tool
 
 TINY = ("data.eval_subset=64", "data.image_size=8", "train.epochs=2", "train.batch_size=256",
         "train.log_every=1", "optim.warmup_epochs=0")
@@ -31,7 +30,7 @@ def tiny_study(*extra: str) -> Study:
 
 def in_process(cmd: list[str], env: dict[str, str], timeout_s: float) -> int:
     """runner.run_process without a new interpreter: tools/train.py's main on the same argv."""
-    return tool("train").main(cmd[2:])
+    return load_tool("train").main(cmd[2:])
 
 
 @pytest.mark.slow
@@ -59,7 +58,7 @@ def test_budget_cut_resume_store_report(tmp_path: Path, monkeypatch: pytest.Monk
         rec["metrics"]["acc_student_test"]
     store.save(plan_study(study, runs, None).jobs)
     # The cut-and-resumed run ends exactly where an uninterrupted one does.
-    assert tool("train").main([str(ROOT / study.recipe), *TINY,
+    assert load_tool("train").main([str(ROOT / study.recipe), *TINY,
                                f"run.output_dir={tmp_path / 'whole'}"]) == 0
     whole = json.loads(next((tmp_path / "whole").glob("*/*/results.json")).read_text())
     assert {k: rec["metrics"][k] for k in ("acc_teacher_test", "nll_teacher_test",
@@ -67,7 +66,7 @@ def test_budget_cut_resume_store_report(tmp_path: Path, monkeypatch: pytest.Monk
         {k: whole[k] for k in ("acc_teacher_test", "nll_teacher_test", "nll_student_test")}
 
     # The report regenerates from the stored records alone (the runs folder is not needed).
-    reproduce = tool("reproduce")
+    reproduce = load_tool("reproduce")
     argv = ["report", "--runs", str(tmp_path / "elsewhere"), "--results", str(results)]
     assert reproduce.main(argv, studies=[study]) == 0
     text = (results / "REPORT.md").read_text()
@@ -83,7 +82,7 @@ def test_budget_cut_resume_store_report(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 def test_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    reproduce = tool("reproduce")
+    reproduce = load_tool("reproduce")
     assert reproduce.parse_budget("12m") == 720 and reproduce.parse_budget("90s") == 90
     assert reproduce.main(["run", "--results", str(tmp_path)], studies=[tiny_study()]) == 2
     assert "needs --budget" in capsys.readouterr().err
@@ -91,7 +90,7 @@ def test_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     assert "not a duration" in capsys.readouterr().err
     assert reproduce.main(["list", "nope"], studies=[tiny_study()]) == 2
     assert "unknown study 'nope'" in capsys.readouterr().err
-    train = tool("sweep").train_command
+    train = load_tool("sweep").train_command
     job = plan_study(tiny_study(), tmp_path, None).jobs[0]
     assert shlex.join(train("", "r.yaml", job, 12.5)).endswith("--stop-after 12.5")
     assert os.path.basename(train("", "r.yaml", job)[1]) == "train.py"

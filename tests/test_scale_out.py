@@ -13,9 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from ssl_ema.engine.launch import train
-from tests.conftest import ROOT, python
-from tests.test_silent_acceptance import one_line_error
-from tests.test_training import TINY
+from tests.helpers import ROOT, TINY, one_line_error, python
 
 
 @pytest.mark.parametrize(("env", "named"), [

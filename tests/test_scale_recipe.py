@@ -8,7 +8,7 @@ import pytest
 
 from ssl_ema.config import dump_yaml, load_config
 from ssl_ema.engine.scaled import resolve
-from tests.conftest import ROOT, load_tool
+from tests.helpers import ROOT, load_tool
 
 RECIPE = ROOT / "recipes" / "byol_r18.yaml"
 # In process: the tool's main() is what its command line runs (sys.exit(main())), and a

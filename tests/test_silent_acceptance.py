@@ -12,19 +12,12 @@ import yaml
 
 from ssl_ema.config import ConfigError, load_config
 from ssl_ema.engine.launch import train
-from tests.conftest import ROOT, python
-from tests.test_data import cut_jpeg_folder, tiny_imagefolder
+from tests.helpers import ROOT, cut_jpeg_folder, one_line_error, python, tiny_imagefolder
 
 pytestmark = pytest.mark.slow  # trains, or runs the tools, through the real trainer
 
 QUICK = ["model.backbone=test_resnet", "model.cifar_stem=false", "data.eval_subset=16",
          "eval.knn_k=5", "train.max_steps=1", "eval.every_epochs=0"]
-
-
-def one_line_error(capsys: pytest.CaptureFixture[str]) -> str:
-    (line,) = capsys.readouterr().err.strip().splitlines()
-    assert line.startswith("error: ")
-    return line
 
 
 @pytest.mark.parametrize(("text", "message"), [

@@ -21,13 +21,7 @@ from ssl_ema.engine.stop import StopPoints, StopSignals
 from ssl_ema.engine.tracking import read_metrics
 from ssl_ema.engine.trainer import Trainer
 from ssl_ema.eval import teacher_student
-from tests.conftest import ROOT, python
-from tests.test_data import tiny_imagefolder
-from tests.test_training import TINY
-
-# timm's 0.4M-parameter test ResNet: each step and save a tenth of ResNet-18's time.
-FAST = [*TINY, "model.backbone=test_resnet", "model.cifar_stem=false",
-        "train.grad_accumulation=1", "train.keep_checkpoints=5"]
+from tests.helpers import FAST, ROOT, python, tiny_imagefolder
 
 
 def recipe(tmp_path: Path) -> str:

@@ -10,9 +10,7 @@ import yaml
 
 from ssl_ema.config import ConfigError
 from ssl_ema.engine.sweep import Variant, parse_variant, plan
-from tests.conftest import ROOT
-from tests.test_eval_tools import tool
-from tests.test_training import TINY
+from tests.helpers import ROOT, TINY, load_tool
 
 pytestmark = pytest.mark.slow  # trains, or runs the tools, through the real trainer
 
@@ -25,7 +23,7 @@ def rows(out: Path) -> dict[str, dict]:
 
 def test_sweep_trains_each_variant_then_reuses_and_resumes(tmp_path: Path,
                                                            capsys: pytest.CaptureFixture) -> None:
-    sweep, out = tool("sweep"), tmp_path / "sweep"
+    sweep, out = load_tool("sweep"), tmp_path / "sweep"
     argv = [RECIPE, *TINY, "--variant", "base", "--variant", "fast", "optim.lr=0.2",
             "--out", str(out)]
     assert sweep.main(argv) == 0
@@ -66,7 +64,7 @@ def test_sweep_trains_each_variant_then_reuses_and_resumes(tmp_path: Path,
 
 def test_bad_variants_fail_before_anything_trains(tmp_path: Path,
                                                   capsys: pytest.CaptureFixture) -> None:
-    sweep, out = tool("sweep"), tmp_path / "sweep"
+    sweep, out = load_tool("sweep"), tmp_path / "sweep"
     assert sweep.main([RECIPE, "--variant", "a", "--variant", "b", "optim.lr=fast",
                        "--out", str(out)]) == 2
     assert "variant 'b': optim.lr" in capsys.readouterr().err
@@ -74,7 +72,7 @@ def test_bad_variants_fail_before_anything_trains(tmp_path: Path,
     assert "'a' is used twice" in capsys.readouterr().err
     assert sweep.main([RECIPE, "--out", str(out)]) == 2
     assert not out.exists()
-    train = tool("sweep").train_command
+    train = load_tool("sweep").train_command
     job = plan(RECIPE, [], [Variant("a", ("optim.lr=0.1",))], [3], out)[0]
     cmd = train("accelerate launch --num_processes 2", RECIPE, job)
     assert cmd[:4] == ["accelerate", "launch", "--num_processes", "2"]

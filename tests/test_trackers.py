@@ -13,7 +13,7 @@ import ssl_ema
 from ssl_ema.config import ConfigError, load_config
 from ssl_ema.engine.launch import train
 from ssl_ema.engine.trackers import tracker_values
-from tests.test_training import TINY
+from tests.helpers import TINY
 
 
 def installed(name: str) -> bool:

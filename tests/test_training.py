@@ -9,52 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from ssl_ema.config import load_config
 from ssl_ema.engine.checkpoint import checkpoints
 from ssl_ema.engine.tracking import read_metrics
-from ssl_ema.engine.trainer import Trainer
-from ssl_ema.methods import METHODS
+from tests.helpers import METHOD_TINY, SELF_SUPERVISED, resume_from, run
 
 pytestmark = pytest.mark.slow  # trains, or runs the tools, through the real trainer
-
-# timm's test_resnet (0.37 M parameters): what these runs check does not depend on the
-# backbone's size, and ResNet-18 made them most of the suite's time.
-TINY = ["data.image_size=8", "data.num_workers=0", "data.eval_subset=64",
-        "model.backbone=test_resnet", "model.cifar_stem=false",
-        "byol.projection_hidden_dim=32", "byol.projection_dim=16",
-        "byol.prediction_hidden_dim=32", "optim.name=sgd", "optim.lr=0.05",
-        "optim.warmup_epochs=0", "train.batch_size=16", "train.grad_accumulation=2",
-        "train.epochs=1", "train.max_steps=3", "train.log_every=1", "eval.every_epochs=0",
-        "scaling.reference_batch=16",
-        "eval.knn_k=5"]
-
-
-# Per method: small heads and views for the 8 px smoke runs (`MethodSpec.tiny_overrides`).
-METHOD_TINY = {name: list(spec.tiny_overrides) for name, spec in METHODS.items()}
-# The generic smoke run covers every registered self-supervised method; the classification
-# methods (labels, splits) have their own runs in test_classification.py.
-SELF_SUPERVISED = sorted(name for name, spec in METHODS.items() if spec.labels == "none")
-
-
-def run(tmp_path: Path, *extra: str) -> tuple[Trainer, dict[str, float]]:
-    cfg = load_config(None, [*TINY, f"run.output_dir={tmp_path}", *extra])
-    trainer = Trainer(cfg, tmp_path / "run")
-    return trainer, trainer.fit()
-
-
-def resume_from(full: Trainer, run_dir: Path, step: int) -> Trainer:
-    """Resume ``full``'s run from its checkpoint at ``step``, train to the end, and check that
-    every tensor of the method (student, teachers, heads, buffers) equals the uninterrupted
-    run's, bit for bit; return the resumed trainer for further checks."""
-    ckpt = {c.name: c for c in checkpoints(run_dir)}[f"step_{step:08d}"]
-    resumed = Trainer(full.cfg, run_dir, ckpt)
-    resumed.fit()
-    a = resumed.accelerator.unwrap_model(resumed.method).state_dict()
-    b = full.accelerator.unwrap_model(full.method).state_dict()
-    assert a.keys() == b.keys()
-    for name in b:
-        assert torch.equal(a[name], b[name]), name
-    return resumed
 
 
 @pytest.mark.parametrize("method", SELF_SUPERVISED)

@@ -13,7 +13,7 @@ from torch import nn
 from ssl_ema.eval.transfer import floor_on, load_downstream, prepare
 from ssl_ema.models.backbones import build_backbone
 from ssl_ema.models.export import export_backbone
-from tests.conftest import load_tool
+from tests.helpers import load_tool
 
 BUILD = {"name": "test_resnet", "in_chans": 1, "image_size": 8, "cifar_stem": False,
          "patch_size": 0}
