@@ -147,13 +147,14 @@ class ScalingConfig:
     # ema: EMA Scaling Rule (momentum ** kappa) + optimizer rule (Busbridge et al. 2023);
     # optimizer: optimizer rule only (momenta unscaled: the common practice); none: nothing scaled.
     rule: Literal["ema", "optimizer", "none"] = "ema"
-    # BatchNorm running statistics are an EMA too: momentum 0.1 at the reference batch -> scaled.
+    # BatchNorm running statistics are an EMA too, stepped per forward: PyTorch's momentum 0.1
+    # for a forward of the reference batch, scaled per forward (ssl_ema/momentum.py).
     batchnorm: bool = True
 
 
 @dataclass(frozen=True)
 class EMAConfig:
-    # Momenta are per optimizer step at the reference batch; see ssl_ema/ema.py.
+    # Momenta are per optimizer step at the reference batch; see ssl_ema/momentum.py.
     period: int = 1  # update the teachers every T optimizer steps, with momentum ** T
     warmup: bool = False  # min(rho, (t+1)/(t+10)), t in reference steps (Morales-Brotons 2024)
     buffers: Literal["own", "copy", "average"] = "own"  # teacher BatchNorm statistics
