@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ssl_ema.config import Config
+from ssl_ema.momentum import update_momentum
 
 # The recomputed-statistics row is the fair floor: a random network whose activations are merely
 # normalised. A teacher within a few test images of it has not shown that it learnt anything.
@@ -76,12 +77,14 @@ def knn_report(result: dict[str, float], cfg: Config, test_images: int, run_dir:
 COLUMNS = [("val", "val"), ("val_bn", "val+BN"), ("test", "test"), ("test_bn", "test+BN")]
 
 
-def _label(name: str, cfg: Config) -> str:
+def _label(name: str, momentum_start: float, period: int) -> str:
+    """The role with its momentum per step and, every ``period`` steps, per update (at the
+    reference batch: `ssl_ema.momentum.update_momentum`)."""
     if name == "student":
         return "last iterate (student)"
-    momentum = cfg.method.momentum if name == "teacher" else float(name.removeprefix("ema_"))
-    per_update = momentum ** cfg.ema.period
-    return f"{name} ({momentum:.5g}, {per_update:.4g}/upd)" if cfg.ema.period > 1 else \
+    momentum = momentum_start if name == "teacher" else float(name.removeprefix("ema_"))
+    per_update = update_momentum(momentum, period=period)
+    return f"{name} ({momentum:.5g}, {per_update:.4g}/upd)" if period > 1 else \
         f"{name} ({momentum:.5g})"
 
 
@@ -104,7 +107,7 @@ def classification_table(result: dict[str, Any], cfg: Config, roles: Sequence[st
              f"  {'model':<36}" + "".join(f" {title:>8}" for _, title in cols)]
     for name in roles:
         row = [result.get(f"acc_{name}_{k}") for k, _ in cols]
-        lines.append(f"  {_label(name, cfg):<36}"
+        lines.append(f"  {_label(name, cfg.method.momentum, cfg.ema.period):<36}"
                      + "".join(f" {v:>8.4f}" for v in row if v is not None))
     lines += _calibration_rows(result, cfg, roles, held_out["test"])
     if "mask_rate" in result:
@@ -130,6 +133,6 @@ def _calibration_rows(result: dict[str, Any], cfg: Config, roles: Sequence[str],
     lines = [f"calibration on {test_images} test images (ECE: 15 equal-mass bins; NLL: nats)",
              f"  {'model':<36}" + "".join(f" {title:>8}" for _, title in cols)]
     for name in roles:
-        lines.append(f"  {_label(name, cfg):<36}"
+        lines.append(f"  {_label(name, cfg.method.momentum, cfg.ema.period):<36}"
                      + "".join(f" {result[key.format(name)]:>8.4f}" for key, _ in cols))
     return lines
