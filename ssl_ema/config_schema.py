@@ -67,7 +67,7 @@ class DataConfig:
     # "loader": DataLoader workers run lightly's transforms on the CPU (any data set).
     # "device": the data set is decoded once to uint8 on the accelerator and the views are made
     # there in batched ops (data/gpu_augment.py; RGB only), no loader workers between the
-    # data and the model (docs/RESULTS.md, "BYOL on CIFAR-10 on one H100: throughput").
+    # data and the model (docs/RESULTS.md, "BYOL training images/s on one H100").
     # "jpeg" (imagefolder): loader workers read each file's bytes, the batch is decoded on the
     # accelerator (torchvision's batched nvJPEG decode; on the CPU without one) and the views
     # are made there as under "device" (data/jpeg.py): for folders too large for its memory.

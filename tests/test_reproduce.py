@@ -138,6 +138,13 @@ def test_analyses_on_fixed_inputs() -> None:
     records[1]["metrics"]["knn"] = 0.77  # the ruled run falls too
     assert final(study, records).verdict == FAILS
     assert final(study, records[:2]).verdict == TOO_FEW
+    beside = final_rule("k1", [(4, "k4_ema", "k4_optimizer")], "knn", companion="student")
+    for r, student in zip(records, (0.81, 0.78, 0.80)):
+        r["metrics"]["student"] = student
+    told = beside(study, records)
+    assert told.verdict == FAILS  # the companion never changes the verdict
+    assert "student with the rule: largest gap 3.0 points" in told.summary
+    assert told.table[3] == "| k4_ema | 77.0 | -3.0 | 78.0 | -3.0 |"
 
     best = best_within("a", "knn", 0.868, 0.015)
     near = [{"variant": "a", "seed": 0, "metrics": {"knn": 0.85},

@@ -39,7 +39,7 @@ def test_the_floor_holds_the_training_images_statistics_and_leaves_the_original(
     assert torch.equal(floor[0].weight, conv.weight)  # same weights: only statistics differ
 
 
-@pytest.mark.slow  # the tool end to end (its time: docs/RESULTS.md, "Issue 19")
+@pytest.mark.slow  # the tool end to end (its time: docs/RESULTS.md, "Test suite")
 def test_an_export_of_the_floor_scores_as_the_floor(tmp_path: Path,
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     """The tool's floor for an export is built with seed 0 by the export's own builder and

@@ -90,13 +90,14 @@ class DigitsView:
 
     An 8x8 digit fills its frame: a crop of half of it, shear or pixel noise on 64 pixels drop
     the strokes that tell classes apart, and BYOL or DINO then learns invariances that merge
-    classes (docs/RESULTS.md, "Clearing the fair floor on digits (issue 15)"). So: mild crops,
+    classes (docs/RESULTS.md, "BYOL quick start on digits"). So: mild crops,
     a small rotation, nothing else.
 
     The draws and pixels of ``v2.Compose([Resize, RandomResizedCrop, RandomAffine, Normalize])``
     (tests/test_data.py), with torchvision's kernels called directly: on 64 pixels the
     Compose's per-call dispatch (input flattening, type checks) costs more than the kernels,
-    and the quick start spent most of its CPU time there (docs/RESULTS.md, "Quick start").
+    and the quick start spent most of its CPU time there (docs/RESULTS.md, "BYOL quick start on
+    digits").
     """
 
     def __init__(self, size: int, scale: tuple[float, float], mean: float, std: float):

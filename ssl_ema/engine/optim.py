@@ -31,7 +31,7 @@ def build_optimizer(module: nn.Module, cfg: OptimConfig, lr: float) -> torch.opt
     """Optimizer over the trainable parameters of ``module`` at the (already scaled) ``lr``."""
     groups = param_groups(module, cfg.weight_decay, cfg.decay_norm_bias)
     # CUDA: torch's fused kernels update all parameters in a few launches (foreach's share of
-    # a BYOL step: docs/RESULTS.md, "BYOL on CIFAR-10 on one H100: throughput (issue 7)").
+    # a BYOL step: docs/RESULTS.md, "BYOL training images/s on one H100").
     # Elsewhere torch's foreach default.
     fused = {"fused": True} if all(p.is_cuda for p in module.parameters()) else {}
     if cfg.name == "sgd":

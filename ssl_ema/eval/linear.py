@@ -25,8 +25,7 @@ from ssl_ema.data.labels import stratified_split
 DEFAULT_WEIGHT_DECAYS = tuple(10.0 ** e for e in range(-6, 1))  # 1e-6 ... 1
 # Below this many feature values a CPU fit runs on one thread: L-BFGS spends its time in tiny
 # vector ops (its two-loop recursion: ~40 dot products an iteration), where BLAS threads only
-# add synchronisation (docs/RESULTS.md, "Issue 17: the step as one loop, evaluation without the
-# Trainer").
+# add synchronisation (docs/RESULTS.md, "Evaluation cost").
 SINGLE_THREAD_BELOW = 1 << 22
 
 

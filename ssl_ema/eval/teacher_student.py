@@ -61,8 +61,8 @@ def knn_score(backbone: nn.Module, ctx: EvalContext) -> float:
     The bank stays sharded: each process embeds and scores its share of the training images,
     and only the queries and each shard's k best candidates are gathered (`eval.knn`)."""
     # Features in fp32, whatever the training precision: bf16 features cost a random-init
-    # ResNet-18 several kNN points on CIFAR-10 (docs/RESULTS.md, "BYOL on CIFAR-10 on one H100:
-    # the 200-epoch run").
+    # ResNet-18 several kNN points on CIFAR-10 (docs/RESULTS.md, "BYOL on CIFAR-10: the
+    # 200-epoch run").
     acc = ctx.accelerator
     bank, bank_y = extract_shard(backbone, ctx.bank, acc, prepared=ctx.gather)
     query, query_y = extract_features(backbone, ctx.query, acc if ctx.gather else None)
@@ -75,8 +75,8 @@ def knn_random_calibrated(ctx: EvalContext) -> float:
 
     The fair floor for "did training learn anything": a random network scored with its initial
     statistics (mean 0, var 1) is badly normalised, and any run fixes that within a few steps
-    just by forwarding training images; on the digits quick start the recomputed floor is above
-    the trained teacher (docs/RESULTS.md, "The fair floor: random weights with recomputed
+    just by forwarding training images; on digits the recomputed floor was above the previous
+    quick start's trained teacher (docs/RESULTS.md, "The fair floor: random weights with recomputed
     BatchNorm statistics").
     Statistics come from all bank batches (training images, evaluation transform), or from
     ``ema.recompute_bn_batches`` of them when that is set.

@@ -110,12 +110,15 @@ def ema_curve_rule(reference: str, arms: Sequence[tuple[int, str, str]],
 
 def final_rule(reference: str, arms: Sequence[tuple[int, str, str]], key: str,
                tolerance: float = 0.01, falls_from: int = 4,
-               anchor: str = "", floor: str = "", floor_margin: float = 0.03) -> AnalysisFn:
+               anchor: str = "", floor: str = "", floor_margin: float = 0.03,
+               companion: str = "") -> AnalysisFn:
     """The final-metric form (BYOL, DINO, pseudo-labelling at large batch): with the rule every
     kappa is within ``tolerance`` of kappa = 1; without it the metric falls by more than
     ``tolerance`` at every kappa >= ``falls_from``. With ``floor`` (a metric of each run, e.g.
     ``knn_random_bn``, the fair floor), kappa = 1 must also clear it by ``floor_margin``: a
-    comparison of runs that learnt nothing says nothing about the rule."""
+    comparison of runs that learnt nothing says nothing about the rule. ``companion`` (e.g.
+    ``knn_student``) is reported beside, outside the verdict: when the student falls as far as
+    the teacher, the optimizer's half of the scaling, not the EMA's, moved the metric."""
 
     def analyse(study: Study, records: Sequence[Record]) -> Analysis:
         runs = by_variant(records)
@@ -128,12 +131,20 @@ def final_rule(reference: str, arms: Sequence[tuple[int, str, str]], key: str,
             return mean_std([r["metrics"][metric] for r in runs[n]])[0]
 
         base = value(reference)
-        rows = [f"| variant | {key} | gap to κ = 1 (points) |", "|---|---|---|",
-                f"| {reference} | {_pts(base)} | 0 |"]
+        side = value(reference, companion) if companion else 0.0
+
+        def row(n: str) -> str:
+            cells = f"| {n} | {_pts(value(n))} | {_pts(value(n) - base)} |"
+            if companion:
+                cells += f" {_pts(value(n, companion))} | {_pts(value(n, companion) - side)} |"
+            return cells
+
+        head = f"| variant | {key} | gap to κ = 1 (points) |"
+        rows = [head + (f" {companion} | gap (points) |" if companion else ""),
+                "|---|---|---|" + ("---|---|" if companion else ""), row(reference)]
         ok = True
         for k, with_rule, without in arms:
-            for n in (with_rule, without):
-                rows.append(f"| {n} | {_pts(value(n))} | {_pts(value(n) - base)} |")
+            rows += [row(with_rule), row(without)]
             ok &= abs(value(with_rule) - base) <= tolerance
             if k >= falls_from:
                 ok &= base - value(without) > tolerance
@@ -147,6 +158,9 @@ def final_rule(reference: str, arms: Sequence[tuple[int, str, str]], key: str,
         summary = (f"κ = 1: {_pts(base)}{cleared}; with the rule the largest gap is "
                    f"{_pts(max(abs(value(w) - base) for _, w, _ in arms))} points, "
                    f"without it {_pts(max(base - value(o) for _, _, o in arms))}"
+                   + (f" ({companion} with the rule: largest gap "
+                      f"{_pts(max(abs(value(w, companion) - side) for _, w, _ in arms))} points)"
+                      if companion else "")
                    + (f"; {anchor}" if anchor else "") + ".")
         return Analysis(HOLDS if ok else FAILS, summary, tuple(rows))
 

@@ -137,7 +137,7 @@ THROUGHPUT = Study(
               V("byol_r18", ("recipes/byol_r18.yaml", *CIFAR10, "data.num_workers=16",
                              "--warmup", "40", "--steps", "120", "--workers", "16"))),
     minutes_per_run=4.0, estimate_source="unmeasured as a whole: bench_train's parts on the "
-    "H100 took under 3 minutes (docs/RESULTS.md, issue 7)",
+    "H100 took under 3 minutes (docs/RESULTS.md, 'BYOL training images/s on one H100')",
     analysis=throughput(ema="ema", train="byol_r18"))
 
 THROUGHPUT_CPU = Study(

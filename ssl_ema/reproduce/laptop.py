@@ -90,7 +90,8 @@ BYOL_CIFAR_CPU = Study(
     estimate_source="a 10-epoch sizing run: 350 images/s on one core (docs/RESULTS.md)",
     env=ONE_THREAD, plot_keys=("knn_teacher", "knn_student"),
     analysis=final_rule("k1", [(8, "k8_ema", "k8_optimizer")], "knn_teacher",
-                        tolerance=0.02, falls_from=8, floor="knn_random_bn"))
+                        tolerance=0.02, falls_from=8, floor="knn_random_bn",
+                        companion="knn_student"))
 
 STUDIES: tuple[Study, ...] = (EMA_BENEFITS_CPU, SCALING_CIFAR_CPU, BYOL_CIFAR_CPU,
                               SCALING_CPU)
