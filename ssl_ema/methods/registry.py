@@ -21,8 +21,9 @@ if TYPE_CHECKING:  # annotation only: the registry imports no torch
     from ssl_ema.data.method_data import MethodData
     from ssl_ema.methods.base import TeacherStudentMethod
 
+# In the order the methods were first registered (choices and messages list them so).
 BUILT_IN: tuple[MethodSpec, ...] = (byol_spec.SPEC, dino_spec.SPEC, moco_spec.SPEC,
-                                    pseudo_label_spec.SPEC, supervised_spec.SPEC)
+                                    supervised_spec.SPEC, pseudo_label_spec.SPEC)
 
 METHODS: dict[str, MethodSpec] = {}
 
