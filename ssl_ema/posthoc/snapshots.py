@@ -20,6 +20,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 
+from ssl_ema.engine.fsync import fsync
+
 FORMAT = "ssl_ema.posthoc_snapshot/1"
 META_KEY = "posthoc_snapshot"
 SUFFIX = ".safetensors"
@@ -71,13 +73,6 @@ def payload_bytes(tensors: Mapping[str, torch.Tensor], dtype: str) -> int:
     return sum(t.numel() for t in tensors.values()) * itemsize
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)  # a directory too: its entries (the rename) reach the disk
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _cast(tensors: Mapping[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
     out = {}
@@ -109,7 +104,7 @@ def write_snapshot(folder: Path, tensors: Mapping[str, torch.Tensor], *, samples
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, final)
-        _fsync(folder)
+        fsync(folder)
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise SnapshotWriteError(f"could not write post-hoc EMA snapshot {final}: "
