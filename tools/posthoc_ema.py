@@ -97,19 +97,22 @@ def trained_run(args: argparse.Namespace) -> Path:
     if not cfg.ema.posthoc.sigma_rels:
         raise ConfigError(f"--train {args.train}: ema.posthoc.sigma_rels is empty; add "
                           "--set 'ema.posthoc.sigma_rels=[0.05,0.1]'")
+    from ssl_ema.engine.launch import train
+    from ssl_ema.engine.run import RESUMABLE_CHANGES, changed_keys
+
     home = args.run or (args.out.parent / "train" if args.out else Path("posthoc_train"))
     name = cfg.run.name or Path(args.train).stem
-    runs = sorted((home / name).glob("*/config.yaml"))
-    from ssl_ema.engine.launch import train
-
-    if runs and (runs[-1].parent / "results.json").is_file():
-        return runs[-1].parent
     settings = [f"run.output_dir={home}", f"run.name={name}"]
-    code = train(None, [], str(runs[-1].parent)) if runs else \
-        train(args.train, [*args.set, *settings], None)
+    where = {"run.output_dir", "run.name"}  # set here, not by the recipe
+    same = [p.parent for p in sorted((home / name).glob("*/config.yaml"))
+            if not changed_keys(p.parent, cfg, RESUMABLE_CHANGES | where)]
+    if same and (same[-1] / "results.json").is_file():
+        return same[-1]  # this recipe's run, finished: reused
+    code = train(None, [], str(same[-1])) if same and list((same[-1] / "checkpoints").glob(
+        "step_*")) else train(args.train, [*args.set, *settings], None)
     if code != 0:
         raise SystemExit(code)
-    return sorted((home / name).glob("*/results.json"))[-1].parent
+    return sorted((home / name).glob("*/results.json"), key=lambda p: p.stat().st_mtime)[-1].parent
 
 
 def plans_for(run_dir: Path, args: argparse.Namespace) -> list:

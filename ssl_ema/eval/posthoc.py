@@ -136,7 +136,7 @@ def table(scored: Scored, plans: Sequence[Reconstruction]) -> str:
             f"{own[c]:>13.4f}" + (f"{bn[c]:>16.4f}" if c in bn else f"{'-':>16}") for c in cols))
     if scored.floor is not None:
         name = "fair floor" if scored.protocol == "knn" else "random init"
-        lines.append(f"{name:<22}{'-':>12}" + f"{'':>13}" * (cols.index("accuracy"))
+        lines.append(f"{name:<22}{'-':>12}" + " " * 29 * cols.index("accuracy")
                      + f"{scored.floor:>13.4f}")
     return "\n".join(lines)
 
