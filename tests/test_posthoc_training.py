@@ -158,6 +158,7 @@ def test_a_run_without_snapshots_is_refused(sup_run: Path, tmp_path: Path,
     assert tool(copy, "--sigma-rel", 0.1) == 2
     assert "no post-hoc EMA snapshots in" in capsys.readouterr().err
     assert tool("--sigma-rel", 0.1) == 2  # neither RUN nor --train
+    assert "give RUN" in capsys.readouterr().err
     damaged = tmp_path / "damaged"
     shutil.copytree(sup_run, damaged)
     first = sorted((damaged / FOLDER).glob("*.safetensors"))[0]

@@ -139,8 +139,8 @@ def test_posthoc_sweep_verdicts_on_fixed_inputs() -> None:
     sweep = {"0.02": (0.89, 0.95), "0.05": (0.92, 0.905), "0.2": (0.80, 0.81)}
     result = analyse(POSTHOC_CPU, [posthoc_record(tracked, sweep)])
     assert result.verdict == HOLDS
-    assert "posthoc_0.05 test 90.5% against the tracked choice teacher 91.0% (-0.5 points" \
-        in result.summary
+    assert "choice posthoc_0.05: test 90.5% against the tracked choice teacher: 91.0% (-0.5 " \
+        "points" in result.summary
     assert "σ_rel = 0.05, inside the sweep 0.02 … 0.2" in result.summary
     assert "| posthoc_0.02 (profile error 0.020) | 89.0 | 95.0 | 0.050 | 0.300 |" in result.table
     assert "| student | 85.0 | 86.0 | 0.050 | 0.300 |" in result.table
@@ -150,3 +150,9 @@ def test_posthoc_sweep_verdicts_on_fixed_inputs() -> None:
     result = analyse(POSTHOC_CPU, [posthoc_record(tracked, worse)])
     assert result.verdict == FAILS and "-2.0 points" in result.summary
     assert "an end of the sweep" in result.summary
+    # Tied on validation: the tied models' mean test accuracy is compared.
+    tied = {"0.02": (0.92, 0.90), "0.05": (0.92, 0.94), "0.1": (0.91, 0.99)}
+    result = analyse(POSTHOC_CPU, [posthoc_record(tracked, tied)])
+    assert result.verdict == HOLDS and "(+1.0 points" in result.summary
+    assert "posthoc_0.02, posthoc_0.05 (tied on validation at 92.0%, test averaged)" \
+        in result.summary

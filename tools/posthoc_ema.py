@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(document(scored, plans, run, bn), indent=1) + "\n")
     print(f"wrote {out}")
     if not args.no_plot:
-        plot_sweep(scored, plans, out.with_suffix(".png"), f"post-hoc EMA: {run.run_dir}")
+        title = f"{'/'.join(run.run_dir.parts[-2:])}: post-hoc EMA, BatchNorm recomputed"
+        plot_sweep(scored, [p.sigma_rel for p in plans], out.with_suffix(".png"), title)
         print(f"wrote {out.with_suffix('.png')}")
     if args.export is not None:
         print("\n".join(export(run, plans, args, bn)))

@@ -148,25 +148,36 @@ def best_posthoc(scored: Scored) -> str | None:
     return max(found, key=found.__getitem__) if found else None
 
 
-def plot_sweep(scored: Scored, plans: Sequence[Reconstruction], out: Path, title: str) -> None:
-    """Accuracy (BatchNorm recomputed) against sigma_rel, the tracked models as lines."""
+def plot_sweep(scored: Scored, sigma_rels: Sequence[float], out: Path, title: str) -> None:
+    """Accuracy (BatchNorm recomputed) against sigma_rel, the tracked models as lines; the
+    floor drawn when it is near them, else named in the legend (it would flatten the rest)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    def acc(role: str) -> float:
+        return scored.metrics.get(role + BN_SUFFIX, scored.metrics[role])["accuracy"]
+
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    sigmas = [p.sigma_rel for p in plans]
-    acc = [scored.metrics[role_of(s) + BN_SUFFIX]["accuracy"] for s in sigmas]
-    ax.plot(sigmas, acc, "o-", color="C0", label="post-hoc EMA (+bn)")
+    sweep = [acc(role_of(s)) for s in sigma_rels]
+    ax.plot(sigma_rels, sweep, "o-", color="C0", label="post-hoc EMA (+bn)")
+    tracked = [r for r in scored.metrics if not r.endswith(BN_SUFFIX) and not r.startswith(PREFIX)]
     styles = {"teacher": ("C1", "-"), "student": ("C2", "--")}
-    for i, role in enumerate(r for r in scored.metrics if not r.endswith(BN_SUFFIX)
-                             and not r.startswith(PREFIX)):
-        value = scored.metrics.get(role + BN_SUFFIX, scored.metrics[role])["accuracy"]
+    for i, role in enumerate(tracked):
         color, style = styles.get(role, (f"C{3 + i}", ":"))
-        ax.axhline(value, color=color, linestyle=style, linewidth=1, label=f"{role} (+bn)")
+        ax.axhline(acc(role), color=color, linestyle=style, linewidth=1, label=f"{role} (+bn)")
+    values = sweep + [acc(r) for r in tracked]
+    low, high = min(values), max(values)
+    pad = max(0.01, 0.1 * (high - low))
     if scored.floor is not None:
-        ax.axhline(scored.floor, color="grey", linestyle="-.", linewidth=1, label="fair floor")
+        name = "fair floor" if scored.protocol == "knn" else "random init"
+        if scored.floor >= low - 5 * pad:
+            ax.axhline(scored.floor, color="grey", linestyle="-.", linewidth=1, label=name)
+            low = min(low, scored.floor)
+        else:
+            ax.plot([], [], " ", label=f"{name} {scored.floor:.3f} (off the scale)")
+    ax.set_ylim(low - pad, high + pad)
     ax.set_xscale("log")
     ax.set_xlabel("σ_rel (EMA width / length of training)")
     ax.set_ylabel("test accuracy" + (" (kNN)" if scored.protocol == "knn" else ""))

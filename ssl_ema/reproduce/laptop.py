@@ -119,7 +119,9 @@ POSTHOC_CPU = Study(
     device="cpu", minutes_per_run=15.0,
     estimate_source="6 epochs without label noise took 484 s, training and sweep, on 2 cores "
                     "shared at load 13-17 (docs/RESULTS.md)",
-    env=ONE_THREAD, analysis=posthoc_sweep("digits"))
+    env=ONE_THREAD, analysis=posthoc_sweep("digits"),
+    plot_keys=tuple(f"results/{r}+bn/accuracy" for r in ("teacher", "student", "posthoc_0.02",
+                                                          "posthoc_0.1")))
 
 STUDIES: tuple[Study, ...] = (EMA_BENEFITS_CPU, SCALING_CIFAR_CPU, BYOL_CIFAR_CPU,
                               SCALING_CPU, POSTHOC_CPU)

@@ -5,8 +5,9 @@ model EMAs and two power EMAs, then the EMAs of several sigma_rel reconstructed 
 snapshots, every model scored on the run's validation and test splits with BatchNorm
 statistics recomputed (``+bn``). Its record keeps the tool's JSON as ``result``. As
 Morales-Brotons et al. (2024) choose the best EMA, each family's best is chosen on validation
-and compared on test: the post-hoc family holds when its choice is within ``tolerance`` of the
-tracked family's choice, or above it. Where the optimum lies is reported beside the verdict.
+(models tied there: their mean) and compared on test: the post-hoc family holds when its choice
+is within ``tolerance`` of the tracked family's choice, or above it. Where the optimum lies is
+reported beside the verdict.
 """
 
 from __future__ import annotations
@@ -22,11 +23,21 @@ POSTHOC = "posthoc_"
 
 
 def _chosen(results: Mapping[str, Mapping[str, float]], roles: Sequence[str]
-            ) -> tuple[str, Mapping[str, float]]:
-    """The role with the best validation accuracy (+bn), the first on a tie."""
-    best = max(roles, key=lambda r: (results[r + BN].get("val_accuracy", results[r + BN]
-                                                         ["accuracy"]), -roles.index(r)))
-    return best, results[best + BN]
+            ) -> tuple[list[str], float, float]:
+    """The roles with the best validation accuracy (+bn), that accuracy, and their mean test
+    accuracy: a small validation split ties often, and a tie is not a choice."""
+    def val(r: str) -> float:
+        return results[r + BN].get("val_accuracy", results[r + BN]["accuracy"])
+
+    best = max(val(r) for r in roles)
+    tied = [r for r in roles if val(r) == best]
+    return tied, best, sum(results[r + BN]["accuracy"] for r in tied) / len(tied)
+
+
+def _named(roles: Sequence[str], best_val: float) -> str:
+    names = ", ".join(roles)
+    return (f"{names} (tied on validation at {100 * best_val:.1f}%, test averaged)"
+            if len(roles) > 1 else names)
 
 
 def _row(role: str, scores: Mapping[str, float], note: str = "") -> str:
@@ -50,18 +61,19 @@ def posthoc_sweep(variant: str, tolerance: float = 0.01) -> AnalysisFn:
                          key=lambda r: float(r[len(POSTHOC):]))
         tracked = [r for r in scores if not r.endswith(BN) and not r.startswith(POSTHOC)
                    and r != "student"]
-        best_p, p = _chosen(scores, posthoc)
-        best_t, t = _chosen(scores, tracked)
-        gap = p["accuracy"] - t["accuracy"]
-        edge = best_p in (posthoc[0], posthoc[-1])
-        where = (f"the validation optimum is σ_rel = {best_p[len(POSTHOC):]}"
-                 + (" (an end of the sweep: the optimum may lie beyond it)" if edge else
-                    f", inside the sweep {posthoc[0][len(POSTHOC):]} … "
+        best_p, val_p, p = _chosen(scores, posthoc)
+        best_t, val_t, t = _chosen(scores, tracked)
+        gap = p - t
+        sigmas = [r[len(POSTHOC):] for r in best_p]
+        edge = bool({posthoc[0], posthoc[-1]} & set(best_p))
+        where = (f"the validation optimum is σ_rel = {', '.join(sigmas)}"
+                 + (" (it includes an end of the sweep: the optimum may lie beyond it)" if edge
+                    else f", inside the sweep {posthoc[0][len(POSTHOC):]} … "
                     f"{posthoc[-1][len(POSTHOC):]}"))
-        summary = (f"post-hoc choice {best_p} test {100 * p['accuracy']:.1f}% against the "
-                   f"tracked choice {best_t} {100 * t['accuracy']:.1f}% ({100 * gap:+.1f} "
+        summary = (f"post-hoc choice {_named(best_p, val_p)}: test {100 * p:.1f}% against the "
+                   f"tracked choice {_named(best_t, val_t)}: {100 * t:.1f}% ({100 * gap:+.1f} "
                    f"points; holds at ≥ {-100 * tolerance:.1f}); {where}; student "
-                   f"{100 * scores['student' + BN]['accuracy']:.1f}%, every model with "
+                   f"{100 * scores['student' + BN]['accuracy']:.1f}%; every model with "
                    "BatchNorm recomputed, chosen on validation.")
         errors = result.get("posthoc", {})
         rows = ["| model (+bn) | val % | test % | ECE (15) | NLL |", "|---|---|---|---|---|"]
@@ -70,6 +82,6 @@ def posthoc_sweep(variant: str, tolerance: float = 0.01) -> AnalysisFn:
             note = (f" (profile error {errors[sigma]['profile_error']:.3f})"
                     if sigma in errors else "")
             rows.append(_row(role, scores[role + BN], note))
-        return Analysis(HOLDS if gap >= -tolerance else FAILS, summary, tuple(rows))
+        return Analysis(HOLDS if gap >= -tolerance - 1e-12 else FAILS, summary, tuple(rows))
 
     return analyse
