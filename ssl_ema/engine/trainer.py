@@ -3,7 +3,8 @@
 `Trainer.train_epoch` is the loop, top to bottom: micro-batches (gradient accumulation) ->
 optimizer step -> once per optimizer step (every ``ema.period`` steps): teacher momentum from the
 schedule (a function of samples seen), raised to kappa * period -> EMA update of the teacher and
-the EMA copies on the unwrapped modules -> counters -> metrics -> stop signals and checkpoints.
+the EMA copies on the unwrapped modules -> counters -> the post-hoc EMA's power EMAs and snapshots
+(``ema.posthoc``, `engine.posthoc`) -> metrics -> stop signals and checkpoints.
 Each epoch runs at the batch of ``train.batch_schedule`` with hyperparameters resolved for its
 kappa (progressive scaling, Busbridge et al. 2023, Alg. 1). `fit` wraps it: the evaluation before
 training, every ``eval.every_epochs`` and at the end, and the final checkpoint.
