@@ -62,19 +62,21 @@ def test_a_resumed_run_writes_the_same_snapshots_and_averages(tmp_path: Path) ->
 
 
 def test_snapshots_follow_samples_seen_through_a_batch_schedule(tmp_path: Path) -> None:
-    """Batch 128 for an epoch, then 256 (digits: 11 steps, then 5): a snapshot at the first step
-    ending past each multiple of 500 samples; a resume from step 9 (before the change) writes
-    the same files; the tracked sigma_rel is reconstructed from all snapshots to 1e-3."""
-    common = ["train.max_steps=0", "train.epochs=2", "train.batch_size=128",
-              "train.grad_accumulation=1", "scaling.reference_batch=128",
-              "train.batch_schedule=[[1, 256]]", "train.checkpoint_every=9", POSTHOC,
-              "ema.posthoc.every_samples=500"]
+    """Batch 32 for an epoch, then 64 (40 digits a class: 12 steps, then 6): a snapshot at the
+    first step ending past each multiple of 100 samples; a resume from step 9 (before the
+    change) writes the same files; the tracked sigma_rel is reconstructed from all snapshots
+    to 1e-3."""
+    common = ["train.max_steps=0", "train.epochs=2", "train.batch_size=32",
+              "data.train_per_class=40", "train.grad_accumulation=1",
+              "scaling.reference_batch=32", "train.batch_schedule=[[1, 64]]",
+              "train.checkpoint_every=9", POSTHOC, "ema.posthoc.every_samples=100"]
     full, _ = run(tmp_path, *common)
     run_dir = tmp_path / "run"
-    ends = [128 * i for i in range(1, 12)] + [11 * 128 + 256 * i for i in range(1, 6)]
-    want = {n for prev, n in zip([0, *ends], ends) if n // 500 > prev // 500} | {ends[-1]}
+    ends = [32 * i for i in range(1, 13)] + [12 * 32 + 64 * i for i in range(1, 7)]
+    assert full.state.samples_seen == ends[-1]
+    want = {n for prev, n in zip([0, *ends], ends) if n // 100 > prev // 100} | {ends[-1]}
     found = sorted({s.samples_seen for s in list_snapshots(run_dir / FOLDER)})
-    assert found == sorted(want) == [512, 1024, 1664, 2176, 2688]
+    assert found == sorted(want) == [128, 224, 320, 448, 512, 640, 704, 768]
     files = snapshot_bytes(run_dir)
     resume_from(full, run_dir, 9)
     assert snapshot_bytes(run_dir) == files
