@@ -154,6 +154,20 @@ class ScalingConfig:
 
 
 @dataclass(frozen=True)
+class PostHocConfig:
+    """Post-hoc EMA (Karras et al. 2024, "EDM2", Sec. 3): power EMAs of the student, stored as
+    snapshots in ``<run>/posthoc_ema/``, from which ``tools/posthoc_ema.py`` reconstructs the
+    EMA of any sigma_rel after training (docs/EVALUATION.md). An evaluated model of the
+    student, like ema.extra_momenta: the training teacher stays the recipe's."""
+
+    # Relative widths of the tracked power EMAs (EDM2 tracks 0.05 and 0.10), each in
+    # (0, 0.2887]; empty = off.
+    sigma_rels: tuple[float, ...] = ()
+    every_samples: int = 0  # snapshot interval in samples seen; 0 = the run's samples / 64
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # of the snapshots on disk
+
+
+@dataclass(frozen=True)
 class EMAConfig:
     # Momenta are per optimizer step at the reference batch; see ssl_ema/ema.py.
     period: int = 1  # update the teachers every T optimizer steps, with momentum ** T
@@ -166,6 +180,7 @@ class EMAConfig:
     # One compiled kernel for all teachers, reading the student once (ssl_ema/ema.py): for 2+
     # teachers (extra_momenta); needs torch.compile (Triton on GPU, a C++ compiler on CPU).
     fused: bool = False
+    posthoc: PostHocConfig = field(default_factory=PostHocConfig)
 
 
 @dataclass(frozen=True)

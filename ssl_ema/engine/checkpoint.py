@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from accelerate import Accelerator
 from safetensors import SafetensorError
 
 from ssl_ema.config import ConfigError
+from ssl_ema.engine.fsync import fsync
 
 PREFIX = "step_"
 COUNTERS = "counters.json"
@@ -84,25 +86,18 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)  # a directory too: its entries (the rename) reach the disk
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 def _seal(folder: Path) -> None:
     """fsync every file of ``folder``, then write (and fsync) its manifest, last."""
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        _fsync(path)
+        fsync(path)
         files[str(path.relative_to(folder))] = {"bytes": path.stat().st_size,
                                                 "sha256": _sha256(path)}
     manifest = folder / MANIFEST
     manifest.write_text(json.dumps({"files": files}, indent=1))
-    _fsync(manifest)
-    _fsync(folder)
+    fsync(manifest)
+    fsync(folder)
 
 
 def damage(path: Path, hashes: bool = True) -> str | None:
@@ -133,8 +128,10 @@ def _everyone(accelerator: Accelerator, ok: bool) -> bool:
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: int,
-                    counters: dict[str, Any]) -> Path:
-    """Save the full training state at ``step``; keep the newest ``keep`` intact checkpoints."""
+                    counters: dict[str, Any], files: Mapping[str, bytes] | None = None) -> Path:
+    """Save the full training state at ``step``; keep the newest ``keep`` intact checkpoints.
+    ``files`` (name -> contents, the main process's) are written beside ``counters.json``
+    before the manifest, so they are checked like every other file of the checkpoint."""
     folder = run_dir / "checkpoints"
     final, tmp = folder / f"{PREFIX}{step:08d}", folder / f"{TMP}{PREFIX}{step:08d}"
     main = accelerator.is_main_process
@@ -154,11 +151,13 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: in
     if _everyone(accelerator, error is None) and main:
         try:
             (tmp / COUNTERS).write_text(json.dumps(counters))
+            for name, contents in (files or {}).items():
+                (tmp / name).write_bytes(contents)
             _seal(tmp)
             if final.exists():  # re-saving the same step (e.g. after a resume): replace it
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync(folder)
+            fsync(folder)
             _intact.add(final)
         except OSError as e:
             error = e
