@@ -113,13 +113,16 @@ def final_rule(reference: str, arms: Sequence[tuple[int, str, str]], key: str,
                anchor: str = "") -> AnalysisFn:
     """The final-metric form (BYOL, DINO, pseudo-labelling at large batch): with the rule every
     kappa is within ``tolerance`` of kappa = 1; without it the metric falls by more than
-    ``tolerance`` at every kappa >= ``falls_from``."""
+    ``tolerance`` at every kappa >= ``falls_from``. Judged on the arms whose pair (with and
+    without the rule) has run, once one such pair at kappa >= ``falls_from`` has; the summary
+    names the arms still pending."""
 
     def analyse(study: Study, records: Sequence[Record]) -> Analysis:
         runs = by_variant(records)
         names = [reference, *(v for _, *pair in arms for v in pair)]
         missing = [n for n in names if not runs.get(n)]
-        if missing:
+        judged = [(k, w, o) for k, w, o in arms if runs.get(w) and runs.get(o)]
+        if not runs.get(reference) or not any(k >= falls_from for k, _, _ in judged):
             return Analysis(TOO_FEW, f"runs missing: {', '.join(missing)}")
 
         def value(n: str) -> float:
@@ -129,16 +132,17 @@ def final_rule(reference: str, arms: Sequence[tuple[int, str, str]], key: str,
         rows = [f"| variant | {key} | gap to κ = 1 (points) |", "|---|---|---|",
                 f"| {reference} | {_pts(base)} | 0 |"]
         ok = True
-        for k, with_rule, without in arms:
+        for k, with_rule, without in judged:
             for n in (with_rule, without):
                 rows.append(f"| {n} | {_pts(value(n))} | {_pts(value(n) - base)} |")
             ok &= abs(value(with_rule) - base) <= tolerance
             if k >= falls_from:
                 ok &= base - value(without) > tolerance
         summary = (f"κ = 1: {_pts(base)}; with the rule the largest gap is "
-                   f"{_pts(max(abs(value(w) - base) for _, w, _ in arms))} points, "
-                   f"without it {_pts(max(base - value(o) for _, _, o in arms))}"
-                   + (f"; {anchor}" if anchor else "") + ".")
+                   f"{_pts(max(abs(value(w) - base) for _, w, _ in judged))} points, "
+                   f"without it {_pts(max(base - value(o) for _, _, o in judged))}"
+                   + (f"; {anchor}" if anchor else "")
+                   + (f"; pending: {', '.join(missing)}" if missing else "") + ".")
         return Analysis(HOLDS if ok else FAILS, summary, tuple(rows))
 
     return analyse
