@@ -75,6 +75,12 @@ def test_a_truncated_study_record_is_set_aside(tmp_path: Path,
     assert load_tool("reproduce").main(argv, studies=[tiny_study()]) == 0
     assert json.loads((results / "tiny.json").read_text())["runs"] == []
     assert aside.read_bytes() == cut
+    # JSON, but not a record file: set aside too, never overwritten
+    (results / "tiny.json").write_text("[1, 2]\n")
+    assert Store(results, "tiny").records == []
+    assert "a JSON list, not an object" in capsys.readouterr().err
+    kept = sorted(p.read_bytes() for p in results.glob(f"tiny.json{DAMAGED}*"))
+    assert kept == sorted([cut, b"[1, 2]\n"])  # both kept, even within one second
 
 
 def test_a_truncated_wall_time_is_set_aside(tmp_path: Path,

@@ -45,20 +45,26 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def read_json(path: Path) -> Any | None:
-    """The JSON object at ``path``; None if there is none, or if it is damaged: then it is
-    renamed to ``<name>.damaged-<time>`` beside it and one warning line says so."""
+def read_json(path: Path) -> dict[str, Any] | None:
+    """The JSON object at ``path``; None if there is none, or if it is damaged (not JSON, or
+    not an object): then it is renamed to ``<name>.damaged-<time>`` beside it and one warning
+    line says so."""
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return None
     try:
-        return json.loads(data.decode("utf-8"))
+        obj = json.loads(data.decode("utf-8"))
+        why = "" if isinstance(obj, dict) else f"a JSON {type(obj).__name__}, not an object"
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        aside = path.with_name(f"{path.name}{DAMAGED}{stamp}")
-        path.replace(aside)
         why = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8 text"
-        print(f"warning: {path} is damaged ({why}, {len(data)} bytes); set aside as "
-              f"{aside.name} and read as absent", file=sys.stderr)
-        return None
+    if not why:
+        return obj
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside, n = path.with_name(f"{path.name}{DAMAGED}{stamp}"), 1
+    while aside.exists():  # never over an earlier one
+        aside, n = path.with_name(f"{path.name}{DAMAGED}{stamp}-{n}"), n + 1
+    path.replace(aside)
+    print(f"warning: {path} is damaged ({why}, {len(data)} bytes); set aside as {aside.name} "
+          "and read as absent", file=sys.stderr)
+    return None

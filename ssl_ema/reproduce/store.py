@@ -96,9 +96,7 @@ class Store:
 
     def __init__(self, folder: Path, study: str):
         self.path = folder / f"{study}.json"
-        raw = read_json(self.path)
-        if not isinstance(raw, dict):
-            raw = {}
+        raw = read_json(self.path) or {}
         self.study = study
         self.records: list[dict[str, Any]] = list(raw.get("runs", []))
         self.analysis: dict[str, Any] = dict(raw.get("analysis", {}))

@@ -76,7 +76,7 @@ def plan_tool(study: Study, root: Path, runs_root: Path, data_root: str) -> list
                              f"{list(args)}") from e
         home = runs_root / study.name / v.name / "seed0"
         done = read_json(home / RESULT)  # a damaged one is set aside: the run starts again
-        same = isinstance(done, dict) and done.get(RUN, {}).get("resolved") == resolved
+        same = done is not None and done.get(RUN, {}).get("resolved") == resolved
         jobs.append(ToolJob(v.name, 0, study.tool_of(v), args, resolved, home,
                             "reuse" if same else "new", home if same else None))
     return jobs
@@ -94,14 +94,14 @@ def after_tool(job: ToolJob, device: str, wall_s: float) -> bool:
     the tool left no readable JSON."""
     path = job.home / RESULT
     result = read_json(path)
-    if isinstance(result, dict):
+    if result is not None:
         load = round(os.getloadavg()[0], 2)
         if device == "cpu":  # a CPU timing means little without the cores and their load
             device = f"cpu ({os.cpu_count()} cores, load {load:g})"
         result[RUN] = {"resolved": job.resolved, "commit": git_sha(), "device": device,
                        "wall_s": round(wall_s, 1), "load": load}
         write_json(path, result)
-    return isinstance(result, dict)
+    return result is not None
 
 
 def matches(record: Mapping[str, Any], job: ToolJob) -> bool:
