@@ -231,8 +231,34 @@ def test_a_sigkill_at_a_random_moment_loses_no_finished_run(tmp_path: Path,
         json.loads((results / "nq.json").read_text())
     # The next run (not killed) stores the rest; a run that finished unstored is collected.
     done = subprocess.run(cmd, cwd=ROOT, env=tools_env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=900)  # two runs of seconds each idle; a minute each at load 12
     assert done.returncode == 0, done.stdout + done.stderr
     assert sorted(r["variant"] for r in stored_records(out)) == ["s0", "s1", "s2"]
     assert not list(out.glob(".*tmp*")) or proc.returncode == -signal.SIGKILL
     print(f"killed {moment:.2f} s after the first store, with {announced} runs stored")
+
+
+def test_runs_are_placed_in_the_leases_that_can_finish_them(tmp_path: Path) -> None:
+    """`reproduce.py list --leases`: in priority order, a run only in a lease whose rest can
+    finish it (the first lease's smaller, after the smoke check); longer than any command: none;
+    carried to the H200 by its measured speed once the smoke check has stored one."""
+    from ssl_ema.reproduce.lease import COMMAND_S, SETUP_S, SMOKE_S, schedule
+
+    minutes = {"k1": 2.5, "k8": 2.5, "k8_rule": 2.5, "long": 10.5, "k4": 4.0}
+    study = Study(name="g", title="g", claim="c", paper="p", schedule="s",
+                  recipe="recipes/scaling_digits.yaml", device="gpu",
+                  variants=tuple(StudyVariant(n, minutes=m) for n, m in minutes.items()),
+                  plot_keys=("knn",), analysis=tiny_study().analysis)
+    plans = [plan_study(study, tmp_path / "runs", None)]
+    results = tmp_path / "results"
+    leases, never = schedule(plans, H200, Speeds.load(results), results)
+    # lease 1: 330 s less the 45 s reserve fits one 150 s run; then 485 s: three runs (k4 240 s)
+    assert COMMAND_S - SETUP_S - SMOKE_S == 330.0
+    assert [[n.split()[1] for n, _ in lease] for lease in leases] == [["k1"], ["k8", "k8_rule"],
+                                                                      ["k4"]]
+    assert [n.split()[1] for n, _ in never] == ["long"]  # 630 s > 485 s of any one command
+    record_rate(results, H200, 1.5 * 21185.0)  # an H200 measured 1.5 times the H100's speed
+    leases, never = schedule(plans, H200, Speeds.load(results), results)
+    assert never == [] and leases[0][0] == ("g k1 seed 0", pytest.approx(100.0))
+    assert [[n.split()[1] for n, _ in lease] for lease in leases] == [["k1", "k8"],
+                                                                      ["k8_rule", "k4"], ["long"]]

@@ -139,6 +139,17 @@ def test_analyses_on_fixed_inputs() -> None:
     records[1]["metrics"]["knn"] = 0.77  # the ruled run falls too
     assert final(study, records).verdict == FAILS
     assert final(study, records[:2]).verdict == TOO_FEW
+    # Arms judged as their pairs come in (issue 24: a verdict from the first leases): kappa = 8
+    # alone judges; kappa = 2 alone (below falls_from) does not.
+    two_eight = final_rule("k1", [(2, "k2_ema", "k2_optimizer"), (8, "k8_ema", "k8_optimizer")],
+                           "knn")
+    runs = {"k1": 0.80, "k8_ema": 0.795, "k8_optimizer": 0.75}
+    partial = [{"variant": v, "seed": 0, "metrics": {"knn": x}} for v, x in runs.items()]
+    verdict = two_eight(study, partial)
+    assert verdict.verdict == HOLDS and "pending: k2_ema, k2_optimizer" in verdict.summary
+    early = [{"variant": v, "seed": 0, "metrics": {"knn": x}}
+             for v, x in {"k1": 0.8, "k2_ema": 0.8, "k2_optimizer": 0.7}.items()]
+    assert two_eight(study, early).verdict == TOO_FEW
 
     best = best_within("a", "knn", 0.868, 0.015)
     near = [{"variant": "a", "seed": 0, "metrics": {"knn": 0.85},

@@ -34,7 +34,7 @@ from pathlib import Path
 
 from ssl_ema.reproduce.catalog import STUDIES
 from ssl_ema.reproduce.devices import Speeds
-from ssl_ema.reproduce.lease import pack
+from ssl_ema.reproduce.lease import pack, schedule
 from ssl_ema.reproduce.report import analyse, figure, section, write_report
 from ssl_ema.reproduce.runner import (
     ROOT,
@@ -87,6 +87,19 @@ def list_studies(plans: Sequence[StudyPlan], results: Path, device: str) -> None
         print("\n".join(lines))
 
 
+def list_leases(plans: Sequence[StudyPlan], results: Path, device: str) -> None:
+    """Which lease each pending run lands in on ``device`` (tools/lease.sh's budgets)."""
+    leases, never = schedule(plans, device, Speeds.load(results), results)
+    for i, lease in enumerate(leases, 1):
+        smoke = " (with the smoke check)" if i == 1 else ""
+        total = sum(s for _, s in lease) / 60
+        print(f"lease {i}{smoke}: ~{total:.1f} min of runs")
+        print("\n".join(f"  {name}: ~{s / 60:.1f} min" for name, s in lease))
+    for name, s in never:
+        print(f"no lease: {name} (~{s / 60:.1f} min: longer than one command; --slice over "
+              "two commands of one lease)")
+
+
 def report(studies: Sequence[Study], plans: Sequence[StudyPlan], results: Path) -> Path:
     """Store finished local runs, analyse every study, write figures and REPORT.md."""
     results.mkdir(parents=True, exist_ok=True)
@@ -122,6 +135,10 @@ def main(argv: list[str] | None = None, studies: Sequence[Study] = STUDIES) -> i
                         help="data root (default: $SSL_EMA_DATA)")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "reproduce")
     parser.add_argument("--results", type=Path, default=ROOT / "docs" / "results")
+    parser.add_argument("--device", default=None, help="list: estimate for this device, e.g. "
+                        "\"cuda (NVIDIA H200)\" (default: the one here)")
+    parser.add_argument("--leases", action="store_true", help="list: which GPU lease each "
+                        "pending run lands in (tools/lease.sh's budgets)")
     parser.add_argument("--launch", default="", help="how to start each run (default: this "
                         "Python), e.g. \"accelerate launch --num_processes 8\"")
     args = parser.parse_intermixed_args(argv)  # studies before or after the options
@@ -146,7 +163,12 @@ def main(argv: list[str] | None = None, studies: Sequence[Study] = STUDIES) -> i
     plans = [plan_study(s, runs, args.data) for s in chosen]
     device = this_device()
     if args.command == "list":
-        list_studies(plans, args.results, device)
+        device = args.device or device
+        if args.leases:
+            list_leases([p for p in plans if not p.why_not_here(device, bool(args.studies))
+                         or p.no_data], args.results, device)
+        else:
+            list_studies(plans, args.results, device)
         return 0
     if args.command == "run":
         run(plans, args, runs, device, budget or 0.0)

@@ -8,7 +8,8 @@ and each run's small files (header, config, metrics, results, wall time: never i
 checkpoints, which are far larger than a lease returns) into ``DIR/results.tar.gz``, written
 under a temporary name and renamed into place, so that a kill at any moment leaves the
 previous complete tarball or the new one. Unpacked here (``tar xzf results.tar.gz``) it
-restores ``docs/results/`` and ``runs/`` as the lease left them.
+restores ``docs/results/`` and ``runs/`` as the lease left them. ``schedule`` says which lease
+each pending run would land in (``reproduce.py list --leases``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,13 @@ from __future__ import annotations
 import io
 import os
 import tarfile
+from collections.abc import Sequence
 from pathlib import Path
 
+from ssl_ema.reproduce.devices import Speeds
 from ssl_ema.reproduce.jsonfile import fsync_dir
+from ssl_ema.reproduce.runner import Budget, StudyPlan, estimate_s, status
+from ssl_ema.reproduce.store import Store
 
 PACK = "results.tar.gz"
 MAX_BYTES = 16 * 2**20  # one file a lease returns
@@ -70,3 +75,38 @@ def _tar(files: list[tuple[Path, str]], note: bytes = b"") -> bytes:
             info.size = len(note)
             tar.addfile(info, io.BytesIO(note))
     return buf.getvalue()
+
+
+# ------------------------------------------------------------------------------- planning
+SMOKE_S = 200.0  # tools/lease.sh: the smoke check's budget (170 s) and its start-up
+SETUP_S = 40.0  # installing the wheel, unpacking CIFAR-10, and the report and pack at the end
+COMMAND_S = 570.0  # tools/lease.sh's default budget of the 600 s a command may run
+
+
+def schedule(plans: Sequence[StudyPlan], device: str, speeds: Speeds, results: Path,
+             leases: int = 20) -> tuple[list[list[tuple[str, float]]], list[tuple[str, float]]]:
+    """The pending runs of ``plans`` by the lease that would start them (as `spend` does: in
+    priority order, a run only if what is left of the lease can finish it; the first lease
+    runs the smoke check too), and the runs no lease can finish; each with its estimate."""
+    pending = []
+    for p in plans:
+        store = Store(results, p.study.name)
+        for job in p.jobs:
+            state, fraction = status(job, store)
+            if state != "done":
+                need = estimate_s(p.study, job, store, device, speeds)[0] * (1.0 - fraction)
+                pending.append((f"{p.study.name} {job.variant} seed {job.seed}", need))
+    out: list[list[tuple[str, float]]] = []
+    whole = Budget.of(COMMAND_S - SETUP_S)
+    never = [(n, s) for n, s in pending if not whole.admits(s, whole.seconds)[0]]
+    pending = [j for j in pending if j not in never]
+    while pending and len(out) < leases:
+        budget = Budget.of(COMMAND_S - SETUP_S - (SMOKE_S if not out else 0.0))
+        left, lease = budget.seconds, []
+        for job in list(pending):
+            if budget.admits(job[1], left)[0]:
+                lease.append(job)
+                pending.remove(job)
+                left -= job[1]
+        out.append(lease)
+    return out, never

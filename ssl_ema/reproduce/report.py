@@ -83,7 +83,7 @@ def section(study: Study, records: Sequence[dict[str, Any]], planned: int, block
     lines = [f"## {study.title} (`{study.name}`)", "",
              f"- Claim: {study.claim}.", f"- Paper: {study.paper}.",
              f"- Schedule (every number below): {study.schedule}.",
-             f"- Command: `python tools/reproduce.py run {study.name} --budget 12m"
+             f"- Command: `python tools/reproduce.py run {study.name} --budget 9m"
              + (" --data DATA_ROOT" if study.needs_data else "") + "`.",
              f"- Runs stored: {len(records)} of "
              f"{planned or len(study.variants) * len(study.seeds)}"

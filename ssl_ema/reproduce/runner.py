@@ -193,7 +193,7 @@ class Budget:
 
     @classmethod
     def of(cls, seconds: float, slices: bool = False) -> Budget:
-        return cls(seconds, reserve_s=min(90.0, 0.15 * seconds), min_slice_s=0.25 * seconds,
+        return cls(seconds, reserve_s=min(45.0, 0.15 * seconds), min_slice_s=0.25 * seconds,
                    slices=slices)
 
     def admits(self, need: float, left: float) -> tuple[bool, float]:
