@@ -6,8 +6,12 @@ batch 512 on 32 px images, bf16 autocast, channels_last, torch.compile, views ma
 device, the real ``Trainer`` step after compilation, in images per second. The H100's figure is
 the issue-7 measurement (docs/RESULTS.md, 'BYOL on CIFAR-10 on one H100: throughput'); every
 other device's comes from the smoke check (`ssl_ema.reproduce.smoke`), which times that step at
-the start of each lease and stores it here. A run measured on device A then takes about
-``rate(A) / rate(B)`` times as long on device B. This carries the step's speed, not a run's
+the start of each lease and stores it here. It times recipes/byol_r18_lightly.yaml, the recipe
+the smoke check must exercise anyway, not the H100's recipes/byol_r18.yaml: heads 1024 wide
+instead of 4096 (a negligible share of a step's multiply-adds) and SimCLR's views instead of
+BYOL's (the same operations less solarisation), so the two agree closely, not exactly
+(docs/RESULTS.md, issue 24). A run measured on device A then takes about ``rate(A) /
+rate(B)`` times as long on device B. This carries the step's speed, not a run's
 start-up, compilation or evaluation, which the estimate scales alike: an estimate, said so
 wherever it is shown.
 """
@@ -50,8 +54,7 @@ class Speeds:
 
     @classmethod
     def load(cls, results: Path) -> Speeds:
-        raw = read_json(results / FILE)
-        devices = raw.get("devices", {}) if isinstance(raw, dict) else {}
+        devices = (read_json(results / FILE) or {}).get("devices", {})
         rates = {REFERENCE_GPU: H100["images_per_s"]}
         rates.update({k: float(v["images_per_s"]) for k, v in devices.items()
                       if isinstance(v, dict) and isinstance(v.get("images_per_s"), int | float)
@@ -67,8 +70,6 @@ class Speeds:
 def record_rate(results: Path, device: str, images_per_s: float, **about: Any) -> None:
     """Store ``device``'s yardstick rate (the smoke check's measurement) in devices.json."""
     path = results / FILE
-    raw = read_json(path)
-    raw = raw if isinstance(raw, dict) else {}
-    devices = dict(raw.get("devices", {}))
+    devices = dict((read_json(path) or {}).get("devices", {}))
     devices[device_kind(device)] = {"images_per_s": round(images_per_s, 1), **about}
     write_json(path, {"yardstick": YARDSTICK, "devices": {REFERENCE_GPU: H100, **devices}})
