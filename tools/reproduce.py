@@ -34,7 +34,7 @@ from pathlib import Path
 
 from ssl_ema.reproduce.catalog import STUDIES
 from ssl_ema.reproduce.devices import Speeds
-from ssl_ema.reproduce.lease import pack, schedule
+from ssl_ema.reproduce.lease import COMMAND_S, SETUP_S, pack, schedule
 from ssl_ema.reproduce.report import analyse, figure, section, write_report
 from ssl_ema.reproduce.runner import (
     ROOT,
@@ -95,9 +95,10 @@ def list_leases(plans: Sequence[StudyPlan], results: Path, device: str) -> None:
         total = sum(s for _, s in lease) / 60
         print(f"lease {i}{smoke}: ~{total:.1f} min of runs")
         print("\n".join(f"  {name}: ~{s / 60:.1f} min" for name, s in lease))
+    two = 2 * (COMMAND_S - SETUP_S)
     for name, s in never:
-        print(f"no lease: {name} (~{s / 60:.1f} min: longer than one command; --slice over "
-              "two commands of one lease)")
+        how = "--slice over two commands of one lease" if s <= two else "longer than a lease"
+        print(f"no lease: {name} (~{s / 60:.1f} min: longer than one command; {how})")
 
 
 def report(studies: Sequence[Study], plans: Sequence[StudyPlan], results: Path) -> Path:
