@@ -28,9 +28,10 @@ def lines(path: Path) -> list[dict]:
 
 def test_every_check_runs_on_a_cpu(tmp_path: Path, tools_env: dict[str, str]) -> None:
     out, results = tmp_path / "smoke.jsonl", tmp_path / "results"
+    cpu_only = {**tools_env, "CUDA_VISIBLE_DEVICES": ""}  # the CPU path, on a GPU machine too
     proc = subprocess.run([sys.executable, SMOKE, "--out", str(out), "--work",
                            str(tmp_path / "work"), "--results", str(results), "--budget", "3000"],
-                          env=tools_env, capture_output=True, text=True, timeout=3600)
+                          env=cpu_only, capture_output=True, text=True, timeout=3600)
     got = lines(out)
     assert [g["check"] for g in got] == list(CHECKS), proc.stderr[-3000:]
     assert all(g["ok"] for g in got), [g for g in got if not g["ok"]]
