@@ -29,7 +29,8 @@ def tiny_study(*extra: str) -> Study:
                  analysis=best_within("a", "acc_student_test", 0.0, 2.0))
 
 
-def in_process(cmd: list[str], env: dict[str, str], timeout_s: float) -> int:
+def in_process(cmd: list[str], env: dict[str, str], timeout_s: float,
+               grace_s: float = 0.0) -> int:
     """runner.run_process without a new interpreter: tools/train.py's main on the same argv."""
     return tool("train").main(cmd[2:])
 
@@ -42,10 +43,11 @@ def test_budget_cut_resume_store_report(tmp_path: Path, monkeypatch: pytest.Monk
     runs, results, study = tmp_path / "runs", tmp_path / "results", tiny_study()
     plan = plan_study(study, runs, None)
     store = Store(results, "tiny")
-    # A budget whose usable part is a millisecond: the run starts (it is longer than any such
-    # budget), stops at its first step with a checkpoint, and is left partial.
-    spend([plan], {"tiny": store}, Budget(100.0, reserve_s=99.999, min_slice_s=0.0), "cpu",
-          clock=lambda: 0.0)
+    # A budget whose usable part is a millisecond, slices on request (--slice): the run starts
+    # (it is longer than any such budget), stops at its first step with a checkpoint, and is
+    # left partial.
+    spend([plan], {"tiny": store}, Budget(100.0, reserve_s=99.999, min_slice_s=0.0, slices=True),
+          "cpu", clock=lambda: 0.0)
     assert "stopped by the --stop-after deadline at step 1 (epoch 0)" in capsys.readouterr().err
     plan = plan_study(study, runs, None)
     assert status(plan.jobs[0], store) == ("partial", 0.1) and not store.records
