@@ -29,7 +29,8 @@ def tiny_study(*extra: str) -> Study:
                  analysis=best_within("a", "acc_student_test", 0.0, 2.0))
 
 
-def in_process(cmd: list[str], env: dict[str, str], timeout_s: float) -> int:
+def in_process(cmd: list[str], env: dict[str, str], timeout_s: float,
+               grace_s: float = 0.0) -> int:
     """runner.run_process without a new interpreter: tools/train.py's main on the same argv."""
     return tool("train").main(cmd[2:])
 
@@ -42,10 +43,11 @@ def test_budget_cut_resume_store_report(tmp_path: Path, monkeypatch: pytest.Monk
     runs, results, study = tmp_path / "runs", tmp_path / "results", tiny_study()
     plan = plan_study(study, runs, None)
     store = Store(results, "tiny")
-    # A budget whose usable part is a millisecond: the run starts (it is longer than any such
-    # budget), stops at its first step with a checkpoint, and is left partial.
-    spend([plan], {"tiny": store}, Budget(100.0, reserve_s=99.999, min_slice_s=0.0), "cpu",
-          clock=lambda: 0.0)
+    # A budget whose usable part is a millisecond, slices on request (--slice): the run starts
+    # (it is longer than any such budget), stops at its first step with a checkpoint, and is
+    # left partial.
+    spend([plan], {"tiny": store}, Budget(100.0, reserve_s=99.999, min_slice_s=0.0, slices=True),
+          "cpu", clock=lambda: 0.0)
     assert "stopped by the --stop-after deadline at step 1 (epoch 0)" in capsys.readouterr().err
     plan = plan_study(study, runs, None)
     assert status(plan.jobs[0], store) == ("partial", 0.1) and not store.records
@@ -146,6 +148,17 @@ def test_analyses_on_fixed_inputs() -> None:
     assert told.verdict == FAILS  # the companion never changes the verdict
     assert "student with the rule: largest gap 3.0 points" in told.summary
     assert told.table[3] == "| k4_ema | 77.0 | -3.0 | 78.0 | -3.0 |"
+    # Arms judged as their pairs come in (issue 24: a verdict from the first leases): kappa = 8
+    # alone judges; kappa = 2 alone (below falls_from) does not.
+    two_eight = final_rule("k1", [(2, "k2_ema", "k2_optimizer"), (8, "k8_ema", "k8_optimizer")],
+                           "knn")
+    runs = {"k1": 0.80, "k8_ema": 0.795, "k8_optimizer": 0.75}
+    partial = [{"variant": v, "seed": 0, "metrics": {"knn": x}} for v, x in runs.items()]
+    verdict = two_eight(study, partial)
+    assert verdict.verdict == HOLDS and "pending: k2_ema, k2_optimizer" in verdict.summary
+    early = [{"variant": v, "seed": 0, "metrics": {"knn": x}}
+             for v, x in {"k1": 0.8, "k2_ema": 0.8, "k2_optimizer": 0.7}.items()]
+    assert two_eight(study, early).verdict == TOO_FEW
 
     best = best_within("a", "knn", 0.868, 0.015)
     near = [{"variant": "a", "seed": 0, "metrics": {"knn": 0.85},

@@ -19,12 +19,13 @@ QUADRATIC = "tools/noisy_quadratic.py"
 
 def quadratic_study(replicas: int) -> Study:
     return Study(name="nq", title="nq", claim="c", paper="p", schedule="s", recipe="",
-                 tool=QUADRATIC, device="cpu",
+                 tool=QUADRATIC, device="cpu", minutes_per_run=0.5,  # seconds, in fact
                  variants=(StudyVariant("c0", ("--replicas", str(replicas), "--no-plot")),),
                  plot_keys=("ema/16",), analysis=quadratic_rule({"c0": "c = 0"}))
 
 
-def in_process(cmd: list[str], env: dict[str, str], timeout_s: float) -> int:
+def in_process(cmd: list[str], env: dict[str, str], timeout_s: float,
+               grace_s: float = 0.0) -> int:
     """runner.run_process without a new interpreter: the tool's main on the same argv."""
     return load_tool(Path(cmd[1])).main(cmd[2:])
 

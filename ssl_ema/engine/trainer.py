@@ -385,10 +385,18 @@ class Trainer:
             self._save()
         final = {self.evaluation.baseline_name: st.knn_random, **result, "step": st.step,
                  "samples_seen": st.samples_seen, "skipped_steps": st.skipped_steps,
-                 **self.evaluation.summary()}
+                 **self.evaluation.summary(), **self._decode_fallbacks()}
         if acc.is_main_process:
             (self.run_dir / "results.json").write_text(json.dumps(final, indent=2) + "\n")
         return final
+
+    def _decode_fallbacks(self) -> dict[str, int]:
+        """data.pipeline=jpeg: files its decoder refused and a CPU decoder read, all ranks."""
+        counts = [getattr(s, "decode_fallbacks", None) for s in self.train_loaders.values()]
+        if self.cfg.data.pipeline != "jpeg" or None in counts:
+            return {}
+        count = torch.tensor(sum(counts), device=self.accelerator.device)
+        return {"decode_fallbacks": int(self.accelerator.reduce(count, "sum"))}
 
     def _more(self) -> bool:
         return self.state.epoch < self.cfg.train.epochs and self.state.step < self.total_steps
