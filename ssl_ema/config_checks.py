@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ssl_ema.config_schema import Config, ConfigError
+from ssl_ema.config_schema import MAX_SIGMA_REL, Config, ConfigError
 from ssl_ema.methods.registry import METHODS, MethodSpec, classification_methods, method_spec
 
 # Valid choices for string fields that name a registered component. Backbones are checked
@@ -111,9 +111,25 @@ def _validate_ranges(cfg: Config) -> None:
     for key, value in momenta.items():
         if not 0.0 <= value <= 1.0:
             raise ConfigError(f"{key}: a momentum must lie in [0, 1], got {value}")
+    _validate_posthoc(cfg)
     if cfg.train.checkpoint_every_minutes < 0:
         raise ConfigError("train.checkpoint_every_minutes: must be >= 0 (0 = off), got "
                           f"{cfg.train.checkpoint_every_minutes}")
+
+
+def _validate_posthoc(cfg: Config) -> None:
+    posthoc = cfg.ema.posthoc
+    for i, sigma_rel in enumerate(posthoc.sigma_rels):
+        if not 0.0 < sigma_rel <= MAX_SIGMA_REL:
+            raise ConfigError(f"ema.posthoc.sigma_rels[{i}]: {sigma_rel} is outside (0, "
+                              f"{MAX_SIGMA_REL:.4f}] ({MAX_SIGMA_REL:.4f}: the uniform average; "
+                              "EDM2 tracks 0.05 and 0.10)")
+    if len(set(posthoc.sigma_rels)) != len(posthoc.sigma_rels):
+        raise ConfigError(f"ema.posthoc.sigma_rels: {list(posthoc.sigma_rels)} repeats a value; "
+                          "list each width once")
+    if posthoc.every_samples < 0:
+        raise ConfigError(f"ema.posthoc.every_samples: must be >= 0 (0 = the run's samples / "
+                          f"64), got {posthoc.every_samples}")
 
 
 def _validate_views(cfg: Config, spec: MethodSpec) -> None:

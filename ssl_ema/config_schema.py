@@ -11,6 +11,7 @@ section (e.g. ``moco``) is a dataclass in the method's spec (``methods/moco_spec
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
@@ -152,6 +153,26 @@ class ScalingConfig:
     batchnorm: bool = True
 
 
+# sigma_rel of gamma = 0, the uniform average of every student so far: the widest post-hoc EMA
+# profile that does not weigh early students above late ones (gamma < 0 would; Karras et al.
+# 2024). Here, not in `ssl_ema.posthoc`, so that checking a recipe imports no torch.
+MAX_SIGMA_REL = 1.0 / math.sqrt(12.0)
+
+
+@dataclass(frozen=True)
+class PostHocConfig:
+    """Post-hoc EMA (Karras et al. 2024, "EDM2", Sec. 3): power EMAs of the student, stored as
+    snapshots in ``<run>/posthoc_ema/``, from which ``tools/posthoc_ema.py`` reconstructs the
+    EMA of any sigma_rel after training (docs/EVALUATION.md). An evaluated model of the
+    student, like ema.extra_momenta: the training teacher stays the recipe's."""
+
+    # Relative widths of the tracked power EMAs (EDM2 tracks 0.05 and 0.10), each in
+    # (0, 0.2887]; empty = off.
+    sigma_rels: tuple[float, ...] = ()
+    every_samples: int = 0  # snapshot interval in samples seen; 0 = the run's samples / 64
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"  # of the snapshots on disk
+
+
 @dataclass(frozen=True)
 class EMAConfig:
     # Momenta are per optimizer step at the reference batch; see ssl_ema/momentum.py.
@@ -165,6 +186,7 @@ class EMAConfig:
     # One compiled kernel for all teachers, reading the student once (ssl_ema/ema.py): for 2+
     # teachers (extra_momenta); needs torch.compile (Triton on GPU, a C++ compiler on CPU).
     fused: bool = False
+    posthoc: PostHocConfig = field(default_factory=PostHocConfig)
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,10 @@ With several teachers, per-teacher kernels read the student once per teacher: 3K
 buffers, copies the student into one flat staging buffer, and updates every teacher with one
 ``torch.compile``d kernel that reads the student once: (3 + 2K) passes, 1.18x the floor at K = 5.
 It needs torch.compile (Triton on GPU, a C++ compiler on CPU) and pays a one-off compilation.
+The kernel rounds as torch's own ``lerp_`` does (one fused multiply-add), so fused and per-teacher
+updates give the same teachers bit for bit. A state dict of such a teacher holds copies of its
+parameters, not views of the flat buffer: Accelerate and safetensors drop or refuse tensors that
+share storage, which lost the teacher from checkpoints.
 
 Buffer policy (BatchNorm running statistics), chosen explicitly:
 - ``own``:     the teacher keeps the statistics its own forward passes accumulate (BYOL, lightly).
@@ -48,6 +52,26 @@ def _multi_lerp(student: torch.Tensor, teachers: list[torch.Tensor], weights: to
     # Compiled into one kernel: every teacher element reads the same student element once.
     for i, teacher in enumerate(teachers):
         teacher.lerp_(student, weights[i])
+
+
+def _compiled_multi_lerp() -> Callable[..., None]:
+    from torch._inductor import config
+
+    # ATen's lerp computes t + w (s - t) with one rounding (a fused multiply-add; Triton fuses
+    # by default too); inductor's C++ code rounds twice unless told to contract the two.
+    options = {"cpp.enable_floating_point_contract_flag": "fast"} \
+        if hasattr(config.cpp, "enable_floating_point_contract_flag") else None
+    return torch.compile(_multi_lerp, fullgraph=True, dynamic=False, options=options)
+
+
+def _own_storage(module: nn.Module, state: dict[str, Any], prefix: str, _: Any) -> None:
+    """State-dict post-hook of a fused teacher: its parameters as copies with storage of their
+    own (views of one flat buffer are dropped or refused by Accelerate's safetensors save and
+    load). Loading still copies into the views."""
+    for name, _p in module.named_parameters():
+        key = prefix + name
+        if key in state:
+            state[key] = state[key].clone()
 
 
 def _flat_views(flat: torch.Tensor, like: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -79,7 +103,7 @@ class _FusedUpdate:
                 view.copy_(p)
                 p.data = view  # the module keeps its Parameter objects; storage is now flat
             self.flats.append(flat)
-        self.kernel = torch.compile(_multi_lerp, fullgraph=True, dynamic=False)
+        self.kernel = _compiled_multi_lerp()
 
     def __call__(self, weights: Sequence[float]) -> None:
         torch._foreach_copy_(self.staging_views, self.student)
@@ -131,8 +155,11 @@ class EMA:
         # Dtypes are fixed once built: decide here, not on every update (the hot path).
         self._upcast = [any(t.dtype != s.dtype for t, s in zip(tt[0], s_params))
                         for tt in self._teacher_tensors]
-        self._fused = _FusedUpdate(s_params, [tt[0] for tt in self._teacher_tensors]) \
-            if fused else None
+        self._fused = None
+        if fused:
+            self._fused = _FusedUpdate(s_params, [tt[0] for tt in self._teacher_tensors])
+            for teacher in self.teachers:
+                teacher.register_state_dict_post_hook(_own_storage)
         self.num_updates = 0
 
     @staticmethod

@@ -18,6 +18,8 @@ from ssl_ema.config import load_config
 from ssl_ema.engine.checkpoint import checkpoints
 from ssl_ema.engine.trainer import Trainer
 from ssl_ema.methods import METHODS
+from ssl_ema.reproduce.analyses import best_within
+from ssl_ema.reproduce.study import Study, StudyVariant
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"
@@ -173,3 +175,16 @@ def rgb_folder(root: Path, per_class: int = 40) -> Path:
         rgb = (image[..., None] / 16 * tint * 255).astype(np.uint8)
         Image.fromarray(rgb).resize((16, 16), Image.BILINEAR).save(folder / f"{i}.png")
     return root
+
+
+# A study of two short digits epochs (the reproduction suite's tests).
+STUDY_TINY = ("data.eval_subset=64", "data.image_size=8", "train.epochs=2",
+              "train.batch_size=256", "train.log_every=1", "optim.warmup_epochs=0")
+
+
+def tiny_study(*extra: str) -> Study:
+    return Study(name="tiny", title="tiny", claim="c", paper="p", schedule="2 epochs",
+                 recipe="recipes/scaling_digits.yaml", variants=(StudyVariant("a"),),
+                 common=(*STUDY_TINY, *extra), device="cpu", minutes_per_run=1.0,
+                 estimate_source="a guess", plot_keys=("acc_teacher_test",),
+                 analysis=best_within("a", "acc_student_test", 0.0, 2.0))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 from torchvision.transforms.v2 import _auto_augment as tv_auto
 
 from ssl_ema.data import gpu_randaugment as R
@@ -131,15 +132,67 @@ def test_semi_supervised_views_and_labels() -> None:
         assert all(torch.equal(p, q) for p, q in zip(a, b))
 
 
+class Calls(TorchFunctionMode):
+    """Records each matmul-like or convolution call with the TF32 settings it ran under."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, bool, str]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        name = getattr(func, "__name__", str(func))
+        if name in ("conv2d", "matmul", "__matmul__", "mm", "bmm", "einsum", "linear"):
+            self.calls.append((name, torch.backends.cudnn.allow_tf32,
+                               torch.get_float32_matmul_precision()))
+        return func(*args, **(kwargs or {}))
+
+
+def test_views_and_knn_round_as_fp32_under_the_trainers_tf32() -> None:
+    """Under the trainer's TF32 settings, the views run no matmul and their convolutions run
+    with TF32 off, as does the kNN similarity (`ssl_ema.precision`); the settings come back."""
+    from ssl_ema.data import gpu_augment
+    from ssl_ema.eval.knn import knn_classify
+
+    torch.set_float32_matmul_precision("high")  # engine/accelerator.py on a GPU
+    try:
+        x = uint8_images(8, 8)
+        with Calls() as calls:
+            epoch(semi(x), 0)  # strong views: every op, sharpness included
+            gpu_augment.gaussian_blur(torch.rand(2, 3, 8, 8), torch.tensor([1.0, 0.5]), 1.0)
+            f = torch.nn.functional.normalize(torch.randn(20, 4), dim=1)
+            knn_classify(f[:12], torch.arange(12) % 3, f[12:], 3, k=3)
+        convs = [c for c in calls.calls if c[0] == "conv2d"]
+        assert convs and all(c[1:] == (False, "highest") for c in calls.calls), calls.calls
+        assert {c[0] for c in calls.calls} <= {"conv2d", "mm", "matmul"}
+        assert [c for c in calls.calls if c[0] != "conv2d"]  # the kNN similarity
+        assert torch.backends.cudnn.allow_tf32 and torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision("highest")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_views_equal_cpu_views() -> None:
+    """CUDA views equal the CPU's but where fp32 rounding itself may decide otherwise: the
+    strong views may differ in no more values than moving every rounding decision's input by
+    2 ulps changes on the CPU (tools/view_precision.py: 0.22% on 2,000 32 px images)."""
+    from tests.helpers import load_tool
+
     x = uint8_images(40, 8)
     for a, b in zip(epoch(supervised(x, 8), 0), epoch(supervised(x.cuda(), 8), 0)):
         torch.testing.assert_close(a[0], b[0].cpu(), atol=1e-5, rtol=0)
-    for a, b in zip(epoch(semi(x), 0), epoch(semi(x.cuda()), 0)):
+    cpu = epoch(semi(x), 0)
+    with load_tool("view_precision").Perturb(2, seed=0):
+        nudged = epoch(semi(x), 0)
+    bound = sum(int(((a[2] - n[2]).abs() > 1e-4).sum()) for a, n in zip(cpu, nudged))
+    moved = 0
+    for a, b in zip(cpu, epoch(semi(x.cuda()), 0)):
         assert torch.equal(a[3], b[3].cpu())
-        # nearest sampling may round a coordinate on the other side of .5 on another device
-        assert ((a[2] - b[2].cpu()).abs() > 1e-4).float().mean() < 0.01
+        assert torch.equal(a[0], b[0].cpu()) and torch.equal(a[1], b[1].cpu())  # weak views
+        moved += int(((a[2] - b[2].cpu()).abs() > 1e-4).sum())
+    total = sum(a[2].numel() for a in cpu)
+    print(f"cuda views: {moved} of {total} strong values differ from the CPU's; a 2-ulp "
+          f"rounding change moves {bound}")
+    assert moved <= max(bound, 1)
 
 
 @pytest.fixture(scope="module")

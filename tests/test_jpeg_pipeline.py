@@ -89,7 +89,8 @@ def test_batched_decode_matches_pil_within_jpeg_tolerance(tmp_path: Path) -> Non
 
     folder = folder_of(jpeg_folder(tmp_path / "imgs") / "train", tmp_path / "cache")
     files = [folder.read_bytes(i) for i in range(len(folder))]
-    decoded = decode_batch(files, CPU)
+    decoded, fell_back = decode_batch(files, CPU)
+    assert fell_back == []
     for i, image in enumerate(decoded):
         assert image is not None
         pil = torch.from_numpy(np.array(Image.open(folder.samples[i][0]).convert("RGB")))
@@ -212,6 +213,44 @@ def test_a_file_gone_since_start_up_is_one_line_from_a_worker(tmp_path: Path) ->
                                  "read again when its folder changes)")
 
 
+def special_jpegs(folder: Path) -> dict[str, Path]:
+    """Real files of the kinds a GPU decoder may refuse: greyscale, CMYK and progressive JPEGs,
+    and PNGs named .jpg (which no JPEG decoder reads)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    rgb = Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8))
+    out = {"grey": (rgb.convert("L"), {}), "cmyk": (rgb.convert("CMYK"), {}),
+           "progressive": (rgb, {"progressive": True})}
+    paths = {}
+    for name, (image, options) in out.items():
+        paths[name] = folder / f"{name}.jpg"
+        image.save(paths[name], "JPEG", quality=90, **options)
+    for name in ("png_a", "png_b"):
+        paths[name] = folder / f"{name}.jpg"
+        rgb.save(paths[name], "PNG")
+    return paths
+
+
+def test_a_refused_file_is_decoded_on_the_cpu_counted_and_said_once(
+        tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    root = jpeg_folder(tmp_path / "imgs", per_class=3)
+    special_jpegs(root / "train" / "class0")
+    folder = folder_of(root / "train", tmp_path / "cache")
+    assert len(folder) == 11
+    s = stream(folder, 11)
+    s.set_epoch(0)
+    (batch,) = list(s)
+    assert len(batch[0]) == 11  # every file read: none left out
+    # The two PNGs named .jpg: the JPEG decoder refused both, one line says so, both count.
+    assert s.decode_fallbacks == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "decoder failed" in line]
+    assert len(lines) == 1 and "png_" in lines[0] and "decode_fallbacks" in lines[0]
+    s.set_epoch(1)
+    list(s)
+    assert s.decode_fallbacks == 4 and "decoder failed" not in capsys.readouterr().err
+
+
 def test_an_unreadable_evaluation_image_is_one_line_or_black(tmp_path: Path) -> None:
     from torch.utils.data import DataLoader
 
@@ -264,6 +303,7 @@ def test_byol_imagenet_recipe_trains_and_resumes_exactly(tmp_path: Path) -> None
     full = Trainer(cfg, tmp_path / "run")
     result = full.fit()
     assert full.state.step == 2 and np.isfinite(result["knn_teacher"])
+    assert result["decode_fallbacks"] == 0  # counted in results.json, none here
     assert full.hyper(0).optimizer.lr.value == pytest.approx(3.2 * 4 / 4096)  # lr x B/4096
     resume_from(full, tmp_path / "run", 1)
 
@@ -286,6 +326,8 @@ def test_bench_jpeg_runs_on_a_cpu(tmp_path: Path, tools_env: dict[str, str]) -> 
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["folder"]["files"] == 32 and result["device"] == "cpu"
+    assert result["decoder"] == {"name": "torchvision decode_jpeg on cpu (libjpeg-turbo)",
+                                 "decode_fallbacks": 0}
     for key in ("jpeg_pipeline", "jpeg_views_alone", "compute_bound", "loader_and_step"):
         assert result[key] > 0, key
     assert result["jpeg_vs_loader"] == result["jpeg_pipeline"] / result["loader_and_step"]

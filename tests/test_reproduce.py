@@ -13,22 +13,12 @@ from ssl_ema.reproduce import runner
 from ssl_ema.reproduce.analyses import best_within, ema_curve_rule, ema_gain, final_rule
 from ssl_ema.reproduce.runner import Budget, plan_study, spend, status
 from ssl_ema.reproduce.store import Store
-from ssl_ema.reproduce.study import FAILS, HOLDS, TOO_FEW, Study, StudyVariant
-from tests.helpers import ROOT, load_tool
-
-TINY = ("data.eval_subset=64", "data.image_size=8", "train.epochs=2", "train.batch_size=256",
-        "train.log_every=1", "optim.warmup_epochs=0")
+from ssl_ema.reproduce.study import FAILS, HOLDS, TOO_FEW
+from tests.helpers import ROOT, STUDY_TINY, load_tool, tiny_study
 
 
-def tiny_study(*extra: str) -> Study:
-    return Study(name="tiny", title="tiny", claim="c", paper="p", schedule="2 epochs",
-                 recipe="recipes/scaling_digits.yaml", variants=(StudyVariant("a"),),
-                 common=(*TINY, *extra), device="cpu", minutes_per_run=1.0,
-                 estimate_source="a guess", plot_keys=("acc_teacher_test",),
-                 analysis=best_within("a", "acc_student_test", 0.0, 2.0))
-
-
-def in_process(cmd: list[str], env: dict[str, str], timeout_s: float) -> int:
+def in_process(cmd: list[str], env: dict[str, str], timeout_s: float,
+               grace_s: float = 0.0) -> int:
     """runner.run_process without a new interpreter: tools/train.py's main on the same argv."""
     return load_tool("train").main(cmd[2:])
 
@@ -41,10 +31,11 @@ def test_budget_cut_resume_store_report(tmp_path: Path, monkeypatch: pytest.Monk
     runs, results, study = tmp_path / "runs", tmp_path / "results", tiny_study()
     plan = plan_study(study, runs, None)
     store = Store(results, "tiny")
-    # A budget whose usable part is a millisecond: the run starts (it is longer than any such
-    # budget), stops at its first step with a checkpoint, and is left partial.
-    spend([plan], {"tiny": store}, Budget(100.0, reserve_s=99.999, min_slice_s=0.0), "cpu",
-          clock=lambda: 0.0)
+    # A budget whose usable part is a millisecond, slices on request (--slice): the run starts
+    # (it is longer than any such budget), stops at its first step with a checkpoint, and is
+    # left partial.
+    spend([plan], {"tiny": store}, Budget(100.0, reserve_s=99.999, min_slice_s=0.0, slices=True),
+          "cpu", clock=lambda: 0.0)
     assert "stopped by the --stop-after deadline at step 1 (epoch 0)" in capsys.readouterr().err
     plan = plan_study(study, runs, None)
     assert status(plan.jobs[0], store) == ("partial", 0.1) and not store.records
@@ -58,7 +49,7 @@ def test_budget_cut_resume_store_report(tmp_path: Path, monkeypatch: pytest.Monk
         rec["metrics"]["acc_student_test"]
     store.save(plan_study(study, runs, None).jobs)
     # The cut-and-resumed run ends exactly where an uninterrupted one does.
-    assert load_tool("train").main([str(ROOT / study.recipe), *TINY,
+    assert load_tool("train").main([str(ROOT / study.recipe), *STUDY_TINY,
                                f"run.output_dir={tmp_path / 'whole'}"]) == 0
     whole = json.loads(next((tmp_path / "whole").glob("*/*/results.json")).read_text())
     assert {k: rec["metrics"][k] for k in ("acc_teacher_test", "nll_teacher_test",
@@ -145,6 +136,17 @@ def test_analyses_on_fixed_inputs() -> None:
     assert told.verdict == FAILS  # the companion never changes the verdict
     assert "student with the rule: largest gap 3.0 points" in told.summary
     assert told.table[3] == "| k4_ema | 77.0 | -3.0 | 78.0 | -3.0 |"
+    # Arms judged as their pairs come in (issue 24: a verdict from the first leases): kappa = 8
+    # alone judges; kappa = 2 alone (below falls_from) does not.
+    two_eight = final_rule("k1", [(2, "k2_ema", "k2_optimizer"), (8, "k8_ema", "k8_optimizer")],
+                           "knn")
+    runs = {"k1": 0.80, "k8_ema": 0.795, "k8_optimizer": 0.75}
+    partial = [{"variant": v, "seed": 0, "metrics": {"knn": x}} for v, x in runs.items()]
+    verdict = two_eight(study, partial)
+    assert verdict.verdict == HOLDS and "pending: k2_ema, k2_optimizer" in verdict.summary
+    early = [{"variant": v, "seed": 0, "metrics": {"knn": x}}
+             for v, x in {"k1": 0.8, "k2_ema": 0.8, "k2_optimizer": 0.7}.items()]
+    assert two_eight(study, early).verdict == TOO_FEW
 
     best = best_within("a", "knn", 0.868, 0.015)
     near = [{"variant": "a", "seed": 0, "metrics": {"knn": 0.85},

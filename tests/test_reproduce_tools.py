@@ -19,12 +19,13 @@ QUADRATIC = "tools/noisy_quadratic.py"
 
 def quadratic_study(replicas: int) -> Study:
     return Study(name="nq", title="nq", claim="c", paper="p", schedule="s", recipe="",
-                 tool=QUADRATIC, device="cpu",
+                 tool=QUADRATIC, device="cpu", minutes_per_run=0.5,  # seconds, in fact
                  variants=(StudyVariant("c0", ("--replicas", str(replicas), "--no-plot")),),
                  plot_keys=("ema/16",), analysis=quadratic_rule({"c0": "c = 0"}))
 
 
-def in_process(cmd: list[str], env: dict[str, str], timeout_s: float) -> int:
+def in_process(cmd: list[str], env: dict[str, str], timeout_s: float,
+               grace_s: float = 0.0) -> int:
     """runner.run_process without a new interpreter: the tool's main on the same argv."""
     return load_tool(Path(cmd[1])).main(cmd[2:])
 
@@ -113,3 +114,46 @@ def test_throughput_verdicts_on_fixed_inputs() -> None:
     train["metrics"]["loader_and_step"] = 6000.0  # 3.5x the loader: short of 4x
     assert both(study, [ema_record(5.0), train]).verdict == FAILS
     assert both(study, [ema_record(5.0)]).verdict == TOO_FEW
+
+
+def posthoc_record(tracked: dict[str, tuple[float, float]],
+                   posthoc: dict[str, tuple[float, float]]) -> dict:
+    """A stored tools/posthoc_ema.py record: role -> (val, test) accuracy, BN recomputed."""
+    results = {}
+    for role, (val, test) in {**tracked, **{f"posthoc_{s}": v for s, v in posthoc.items()}}.items():
+        results[role + "+bn"] = {"val_accuracy": val, "accuracy": test, "ece_15": 0.05,
+                                 "nll": 0.3}
+        results[role] = {"val_accuracy": val - 0.1, "accuracy": test - 0.1}
+    errors = {s: {"profile_error": 0.0 if s in ("0.05", "0.1") else 0.02} for s in posthoc}
+    return {"variant": "digits", "seed": 0, "result": {"results": results, "posthoc": errors}}
+
+
+def test_posthoc_sweep_verdicts_on_fixed_inputs() -> None:
+    from ssl_ema.reproduce.laptop import POSTHOC_CPU
+
+    analyse = POSTHOC_CPU.analysis
+    assert analyse is not None
+    assert analyse(POSTHOC_CPU, []).verdict == TOO_FEW
+    tracked = {"teacher": (0.90, 0.91), "student": (0.85, 0.86), "ema_0.5": (0.88, 0.89)}
+    # Post-hoc chosen on validation (0.05: val 0.92) scores 0.905 on test: 0.5 points under
+    # the tracked choice (teacher, val 0.90, test 0.91): within 1 point, holds.
+    sweep = {"0.02": (0.89, 0.95), "0.05": (0.92, 0.905), "0.2": (0.80, 0.81)}
+    result = analyse(POSTHOC_CPU, [posthoc_record(tracked, sweep)])
+    assert result.verdict == HOLDS
+    assert "choice posthoc_0.05: test 90.5% against the tracked choice teacher: 91.0% (-0.5 " \
+        "points" in result.summary
+    assert "σ_rel = 0.05, inside the sweep 0.02 … 0.2" in result.summary
+    assert "| posthoc_0.02 (profile error 0.020) | 89.0 | 95.0 | 0.050 | 0.300 |" in result.table
+    assert "| student | 85.0 | 86.0 | 0.050 | 0.300 |" in result.table
+    # The test-best 0.02 is not chosen (validation decides); 2 points under fails; an optimum at
+    # the end of the sweep is named as such.
+    worse = {"0.02": (0.93, 0.89), "0.05": (0.92, 0.95)}
+    result = analyse(POSTHOC_CPU, [posthoc_record(tracked, worse)])
+    assert result.verdict == FAILS and "-2.0 points" in result.summary
+    assert "an end of the sweep" in result.summary
+    # Tied on validation: the tied models' mean test accuracy is compared.
+    tied = {"0.02": (0.92, 0.90), "0.05": (0.92, 0.94), "0.1": (0.91, 0.99)}
+    result = analyse(POSTHOC_CPU, [posthoc_record(tracked, tied)])
+    assert result.verdict == HOLDS and "(+1.0 points" in result.summary
+    assert "posthoc_0.02, posthoc_0.05 (tied on validation at 92.0%, test averaged)" \
+        in result.summary

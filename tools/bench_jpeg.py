@@ -9,6 +9,7 @@ model (default: recipes/byol_r50_imagenet.yaml, ResNet-50 BYOL at 224 px) at ``-
 2. ``loader_and_step``: lightly's BYOL transforms on PIL in ``--workers`` DataLoader workers
    feeding the same step (``loader_alone``: the loader without training);
 3. ``compute_bound``: the same step on one batch of views already on the device.
+``decoder`` says which decoder ran and how many files it refused (decoded on the CPU instead).
 Prints one JSON line (and writes ``--out``). On a CPU, with tiny sizes, it checks the whole path
 before GPU time is spent:
 
@@ -112,6 +113,11 @@ def measure(cfg: Config, args: argparse.Namespace, result: dict[str, Any]) -> No
         record(result, "jpeg_views_alone",
                timed(device, args.steps, lambda: next(batches), args.batch))
         fixed = next(batches)
+        # Which decoder ran: a file nvJPEG refuses is decoded on the CPU and counted, and
+        # numbers measured that way are not the GPU decoder's.
+        result["decoder"] = {"name": f"torchvision decode_jpeg on {device.type} ("
+                             f"{'nvJPEG' if device.type == 'cuda' else 'libjpeg-turbo'})",
+                             "decode_fallbacks": stream.decode_fallbacks}
         step = step_fn(tr)
         record(result, "compute_bound", timed(device, args.steps, lambda: step(fixed),
                                               args.batch))

@@ -103,6 +103,10 @@ def section_keys(cls: type, prefix: str) -> tuple[str, list[Key]]:
             choices = tuple(str(a) for a in typing.get_args(tp))
         choices = CHOICES.get(f"{prefix}.{f.name}", choices)
         type_text = f.type if isinstance(f.type, str) else getattr(tp, "__name__", str(tp))
+        if dataclasses.is_dataclass(tp):  # a section of its own, listed after this one
+            keys.append(Key(f.name, "section", "{...}", (),
+                            f"its own keys: see `{prefix}.{f.name}` below"))
+            continue
         if choices:  # a Literal's values are in the choices column
             type_text = type(typing.get_args(tp)[0]).__name__ if typing.get_args(tp) else "str"
         keys.append(Key(f.name, type_text, _plain(_default(f)), choices, helps.get(f.name, "")))
@@ -118,10 +122,20 @@ def all_sections() -> dict[str, tuple[type, str]]:
     out: dict[str, tuple[type, str]] = {}
     for f in dataclasses.fields(Config):
         if dataclasses.is_dataclass(hints[f.name]):
-            out[f.name] = (hints[f.name], "`ssl_ema/config_schema.py`")
+            out.update(_with_subsections(f.name, hints[f.name]))
     owner = {s.key: s.name for s in METHODS.values()}
     for key, cls in sections().items():
         out[key] = (cls, f"method `{owner[key]}`, `{cls.__module__.replace('.', '/')}.py`")
+    return out
+
+
+def _with_subsections(key: str, cls: type) -> dict[str, tuple[type, str]]:
+    """``key`` and, after it, every section nested in it (``ema.posthoc``)."""
+    out = {key: (cls, "`ssl_ema/config_schema.py`")}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(_with_subsections(f"{key}.{f.name}", hints[f.name]))
     return out
 
 

@@ -12,7 +12,6 @@ the tool prints that call. Default output: ``<run>/export/<checkpoint>-<role>.sa
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -28,29 +27,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         from ssl_ema.eval.trained import load_run
-        from ssl_ema.models.export import export_backbone
+        from ssl_ema.models.export import export_run_backbone
 
         run = load_run(args.checkpoint)
         backbone = run.backbones([args.role])[args.role]
         out = args.out or run.run_dir / "export" / f"{run.checkpoint.name}-{args.role}.safetensors"
-        m = run.cfg.model
-        meta = export_backbone(backbone, out, name=m.backbone, in_chans=run.in_chans,
-                               image_size=run.cfg.data.image_size, cifar_stem=m.cifar_stem,
-                               patch_size=m.patch_size, stem_activation=m.stem_activation,
-                               source=f"{run.checkpoint}:{args.role}")
+        lines = export_run_backbone(backbone, out, run.cfg, run.in_chans,
+                                    f"{run.checkpoint}:{args.role}")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {out}")
-    print(f"  ssl_ema:  from ssl_ema.models.export import load_backbone; "
-          f"load_backbone('{out}')")
-    if json.loads(meta["timm_loadable"]):
-        kwargs = ", ".join(f"{k}={v!r}" for k, v in json.loads(meta["timm_kwargs"]).items())
-        print(f"  timm:     timm.create_model('{m.backbone}', pretrained=True, "
-              f"pretrained_cfg_overlay=dict(file='{out}'), {kwargs})")
-    else:
-        print("  timm:     not loadable by plain timm.create_model (CIFAR stem); "
-              "use load_backbone")
+    print("\n".join(lines))
     return 0
 
 

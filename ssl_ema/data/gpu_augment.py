@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ssl_ema.config_schema import Config
+from ssl_ema.precision import exact_fp32
 
 # torchvision.transforms.functional.rgb_to_grayscale (ITU-R 601-2 luma, as PIL's "L" mode)
 LUMA = (0.2989, 0.587, 0.114)
@@ -247,6 +248,7 @@ def color_jitter(x: Tensor, factors: Tensor, order: Tensor) -> Tensor:
     return cheap_ops(x, range(1, 4), lambda pos: pos > hue_pos)
 
 
+@exact_fp32()  # fp32 convolutions, not TF32: the views are the same on every device
 def gaussian_blur(x: Tensor, sigma: Tensor, max_sigma: float) -> Tensor:
     """Separable Gaussian blur with a per-image sigma (0 = unchanged), reflect padding."""
     b, c, h, w = x.shape

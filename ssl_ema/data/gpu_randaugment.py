@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ssl_ema.precision import exact_fp32
+
 OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness",
        "Color", "Contrast", "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
 SIGNED = frozenset({"ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness",
@@ -86,13 +88,14 @@ def geometric(x: Tensor, op: Tensor, value: Tensor) -> Tensor:
     is_shear = (name["ShearX"] | name["ShearY"]).unsqueeze(1)
     center = torch.where(is_shear, corner, torch.zeros_like(corner))
     theta = _inverse_affine(angle, translate, shear, center).float()  # (B, 2, 3)
-    # torchvision's _affine_grid: pixel centres relative to the image centre
-    xs = torch.linspace(-0.5 * w + 0.5, 0.5 * w - 0.5, w, device=x.device)
-    ys = torch.linspace(-0.5 * h + 0.5, 0.5 * h - 0.5, h, device=x.device)
-    base = torch.stack([xs.expand(h, w), ys.unsqueeze(1).expand(h, w),
-                        torch.ones(h, w, device=x.device)], -1).view(1, h * w, 3)
-    scale = torch.tensor([0.5 * w, 0.5 * h], device=x.device)
-    grid = (base @ theta.transpose(1, 2) / scale).view(b, h, w, 2)
+    # torchvision's _affine_grid (pixel centres relative to the image centre, base @ theta^T),
+    # written elementwise: the same fp32 values as its bmm on the CPU, and on a GPU too, where
+    # a matmul may round its inputs to TF32 and move a nearest sample (`ssl_ema.precision`).
+    xs = torch.linspace(-0.5 * w + 0.5, 0.5 * w - 0.5, w, device=x.device).view(1, 1, w)
+    ys = torch.linspace(-0.5 * h + 0.5, 0.5 * h - 0.5, h, device=x.device).view(1, h, 1)
+    t = theta.view(b, 6, 1, 1).unbind(1)
+    grid = torch.stack([(t[0] * xs + t[1] * ys + t[2]) / (0.5 * w),
+                        (t[3] * xs + t[4] * ys + t[5]) / (0.5 * h)], -1)  # (B, H, W, 2)
     out = F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
     moved = torch.stack(list(name.values())).any(0).view(-1, 1, 1, 1)
     return torch.where(moved, out, x)
@@ -128,6 +131,7 @@ def contrast(x: Tensor, f: Tensor) -> Tensor:
     return _blend(x, gray.mean(dim=(1, 2, 3), keepdim=True), f)
 
 
+@exact_fp32()
 def sharpness(x: Tensor, f: Tensor) -> Tensor:
     """A 3x3 smoothing (1s around a 5) blended in; the border pixels are kept."""
     c = x.shape[1]

@@ -18,12 +18,20 @@ crops are drawn as uniforms and placed once the image's size is known (`gpu_augm
 Unreadable files (``data.corrupt``): a file whose batch fails to decode is decoded alone, on the
 device, then with torchvision's CPU decoders (PNGs and CMYK JPEGs named .jpg); one that none
 reads stops the run naming it (``fail``, ``trust``) or leaves the batch (``skip``, counted).
+A file the pipeline's decoder (nvJPEG on a GPU) refuses and torchvision's CPU decoders read is
+never silent: each distinct failure (the decoder's own error: a format it lacks, or nvJPEG
+failing as a whole) is reported in one warning line and every such file is counted
+(``decode_fallbacks``, in results.json), so that a GPU run decoding on the CPU shows in its
+numbers. Running out of device memory is not a decoding failure: it is raised, never hidden
+by a slower CPU decode.
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -42,27 +50,45 @@ BLOCK = 1024  # positions of an epoch's order whose view parameters are drawn to
 
 
 # ------------------------------------------------------------------------------- decoding
-def _decode_one(data: Tensor, device: torch.device) -> Tensor | None:
-    """One file -> uint8 (3, H, W) on ``device``, or None if no decoder reads it."""
-    try:
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-    except RuntimeError:
-        pass
-    try:
-        return decode_image(data, mode=ImageReadMode.RGB).to(device)
-    except RuntimeError:
-        return None
+class Decoded(NamedTuple):
+    """A batch's images (None: no decoder reads the file) and, for each file the pipeline's
+    decoder refused but a CPU decoder read, its index and the refusal."""
+
+    images: list[Tensor | None]
+    on_cpu: list[tuple[int, str]]
 
 
-def decode_batch(files: Sequence[Tensor], device: torch.device) -> list[Tensor | None]:
+def _decode_one(data: Tensor, device: torch.device) -> tuple[Tensor | None, str]:
+    """One file -> (uint8 (3, H, W) on ``device`` or None, the pipeline decoder's error if a
+    CPU decoder had to read it)."""
+    try:
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device), ""
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError as e:
+        error = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    try:
+        image = decode_image(data, mode=ImageReadMode.RGB).to(device)
+    except RuntimeError:
+        return None, ""
+    return image, error
+
+
+def decode_batch(files: Sequence[Tensor], device: torch.device) -> Decoded:
     """Encoded files (uint8 byte tensors on the CPU) -> RGB uint8 (3, H_i, W_i) on ``device``,
-    in one batched decode; None for a file that no decoder reads."""
+    in one batched decode; file by file when that fails."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # libjpeg's "extraneous bytes" chatter
-            return list(decode_jpeg(list(files), mode=ImageReadMode.RGB, device=device))
-    except RuntimeError:  # a file that is not a baseline JPEG: find it, decode the rest
-        return [_decode_one(f, device) for f in files]
+            return Decoded(list(decode_jpeg(list(files), mode=ImageReadMode.RGB,
+                                            device=device)), [])
+    except torch.OutOfMemoryError:
+        raise
+    except RuntimeError:  # a file the batch decoder refuses: find it, decode the rest
+        pairs = [_decode_one(f, device) for f in files]
+        return Decoded([image for image, _ in pairs],
+                       [(i, error) for i, (image, error) in enumerate(pairs)
+                        if error and image is not None])
 
 
 def resized_crops(images: Sequence[Tensor], boxes: Tensor, size: int) -> Tensor:
@@ -114,6 +140,8 @@ class JpegTrainStream:
         self.epoch: int | None = None
         self.order = torch.empty(0, dtype=torch.int64)
         self.skipped: set[str] = set()  # unreadable files left out so far (data.corrupt=skip)
+        self.decode_fallbacks = 0  # files the pipeline's decoder refused and the CPU's read
+        self._reported: set[str] = set()  # its errors already reported
         self._block: tuple[int, list[tuple[CropDraw, ViewParams]]] | None = None
         # One loader for the whole run, its workers kept between epochs: `iter_from` refills
         # the batch plan (iterated in this process) in place.
@@ -175,7 +203,9 @@ class JpegTrainStream:
     def make(self, files: list[Tensor], labels: Tensor, positions: Tensor, index: Tensor
              ) -> tuple[Tensor, ...]:
         """One batch: decode, drop the unreadable (per data.corrupt), crop, colour."""
-        decoded = decode_batch(files, self.device)
+        decoded, on_cpu = decode_batch(files, self.device)
+        if on_cpu:
+            self._fell_back([(int(index[i]), error) for i, error in on_cpu])
         keep = torch.tensor([d is not None for d in decoded])
         if not keep.all():
             self._unreadable(index[~keep].tolist())
@@ -190,6 +220,17 @@ class JpegTrainStream:
             views.append(gpu_augment.colour(x, p, spec, self.mean, self.std)
                          .contiguous(memory_format=self.memory_format))
         return (*views, labels[keep].to(self.device, non_blocking=True))
+
+    def _fell_back(self, failures: list[tuple[int, str]]) -> None:
+        """Count files the pipeline's decoder refused; one warning line per distinct error."""
+        self.decode_fallbacks += len(failures)
+        for i, error in failures:
+            if error not in self._reported:
+                self._reported.add(error)
+                print(f"warning: the {self.device.type.upper()} JPEG decoder failed on "
+                      f"'{self.folder.samples[i][0]}' ({error}); decoded on the CPU instead "
+                      "(each such file counts in decode_fallbacks, results.json)",
+                      file=sys.stderr)
 
     def _unreadable(self, index: list[int]) -> None:
         paths = [self.folder.samples[i][0] for i in index]

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ import torch
 from accelerate import Accelerator
 from safetensors import SafetensorError
 
+from ssl_ema.engine.fsync import fsync
 from ssl_ema.run_files import (
     COUNTERS,
     MANIFEST,
@@ -50,25 +52,19 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written; the message names the path and the last good one."""
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)  # a directory too: its entries (the rename) reach the disk
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _seal(folder: Path) -> None:
     """fsync every file of ``folder``, then write (and fsync) its manifest, last."""
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        _fsync(path)
+        fsync(path)
         files[str(path.relative_to(folder))] = {"bytes": path.stat().st_size,
                                                 "sha256": sha256(path)}
     manifest = folder / MANIFEST
     manifest.write_text(json.dumps({"files": files}, indent=1))
-    _fsync(manifest)
-    _fsync(folder)
+    fsync(manifest)
+    fsync(folder)
 
 
 def _everyone(accelerator: Accelerator, ok: bool) -> bool:
@@ -80,8 +76,10 @@ def _everyone(accelerator: Accelerator, ok: bool) -> bool:
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: int,
-                    counters: dict[str, Any]) -> Path:
-    """Save the full training state at ``step``; keep the newest ``keep`` intact checkpoints."""
+                    counters: dict[str, Any], files: Mapping[str, bytes] | None = None) -> Path:
+    """Save the full training state at ``step``; keep the newest ``keep`` intact checkpoints.
+    ``files`` (name -> contents, the main process's) are written beside ``counters.json``
+    before the manifest, so they are checked like every other file of the checkpoint."""
     folder = run_dir / "checkpoints"
     final, tmp = folder / f"{PREFIX}{step:08d}", folder / f"{TMP}{PREFIX}{step:08d}"
     main = accelerator.is_main_process
@@ -101,11 +99,13 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: in
     if _everyone(accelerator, error is None) and main:
         try:
             (tmp / COUNTERS).write_text(json.dumps(counters))
+            for name, contents in (files or {}).items():
+                (tmp / name).write_bytes(contents)
             _seal(tmp)
             if final.exists():  # re-saving the same step (e.g. after a resume): replace it
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync(folder)
+            fsync(folder)
             intact.add(final)
         except OSError as e:
             error = e

@@ -16,6 +16,7 @@ from ssl_ema.config import Config, dump_yaml
 from ssl_ema.data.datasets import DataBundle
 from ssl_ema.data.synthetic_noise import describe_noise
 from ssl_ema.engine.accelerator import precision_run
+from ssl_ema.engine.posthoc import describe_text
 from ssl_ema.engine.scaled import ScaledHyperparams
 from ssl_ema.engine.tracking import device_name, git_sha, versions
 
@@ -62,6 +63,8 @@ def header_text(h: dict[str, Any], scaled: Mapping[int, ScaledHyperparams],
                      "(data.corrupt=skip)")
     if data.label_noise:
         lines.append(describe_noise(data.label_noise))
+    if h.get("posthoc_ema"):
+        lines.append(describe_text(h["posthoc_ema"]))
     lines.append(f"{h['steps']} optimizer steps, {h['samples']} samples | run dir: {run_dir}")
     return "\n".join(lines)
 

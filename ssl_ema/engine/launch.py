@@ -28,6 +28,7 @@ from ssl_ema.engine.guard import NonFiniteLoss
 from ssl_ema.engine.lock import RunLock, lock_run_dir
 from ssl_ema.engine.run import check_engine, check_launch, cpu_processes, prepare_run
 from ssl_ema.engine.stop import Stopped, stop_with_launcher
+from ssl_ema.posthoc import SnapshotWriteError
 
 if TYPE_CHECKING:
     from ssl_ema.engine.trainer import Trainer
@@ -122,7 +123,7 @@ def _fit(trainer: Trainer) -> tuple[int, str]:
 
     try:
         result = trainer.fit()
-    except (NonFiniteLoss, CheckpointWriteError) as e:
+    except (NonFiniteLoss, CheckpointWriteError, SnapshotWriteError) as e:
         return 1, f"error: {e}"
     except ConfigError as e:  # found while training: an unreadable file (data.pipeline=jpeg)
         return 2, f"error: {own_line(e)}"

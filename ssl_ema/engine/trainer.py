@@ -3,7 +3,8 @@
 `Trainer.train_epoch` is the loop, top to bottom: micro-batches (gradient accumulation) ->
 optimizer step -> once per optimizer step (every ``ema.period`` steps): teacher momentum from the
 schedule (a function of samples seen), raised to kappa * period -> EMA update of the teacher and
-the EMA copies on the unwrapped modules -> counters -> metrics -> stop signals and checkpoints.
+the EMA copies on the unwrapped modules -> counters -> the post-hoc EMA's power EMAs and snapshots
+(``ema.posthoc``, `engine.posthoc`) -> metrics -> stop signals and checkpoints.
 Each epoch runs at the batch of ``train.batch_schedule`` with hyperparameters resolved for its
 kappa (progressive scaling, Busbridge et al. 2023, Alg. 1). `fit` wraps it: the evaluation before
 training, every ``eval.every_epochs`` and at the end, and the final checkpoint.
@@ -45,6 +46,8 @@ from ssl_ema.engine.optim import (
     scheduled_lr_and_weight_decay,
     set_lr_and_weight_decay,
 )
+from ssl_ema.engine.posthoc import STATE_FILE as POSTHOC_STATE
+from ssl_ema.engine.posthoc import build_posthoc, describe, load_state, state_bytes
 from ssl_ema.engine.rollback import InFlight, Rollback
 from ssl_ema.engine.scaled import ScaledHyperparams, resolve
 from ssl_ema.engine.state import TrainState
@@ -123,6 +126,9 @@ class Trainer:
         self.model: TeacherStudentMethod = self.accelerator.unwrap_model(self.method)
         self.ema = EMA(self.model.student_for_ema(), [self.model.teacher, *self.model.ema_copies],
                        buffers=cfg.ema.buffers, fused=cfg.ema.fused)
+        # Power EMAs of the student for a post-hoc choice of the EMA length (ema.posthoc).
+        self.posthoc = build_posthoc(cfg, self.model.student_for_ema(), run_dir,
+                                     self.total_samples, self.accelerator.is_main_process)
         # The method names its evaluation (kNN of features, or top-1 of its classifier).
         self.evaluation: Evaluation = build_evaluation(self.eval_context())
         self.state = TrainState()
@@ -233,6 +239,8 @@ class Trainer:
             images, epoch = micro * self.per_device[hyper.batch] * acc.num_processes, st.epoch
             st.advance(micro, images, epoch_batches, skipped=not finite)
             micro = 0
+            if self.posthoc is not None:  # in samples seen: a skipped step's student stays
+                self.posthoc.step(st.samples_seen)
             # -------- metrics, then stop signals / deadline and checkpoints
             if not finite:
                 self.log.write({"event": "skipped", "step": st.step, "epoch": epoch,
@@ -373,14 +381,24 @@ class Trainer:
                 while self._more():
                     if self.train_epoch(bar) and self._more() and self._eval_due(st.epoch):
                         self._log_eval()  # during training, every eval.every_epochs
+            if self.posthoc is not None:
+                self.posthoc.finish()  # the last averages, unless the last step stored them
             result = self._log_eval(pending=False)  # the final evaluation, always
             self._save()
         final = {self.evaluation.baseline_name: st.knn_random, **result, "step": st.step,
                  "samples_seen": st.samples_seen, "skipped_steps": st.skipped_steps,
-                 **self.evaluation.summary()}
+                 **self.evaluation.summary(), **self._decode_fallbacks()}
         if acc.is_main_process:
             (self.run_dir / "results.json").write_text(json.dumps(final, indent=2) + "\n")
         return final
+
+    def _decode_fallbacks(self) -> dict[str, int]:
+        """data.pipeline=jpeg: files its decoder refused and a CPU decoder read, all ranks."""
+        counts = [getattr(s, "decode_fallbacks", None) for s in self.train_loaders.values()]
+        if self.cfg.data.pipeline != "jpeg" or None in counts:
+            return {}
+        count = torch.tensor(sum(counts), device=self.accelerator.device)
+        return {"decode_fallbacks": int(self.accelerator.reduce(count, "sum"))}
 
     def _more(self) -> bool:
         return self.state.epoch < self.cfg.train.epochs and self.state.step < self.total_steps
@@ -391,6 +409,8 @@ class Trainer:
                        self.scaled, self.per_device, self.total_steps, self.total_samples)
         if self.given:  # objects from Python in place of data.dataset / model.backbone
             h["given"] = self.given
+        if self.posthoc is not None:  # its disk cost, logged once per start
+            h["posthoc_ema"] = describe(self.posthoc, self.total_samples)
         if self.accelerator.is_main_process:
             write_run_files(self.run_dir, self.cfg, h)
             print(header_text(h, self.scaled, self.per_device, self.data, self.run_dir))
@@ -405,7 +425,9 @@ class Trainer:
         path = save_checkpoint(self.accelerator, self.run_dir, self.state.step,
                                self.cfg.train.keep_checkpoints,
                                {"train": self.state.state_dict(), "ema": self.ema.state_dict(),
-                                "evaluation": self.evaluation.state_dict(), **(extra or {})})
+                                "evaluation": self.evaluation.state_dict(), **(extra or {})},
+                               {} if self.posthoc is None else
+                               {POSTHOC_STATE: state_bytes(self.posthoc)})
         self.stops.saved()
         self._mark()
         return path
@@ -418,6 +440,8 @@ class Trainer:
         counters = load_checkpoint(self.accelerator, self.resume_from)
         st.load_state_dict(counters["train"])
         self.ema.load_state_dict(counters["ema"])
+        if self.posthoc is not None:
+            load_state(self.posthoc, self.resume_from)
         self.evaluation.load_state_dict(counters.get("evaluation", {}))
         results = self.run_dir / "results.json"
         if st.step >= self.total_steps and results.is_file():

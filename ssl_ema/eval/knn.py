@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 from lightly.utils.benchmarking import knn_predict
 
+from ssl_ema.precision import exact_fp32
+
 Candidates = tuple[torch.Tensor, torch.Tensor]  # similarities (b, k), most similar first; labels
 
 
@@ -62,6 +64,7 @@ def _local_candidates(queries: torch.Tensor, bank_t: torch.Tensor, bank_labels: 
 
 
 @torch.no_grad()
+@exact_fp32()  # similarities in fp32, not TF32: the neighbours are the data's, not the device's
 def knn_classify(
     train_features: torch.Tensor,
     train_labels: torch.Tensor,

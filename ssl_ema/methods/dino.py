@@ -8,6 +8,11 @@ the official code). Multi-crop: global views are forwarded together, local views
 
 The centre c <- m c + (1 - m) mean(teacher outputs) is an EMA stepped once per forward pass: its
 momentum goes through the EMA Scaling Rule (``prepare_step``), like the teacher's.
+
+Under mixed precision the loss runs in fp32 on fp32 copies of the outputs, as the official code's
+does (its cross-entropy is an elementwise product and sum, which autocast keeps in fp32; lightly's
+DINOLoss sums it with an einsum, which autocast runs in bf16: the loss then carried 8 significant
+bits, docs/RESULTS.md, 'The GPU lease path'). Networks and heads keep the recipe's precision.
 """
 
 from __future__ import annotations
@@ -103,9 +108,16 @@ class DINO(TeacherStudentMethod):
         student_out = self._forward(self.student, global_views)
         if local_views:
             student_out += self._forward(self.student, local_views)  # + N x (B, D)
-        loss = self.criterion(teacher_out, student_out, teacher_temp=self.teacher_temp)
+        with torch.autocast(student_out[0].device.type, enabled=False):
+            loss = self.criterion(_fp32(teacher_out), _fp32(student_out),
+                                  teacher_temp=self.teacher_temp)
         return {"loss": loss, "teacher_temp": torch.tensor(self.teacher_temp),
                 "center_norm": self.criterion.center.norm()}
+
+
+def _fp32(outputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """bf16/fp16 -> fp32 (fp32 and fp64 as they are)."""
+    return [t.to(torch.promote_types(t.dtype, torch.float32)) for t in outputs]
 
 
 def _multicrop(cfg: Config) -> dict[str, Any]:

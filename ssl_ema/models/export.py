@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ssl_ema.config_schema import ConfigError
+from ssl_ema.config_schema import Config, ConfigError
 from ssl_ema.models.backbones import build_backbone, create_timm_backbone
 
 FORMAT = "ssl_ema.backbone/1"
@@ -81,3 +81,23 @@ def load_backbone(path: str | Path, map_location: str | torch.device = "cpu") ->
     model = build_backbone(**meta["build_kwargs"])
     model.load_state_dict(load_file(str(path), device=str(map_location)), strict=True)
     return model.to(map_location)
+
+
+def export_run_backbone(backbone: nn.Module, out: Path, cfg: Config, in_chans: int,
+                        source: str) -> list[str]:
+    """`export_backbone` with a run's model settings; the lines saying how to load the file."""
+    m = cfg.model
+    meta = export_backbone(backbone, out, name=m.backbone, in_chans=in_chans,
+                           image_size=cfg.data.image_size, cifar_stem=m.cifar_stem,
+                           patch_size=m.patch_size, stem_activation=m.stem_activation,
+                           source=source)
+    lines = [f"wrote {out}", f"  ssl_ema:  from ssl_ema.models.export import load_backbone; "
+                             f"load_backbone('{out}')"]
+    if json.loads(meta["timm_loadable"]):
+        kwargs = ", ".join(f"{k}={v!r}" for k, v in json.loads(meta["timm_kwargs"]).items())
+        lines.append(f"  timm:     timm.create_model('{m.backbone}', pretrained=True, "
+                     f"pretrained_cfg_overlay=dict(file='{out}'), {kwargs})")
+    else:
+        lines.append("  timm:     not loadable by plain timm.create_model (CIFAR stem); "
+                     "use load_backbone")
+    return lines

@@ -114,7 +114,9 @@ def final_rule(reference: str, arms: Sequence[tuple[int, str, str]], key: str,
                companion: str = "") -> AnalysisFn:
     """The final-metric form (BYOL, DINO, pseudo-labelling at large batch): with the rule every
     kappa is within ``tolerance`` of kappa = 1; without it the metric falls by more than
-    ``tolerance`` at every kappa >= ``falls_from``. With ``floor`` (a metric of each run, e.g.
+    ``tolerance`` at every kappa >= ``falls_from``. Judged on the arms whose pair (with and
+    without the rule) has run, once one such pair at kappa >= ``falls_from`` has; the summary
+    names the arms still pending. With ``floor`` (a metric of each run, e.g.
     ``knn_random_bn``, the fair floor), kappa = 1 must also clear it by ``floor_margin``: a
     comparison of runs that learnt nothing says nothing about the rule. ``companion`` (e.g.
     ``knn_student``) is reported beside, outside the verdict: when the student falls as far as
@@ -124,7 +126,8 @@ def final_rule(reference: str, arms: Sequence[tuple[int, str, str]], key: str,
         runs = by_variant(records)
         names = [reference, *(v for _, *pair in arms for v in pair)]
         missing = [n for n in names if not runs.get(n)]
-        if missing:
+        judged = [(k, w, o) for k, w, o in arms if runs.get(w) and runs.get(o)]
+        if not runs.get(reference) or not any(k >= falls_from for k, _, _ in judged):
             return Analysis(TOO_FEW, f"runs missing: {', '.join(missing)}")
 
         def value(n: str, metric: str = key) -> float:
@@ -143,7 +146,7 @@ def final_rule(reference: str, arms: Sequence[tuple[int, str, str]], key: str,
         rows = [head + (f" {companion} | gap (points) |" if companion else ""),
                 "|---|---|---|" + ("---|---|" if companion else ""), row(reference)]
         ok = True
-        for k, with_rule, without in arms:
+        for k, with_rule, without in judged:
             rows += [row(with_rule), row(without)]
             ok &= abs(value(with_rule) - base) <= tolerance
             if k >= falls_from:
@@ -156,12 +159,13 @@ def final_rule(reference: str, arms: Sequence[tuple[int, str, str]], key: str,
                 ok = False
                 cleared += f", less than the {_pts(floor_margin)} points that show learning"
         summary = (f"κ = 1: {_pts(base)}{cleared}; with the rule the largest gap is "
-                   f"{_pts(max(abs(value(w) - base) for _, w, _ in arms))} points, "
-                   f"without it {_pts(max(base - value(o) for _, _, o in arms))}"
+                   f"{_pts(max(abs(value(w) - base) for _, w, _ in judged))} points, "
+                   f"without it {_pts(max(base - value(o) for _, _, o in judged))}"
                    + (f" ({companion} with the rule: largest gap "
-                      f"{_pts(max(abs(value(w, companion) - side) for _, w, _ in arms))} points)"
-                      if companion else "")
-                   + (f"; {anchor}" if anchor else "") + ".")
+                      f"{_pts(max(abs(value(w, companion) - side) for _, w, _ in judged))} "
+                      "points)" if companion else "")
+                   + (f"; {anchor}" if anchor else "")
+                   + (f"; pending: {', '.join(missing)}" if missing else "") + ".")
         return Analysis(HOLDS if ok else FAILS, summary, tuple(rows))
 
     return analyse

@@ -1,8 +1,12 @@
 """The studies, in priority order: the papers' claims as recipes, variants, seeds and verdicts.
 
 Schedules are short where a claim is about differences between arms (the same short schedule
-for every arm), so that the GPU studies fit a few 15-minute leases; the stated minutes per run
-are on one H100 and come from the measurements in docs/RESULTS.md where there are any.
+for every arm), so that every GPU run finishes inside one lease command (at most 9 minutes with
+its start-up and evaluations: a lease returns no checkpoint); the stated minutes per run are on
+one H100 and come from the measurements in docs/RESULTS.md where there are any, carried to
+another GPU by its measured speed (`devices.py`). Runs of under ~80 epochs of CIFAR-10 train
+without torch.compile: on the H100 compiling took about 65 s and saved 1/20.1k - 1/29.9k s per
+image (GPU.md's compute bounds), which pays only after about 4M images.
 CIFAR-10 is the shared JPEG copy under the data root: ``<data>/cifar10/{train,test}`` and
 ``<data>/cifar10n/CIFAR-10_human.pt`` (``tar xzf cifar10-jpg.tar.gz`` in ../shared/data).
 """
@@ -26,7 +30,8 @@ BYOL_PARITY = Study(
     paper="lightly benchmark table (27.03.2023): BYOL ResNet-18, 200 epochs, batch 512: kNN 0.868",
     schedule="200 epochs, batch 512, CIFAR-10 JPEG copy",
     recipe="recipes/byol_r18_lightly.yaml", variants=(V("lightly"),),
-    common=(*CIFAR10, "data.num_workers=16"), minutes_per_run=10.0, estimate_source=H100_BYOL,
+    common=(*CIFAR10, "data.num_workers=16"), minutes_per_run=10.5,
+    estimate_source=H100_BYOL + "; this recipe evaluates 21 times (+10 × ~3 s)",
     plot_keys=("knn_student", "knn_teacher"),
     analysis=best_within("lightly", "knn_student", 0.868, 0.015))
 
@@ -38,13 +43,19 @@ BYOL_SCALING = Study(
           "accuracy across batch sizes; without it accuracy drops",
     schedule="30 epochs, reference batch 256 (lr 0.12, teacher 0.99 → 1), CIFAR-10 JPEG copy",
     recipe="recipes/byol_r18.yaml",
-    variants=(*kappa_arms({1: 256, 2: 512, 4: 1024, 8: 2048}),
-              *(V(f"progressive_{rule}", ("train.batch_size=256", f"scaling.rule={rule}",
-                                          "train.batch_schedule=[[15, 2048]]"))
-                for rule in ("ema", "optimizer"))),
+    # κ = 1 and 8 with and without the rule first (a verdict from the first lease), then 4,
+    # the progressive arms, then 2 (`kappa_arms`' order, seed-major in the runner).
+    variants=tuple(sorted((*kappa_arms({1: 256, 2: 512, 4: 1024, 8: 2048}),
+                           *(V(f"progressive_{rule}", (
+                               "train.batch_size=256", f"scaling.rule={rule}",
+                               "train.batch_schedule=[[15, 2048]]"))
+                             for rule in ("ema", "optimizer"))),
+                          key=lambda v: v.name.startswith("k2_"))),
     common=(*CIFAR10, "data.num_workers=16", "scaling.reference_batch=256", "optim.lr=0.12",
-            "train.epochs=30", "eval.every_epochs=10"),
-    minutes_per_run=3.5, estimate_source="30 epochs at the rate of " + H100_BYOL,
+            "train.epochs=30", "eval.every_epochs=10", "train.compile=false"),
+    minutes_per_run=2.5, estimate_source="an estimate from the H100's figures (docs/RESULTS.md "
+    "'BYOL training images/s on one H100', GPU.md): 1.5M images eager at ~0.9 × its 20.1k "
+    "images/s bound ≈ 85-100 s, 4 kNN evaluations ≈ 12 s, start-up and decoding ≈ 20 s",
     plot_keys=("knn_teacher",),
     analysis=final_rule("k1", [(2, "k2_ema", "k2_optimizer"), (4, "k4_ema", "k4_optimizer"),
                                (8, "k8_ema", "k8_optimizer"),
@@ -63,12 +74,14 @@ EMA_BENEFITS = Study(
                           "labels.noisy_file={data}/cifar10n/CIFAR-10_human.pt"))),
     seeds=(0, 1), common=(*CIFAR10, "data.num_workers=16", "data.pipeline=device",
                           "train.epochs=30", "eval.every_epochs=3"),
-    minutes_per_run=3.0, estimate_source="a guess: views on the GPU (data.pipeline=device, "
-    "unmeasured there); 1.2M training images at ~25k/s (a supervised step is ~3/8 of BYOL's "
-    "per image) ≈ 1 min, plus 10 evaluations of 6 models ± BatchNorm recomputation ≈ 2 min",
+    minutes_per_run=4.0, estimate_source="a guess: views on the GPU (data.pipeline=device, "
+    "unmeasured there); 1.5M training images at batch 128, ~15k/s (a supervised step is ~3/8 of "
+    "BYOL's per image, a small batch uses the GPU less) ≈ 2 min, plus 10 evaluations of 6 "
+    "models with BatchNorm recomputation ≈ 1.5 min",
     plot_keys=("acc_student_test", "acc_teacher_test"),
     analysis=ema_gain({"clean": "clean", "worse": "CIFAR-10N worse"}, "best_ema_test",
                       "best_student_test"))
+
 
 def _kappa4_study(name: str, title: str, what: str, paper: str, schedule: str, recipe: str,
                   batch: int, epochs: int, key: str, minutes: float, source: str,
@@ -89,9 +102,11 @@ def _kappa4_study(name: str, title: str, what: str, paper: str, schedule: str, r
 DINO_SCALING = _kappa4_study(
     "dino-scaling", "DINO at batch 128 and 512 with and without the rule", "kNN",
     "lightly's DINO benchmark with a fixed momentum: kNN 0.840 at batch 128 → 0.813 at 512",
-    "30 epochs of dino_r18, reference batch 128, CIFAR-10 JPEG copy", "recipes/dino_r18.yaml",
-    128, 30, "knn_teacher", 5.0, "unmeasured on a GPU: multi-crop guessed at half BYOL's rate",
-    ("knn_teacher",), "lightly (fixed momentum, 200 epochs): 0.840 → 0.813")
+    "30 epochs of dino_r18 (views on the GPU), reference batch 128, CIFAR-10 JPEG copy",
+    "recipes/dino_r18.yaml", 128, 30, "knn_teacher", 4.0, "a guess: DINO has never trained on "
+    "a GPU; 1.5M images at about half BYOL's H100 rate (batch 128) ≈ 3 min, 4 evaluations, "
+    "start-up", ("knn_teacher",), "lightly (fixed momentum, 200 epochs): 0.840 → 0.813",
+    extra=("data.pipeline=device",))
 
 PSEUDO_LABEL = _kappa4_study(
     "pseudo-label", "Pseudo-labelling with 4,000 labels at κ = 1 and 4", "test accuracy",
@@ -167,8 +182,11 @@ RECIPES = Study(
     common=(*CIFAR10, "data.num_workers=16"), minutes_per_run=10.0,
     estimate_source="BYOL measured (581 s); the others guessed from their CPU step times")
 
-# Priority order: the GPU studies, then the CPU ones (the papers' own data first).
-STUDIES: tuple[Study, ...] = (BYOL_PARITY, BYOL_SCALING, EMA_BENEFITS, DINO_SCALING,
+# Priority order: a lease takes the first runs that fit what is left of it, so the scaling
+# verdicts come first; byol-parity (about 10 H100 minutes: one command only if this GPU is fast
+# enough, else `--slice` over two commands of one lease) and the full-schedule recipes (longer
+# than any command: skipped unless sliced) follow; then the CPU studies, the papers' data first.
+STUDIES: tuple[Study, ...] = (BYOL_SCALING, BYOL_PARITY, EMA_BENEFITS, DINO_SCALING,
                               PSEUDO_LABEL, *laptop.STUDIES, NOISY_QUADRATIC, THROUGHPUT,
                               THROUGHPUT_CPU, RECIPES)
 

@@ -7,6 +7,7 @@ commits, dates, wall times) and the figure ``docs/results/<study>.png``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -78,12 +79,21 @@ def _runs_table(study: Study, records: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _budget(study: Study) -> str:
+    """The budget to quote: one lease command for a GPU study (a lease spends its minutes through
+    tools/lease.sh); for a CPU study its stated minutes for every run, in whole hours past one."""
+    if study.device == "gpu":
+        return "9m"
+    minutes = study.minutes_per_run * len(study.variants) * len(study.seeds)
+    return f"{math.ceil(minutes / 60)}h" if minutes > 60 else f"{math.ceil(minutes / 5) * 5}m"
+
+
 def section(study: Study, records: Sequence[dict[str, Any]], planned: int, blocked: str,
             result: Analysis, fig: str | None) -> str:
     lines = [f"## {study.title} (`{study.name}`)", "",
              f"- Claim: {study.claim}.", f"- Paper: {study.paper}.",
              f"- Schedule (every number below): {study.schedule}.",
-             f"- Command: `python tools/reproduce.py run {study.name} --budget 12m"
+             f"- Command: `python tools/reproduce.py run {study.name} --budget {_budget(study)}"
              + (" --data DATA_ROOT" if study.needs_data else "") + "`.",
              f"- Runs stored: {len(records)} of "
              f"{planned or len(study.variants) * len(study.seeds)}"

@@ -5,10 +5,18 @@ Jobs come from the sweep machinery (``plan``: reuse / resume / new, by resolved 
 checkpoint, otherwise *pending*. Estimates are measured where they can be (stored wall times of
 the study's runs on this kind of device, per variant first), else the study's stated figure.
 
-``spend`` starts pending jobs in priority order while they fit the remaining budget, each with
-a ``--stop-after`` deadline before the budget's end so it checkpoints and exits cleanly; a job
-longer than a whole budget is started whenever a useful slice is left, and resumes next time.
-A tool study's jobs (``tool_runs.py``) are planned by their resolved arguments and run whole.
+Estimates are measured where they can be: stored wall times of the study's runs on this kind of
+device (per variant first); else on another device, carried by the measured speed ratio of the
+two (`devices`); else the study's stated figure (on the H100 for a GPU study, carried the same
+way when this device's speed is measured).
+
+``spend`` starts pending jobs in priority order while the remaining budget can finish them, each
+with a ``--stop-after`` deadline before the budget's end so it checkpoints and exits cleanly, and
+stores each finished run at once (``stored``: written to disk, and in lease mode packed for the
+lease to return) so that a kill at any moment loses no finished run. A job longer than the
+whole budget is started only where slices are asked for (``Budget.slices``): its checkpoint
+must survive until the next budget, which a GPU lease's does not. A tool study's jobs
+(``tool_runs.py``) are planned by their resolved arguments and run whole.
 """
 
 from __future__ import annotations
@@ -25,10 +33,10 @@ from pathlib import Path
 from ssl_ema.config import ConfigError
 from ssl_ema.engine.checkpoint import checkpoints
 from ssl_ema.engine.sweep import Job, Variant, finished_run, locate, plan, train_command
+from ssl_ema.reproduce.devices import REFERENCE_GPU, Speeds, device_kind, short
 from ssl_ema.reproduce.store import IDENTITY_IGNORES, Store, add_wall, record
 from ssl_ema.reproduce.study import Study
 from ssl_ema.reproduce.tool_runs import (
-    RESULT,
     ToolJob,
     after_tool,
     plan_tool,
@@ -38,7 +46,7 @@ from ssl_ema.reproduce.tool_runs import (
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: recipes/, tools/
 NO_DATA = "$SSL_EMA_DATA"  # stands in for a data root not given
-GRACE_S = 60.0  # after the budget: SIGTERM (a checkpoint, issue 16), then SIGKILL
+GRACE_S = 60.0  # after the budget: SIGTERM (a checkpoint), then SIGKILL
 
 
 @dataclass
@@ -50,14 +58,17 @@ class StudyPlan:
     blocked: str = ""
     no_data: bool = False  # planned, but cannot run without --data
 
-    def why_not_here(self, device: str) -> str:
-        """Why `run` skips this study on ``device`` ("" if it can run)."""
+    def why_not_here(self, device: str, named: bool = False) -> str:
+        """Why `run` skips this study on ``device`` ("" if it can run); ``named``: the user
+        asked for it by name (a CPU study then runs on a GPU machine too)."""
         if self.blocked:
             return self.blocked
         if self.no_data:
             return "needs the data root (--data DIR or SSL_EMA_DATA)"
         if self.study.device == "gpu" and device_kind(device) == "cpu":
             return "a GPU study: no CUDA device here"
+        if self.study.device == "cpu" and device_kind(device) != "cpu" and not named:
+            return "a CPU study: not run on a GPU machine unless named"
         return ""
 
 
@@ -110,10 +121,6 @@ def this_device() -> str:
     return f"cuda ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else "cpu"
 
 
-def device_kind(device: str) -> str:
-    return "cpu" if device.startswith("cpu") else device
-
-
 def status(job: Job | ToolJob, store: Store) -> tuple[str, float]:
     """(done | partial | pending, fraction trained)."""
     if store.find(job) is not None or job.action == "reuse":
@@ -125,19 +132,32 @@ def status(job: Job | ToolJob, store: Store) -> tuple[str, float]:
     return "pending", 0.0
 
 
-def estimate_s(study: Study, job: Job | ToolJob, store: Store, device: str) -> tuple[float, str]:
-    """Seconds for the whole job on ``device`` and where the figure comes from (measured, or
-    the study's stated figure: ``study.estimate_source``)."""
-    kind = device_kind(device)
-    mine = [r for r in store.records if device_kind(r["device"]) == kind and r.get("wall_s")]
-    for pool, source in (([r for r in mine if r["variant"] == job.variant], "measured"),
-                         (mine, "measured (other variants)")):
-        if pool:
-            return sum(r["wall_s"] for r in pool) / len(pool), source
-    stated = (study.device == "cpu") == (kind == "cpu")
-    source = "stated" if stated else f"stated for {study.device.upper()}"
+def estimate_s(study: Study, job: Job | ToolJob, store: Store, device: str,
+               speeds: Speeds | None = None) -> tuple[float, str]:
+    """Seconds for the whole job on ``device`` and where the figure comes from: measured here,
+    measured elsewhere × the measured speed ratio, or the study's stated figure
+    (``study.estimate_source``), carried by the ratio where there is one."""
+    speeds, kind = speeds or Speeds({}), device_kind(device)
+    timed = [r for r in store.records if r.get("wall_s")]
+    for pool, source in (([r for r in timed if r["variant"] == job.variant], "measured"),
+                         (timed, "measured (other variants)")):
+        here = [r for r in pool if device_kind(r["device"]) == kind]
+        if here:
+            return sum(r["wall_s"] for r in here) / len(here), source
+        carried = [(r["wall_s"] * ratio, r["device"]) for r in pool
+                   if (ratio := speeds.ratio(kind, r["device"])) is not None]
+        if carried:
+            ratio = speeds.ratio(kind, carried[0][1])
+            return (sum(s for s, _ in carried) / len(carried),
+                    f"{source} on {short(carried[0][1])} × {ratio:.2f} (speed ratio)")
     minutes = next(v.minutes for v in study.variants if v.name == job.variant)
-    return 60.0 * (minutes or study.minutes_per_run), source
+    seconds = 60.0 * (minutes or study.minutes_per_run)
+    if (study.device == "cpu") == (kind == "cpu"):
+        ratio = speeds.ratio(kind, REFERENCE_GPU) if kind != "cpu" else None
+        if ratio is not None and kind != REFERENCE_GPU:
+            return seconds * ratio, f"stated for the H100 × {ratio:.2f} (speed ratio)"
+        return seconds, "stated"
+    return seconds, f"stated for {study.device.upper()}"
 
 
 def child_env(study: Study) -> dict[str, str]:
@@ -148,15 +168,17 @@ def child_env(study: Study) -> dict[str, str]:
     return env
 
 
-def run_process(cmd: list[str], env: dict[str, str], timeout_s: float) -> int:
-    """Run ``cmd``; past ``timeout_s`` send SIGTERM, and SIGKILL after ``GRACE_S`` more."""
+def run_process(cmd: list[str], env: dict[str, str], timeout_s: float,
+                grace_s: float = GRACE_S) -> int:
+    """Run ``cmd``; past ``timeout_s`` send SIGTERM (a checkpoint), and SIGKILL
+    ``grace_s`` later."""
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
     try:
         return proc.wait(timeout=max(timeout_s, 1.0))
     except subprocess.TimeoutExpired:
         proc.send_signal(signal.SIGTERM)
         try:
-            return proc.wait(timeout=GRACE_S)
+            return proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             proc.kill()
             return proc.wait()
@@ -167,17 +189,29 @@ class Budget:
     seconds: float
     reserve_s: float  # kept free at the end: the final evaluation, checkpoint, exit
     min_slice_s: float  # a job longer than the whole budget starts only with this much left
+    slices: bool = False  # start such a job at all (its checkpoint must outlive the budget)
 
     @classmethod
-    def of(cls, seconds: float) -> Budget:
-        return cls(seconds, reserve_s=min(90.0, 0.15 * seconds), min_slice_s=0.25 * seconds)
+    def of(cls, seconds: float, slices: bool = False) -> Budget:
+        return cls(seconds, reserve_s=min(45.0, 0.15 * seconds), min_slice_s=0.25 * seconds,
+                   slices=slices)
+
+    def admits(self, need: float, left: float) -> tuple[bool, float]:
+        """Whether a job needing ``need`` seconds starts with ``left`` seconds of the budget
+        left, and its usable seconds (before the reserve)."""
+        usable = left - self.reserve_s
+        longer_than_all = need > self.seconds - self.reserve_s
+        sliced = self.slices and longer_than_all and usable >= self.min_slice_s
+        return need <= usable or sliced, usable
 
 
 def spend(plans: Sequence[StudyPlan], stores: dict[str, Store], budget: Budget, device: str,
           launch: str = "", log: Callable[[str], None] = print,
-          clock: Callable[[], float] = time.monotonic) -> list[str]:
-    """Train pending jobs in priority order within ``budget``; store each finished run.
-    Returns the names of the studies that changed."""
+          clock: Callable[[], float] = time.monotonic, speeds: Speeds | None = None,
+          stored: Callable[[StudyPlan], None] | None = None) -> list[str]:
+    """Train pending jobs in priority order within ``budget``; store each finished run at once
+    (``stored(plan)`` is called after its record is in the store). Returns the names of the
+    studies that changed."""
     start, changed = clock(), []
     for p in plans:
         store = stores[p.study.name]
@@ -186,13 +220,13 @@ def spend(plans: Sequence[StudyPlan], stores: dict[str, Store], budget: Budget, 
             if state == "done":
                 continue  # (collect() stores finished runs)
             left = budget.seconds - (clock() - start)
-            need = estimate_s(p.study, job, store, device)[0] * (1.0 - fraction)
-            usable = left - budget.reserve_s
-            whole = need <= usable
-            sliced = need > budget.seconds - budget.reserve_s and usable >= budget.min_slice_s
-            if not (whole or sliced):
+            need = estimate_s(p.study, job, store, device, speeds)[0] * (1.0 - fraction)
+            starts, usable = budget.admits(need, left)
+            if not starts:
                 log(f"{p.study.name} {job.variant} seed {job.seed}: skipped, needs ~{need / 60:.1f}"
-                    f" min, {max(usable, 0) / 60:.1f} min left")
+                    f" min, {max(usable, 0) / 60:.1f} min left"
+                    + ("" if budget.slices or need <= budget.seconds - budget.reserve_s
+                       else " (longer than the whole budget: --slice starts it anyway)"))
                 continue
             cmd = tool_command(ROOT, job) if isinstance(job, ToolJob) else \
                 train_command(launch, str(ROOT / p.study.recipe_of(
@@ -200,12 +234,15 @@ def spend(plans: Sequence[StudyPlan], stores: dict[str, Store], budget: Budget, 
             log(f"== {p.study.name} {job.variant} seed {job.seed} ({job.action}, "
                 f"~{need / 60:.1f} min, {usable / 60:.1f} min usable)")
             t0 = clock()
-            code = run_process(cmd, child_env(p.study), left)
+            # The backstop ends by the budget's end: SIGTERM, then SIGKILL `grace` later.
+            grace = min(GRACE_S, budget.reserve_s / 2)
+            code = run_process(cmd, child_env(p.study), left - grace, grace)
             wall = clock() - t0
-            if isinstance(job, ToolJob):
-                _after_tool(job, store, wall, code, device, log)
-            else:
-                _after(p.study, job, store, wall, code, log)
+            done = _after_tool(job, store, wall, code, device, log) if isinstance(job, ToolJob) \
+                else _after(job, store, wall, code, log)
+            if done and stored is not None:
+                stored(p)
+                log("   stored")
             changed.append(p.study.name)
     return list(dict.fromkeys(changed))
 
@@ -220,9 +257,8 @@ def collect(plan: StudyPlan, store: Store) -> bool:
     return added
 
 
-def _after(study: Study, job: Job, store: Store, wall: float, code: int,
-           log: Callable[[str], None]) -> None:
-    """Book the segment's wall time; store the record if the run finished."""
+def _after(job: Job, store: Store, wall: float, code: int, log: Callable[[str], None]) -> bool:
+    """Book the segment's wall time; store the record if the run finished (True)."""
     _, run_dir = locate(job.home, job.cfg, IDENTITY_IGNORES)
     if run_dir is not None:
         add_wall(run_dir, wall)
@@ -230,18 +266,19 @@ def _after(study: Study, job: Job, store: Store, wall: float, code: int,
     if done is not None:
         store.put(record(job, done))
         log(f"   finished in {wall:.0f} s")
-    else:
-        log(f"   {'cut by the budget' if code in (3, -15, 143) else f'exit code {code}'} "
-            f"after {wall:.0f} s" + (f"; resumes from {run_dir}" if run_dir else ""))
+        return True
+    log(f"   {'cut by the budget' if code in (3, -15, 143) else f'exit code {code}'} "
+        f"after {wall:.0f} s" + (f"; resumes from {run_dir}" if run_dir else ""))
+    return False
 
 
 def _after_tool(job: ToolJob, store: Store, wall: float, code: int, device: str,
-                log: Callable[[str], None]) -> None:
+                log: Callable[[str], None]) -> bool:
     """A tool run has no checkpoint: it is stored when it wrote its JSON and exited 0."""
-    if code == 0 and (job.home / RESULT).is_file():
-        after_tool(job, device, wall)
+    if code == 0 and after_tool(job, device, wall):
         store.put(tool_record(job))
         log(f"   finished in {wall:.0f} s")
-    else:
-        log(f"   {'cut by the budget' if code in (-15, 143) else f'exit code {code}'} after "
-            f"{wall:.0f} s (a tool run starts again next time)")
+        return True
+    log(f"   {'cut by the budget' if code in (-15, 143) else f'exit code {code}'} after "
+        f"{wall:.0f} s (a tool run starts again next time)")
+    return False

@@ -7,7 +7,8 @@ a record matches a planned run when their configs agree (`ssl_ema.engine.run.con
 so an option added to ssl_ema since the record, left at its default, changes nothing), keys that
 only say where things are or how they are logged (the sweep's bookkeeping keys, the data root)
 left out; a moved data folder reuses the run and a changed recipe does not. ``config_key`` is
-a short hash of the config, for people to tell records apart.
+a short hash of the config, for people to tell records apart. Every file here is written
+atomically and read guarded (`jsonfile`): a damaged one is set aside with a warning, not fatal.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ssl_ema.engine.run import config_changes, flatten
 from ssl_ema.engine.sweep import BOOKKEEPING, Job
 from ssl_ema.engine.tracking import read_metrics
 from ssl_ema.eval.early_stopping import PREDICTIONS_FILE
+from ssl_ema.reproduce.jsonfile import read_json, write_json
 from ssl_ema.reproduce.tool_runs import ToolJob, matches
 
 # Where the data lives, not what it is: a run is the same run wherever its data root is.
@@ -43,16 +45,22 @@ def config_key(cfg: Config) -> str:
 def add_wall(run_dir: Path, seconds: float) -> None:
     """Add one segment's wall time to the run's total (a resumed run has several)."""
     path = run_dir / WALL
-    total = json.loads(path.read_text())["wall_s"] if path.is_file() else 0.0
-    path.write_text(json.dumps({"wall_s": total + seconds}) + "\n")
+    write_json(path, {"wall_s": _booked(path, 0.0) + seconds}, indent=None)
+
+
+def _booked(path: Path, default: float) -> float:
+    raw = read_json(path)
+    try:
+        return float(raw["wall_s"]) if raw is not None else default
+    except (TypeError, KeyError, ValueError):
+        return default
 
 
 def wall_seconds(run_dir: Path) -> float:
     """The runner's total, else the span from the header to results.json (a run trained
     outside the runner, e.g. by tools/sweep.py: process start-up not counted)."""
-    if (run_dir / WALL).is_file():
-        return float(json.loads((run_dir / WALL).read_text())["wall_s"])
-    return (run_dir / "results.json").stat().st_mtime - (run_dir / "header.json").stat().st_mtime
+    span = (run_dir / "results.json").stat().st_mtime - (run_dir / "header.json").stat().st_mtime
+    return _booked(run_dir / WALL, span)
 
 
 def _numbers(d: Mapping[str, Any]) -> dict[str, float]:
@@ -91,7 +99,7 @@ class Store:
 
     def __init__(self, folder: Path, study: str):
         self.path = folder / f"{study}.json"
-        raw = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        raw = read_json(self.path) or {}
         self.study = study
         self.records: list[dict[str, Any]] = list(raw.get("runs", []))
         self.analysis: dict[str, Any] = dict(raw.get("analysis", {}))
@@ -114,8 +122,5 @@ class Store:
 
     def save(self, jobs: Sequence[Job | ToolJob]) -> None:
         """Write the records that match ``jobs`` (stale ones are dropped) and the analysis."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        out = {"study": self.study, "analysis": self.analysis, "runs": self.current(jobs)}
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(out, indent=1) + "\n")
-        tmp.replace(self.path)
+        write_json(self.path, {"study": self.study, "analysis": self.analysis,
+                               "runs": self.current(jobs)})

@@ -67,10 +67,11 @@ class Study:
 
 
 def kappa_arms(batches: dict[int, int]) -> tuple[StudyVariant, ...]:
-    """``k1`` once, then ``k<kappa>_ema`` and ``k<kappa>_optimizer`` at each larger batch:
-    the arms of every EMA Scaling Rule study (``batches``: kappa -> effective batch)."""
+    """``k1`` once, then ``k<kappa>_ema`` and ``k<kappa>_optimizer`` at each larger batch, the
+    largest kappa first (kappa = 1 and the largest kappa with and without the rule already give
+    a verdict): the arms of every EMA Scaling Rule study (``batches``: kappa -> batch)."""
     out = [StudyVariant("k1", (f"train.batch_size={batches[1]}",))]
-    for k, b in batches.items():
+    for k, b in sorted(batches.items(), reverse=True):
         if k > 1:
             out += [StudyVariant(f"k{k}_{rule}", (f"train.batch_size={b}",
                                                    f"scaling.rule={rule}"))

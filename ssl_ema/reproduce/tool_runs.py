@@ -26,6 +26,7 @@ from types import ModuleType
 from typing import Any
 
 from ssl_ema.engine.tracking import git_sha
+from ssl_ema.reproduce.jsonfile import read_json, write_json
 from ssl_ema.reproduce.study import Study
 
 RESULT = "result.json"  # the tool's JSON in the job's home
@@ -74,9 +75,8 @@ def plan_tool(study: Study, root: Path, runs_root: Path, data_root: str) -> list
             raise ValueError(f"variant '{v.name}': {study.tool_of(v)} rejects "
                              f"{list(args)}") from e
         home = runs_root / study.name / v.name / "seed0"
-        done = home / RESULT
-        same = done.is_file() and json.loads(done.read_text()).get(RUN, {}).get(
-            "resolved") == resolved
+        done = read_json(home / RESULT)  # a damaged one is set aside: the run starts again
+        same = done is not None and done.get(RUN, {}).get("resolved") == resolved
         jobs.append(ToolJob(v.name, 0, study.tool_of(v), args, resolved, home,
                             "reuse" if same else "new", home if same else None))
     return jobs
@@ -88,18 +88,20 @@ def tool_command(root: Path, job: ToolJob) -> list[str]:
     return [sys.executable, str(root / job.tool), *job.args, "--json", str(job.home / RESULT)]
 
 
-def after_tool(job: ToolJob, device: str, wall_s: float) -> None:
+def after_tool(job: ToolJob, device: str, wall_s: float) -> bool:
     """Mark the tool's JSON with the run's identity, commit, device and wall time, which
-    ``tool_record`` reads back (a finished run is stored later by ``collect`` too)."""
+    ``tool_record`` reads back (a finished run is stored later by ``collect`` too); False if
+    the tool left no readable JSON."""
     path = job.home / RESULT
-    if path.is_file():
-        result = json.loads(path.read_text())
+    result = read_json(path)
+    if result is not None:
         load = round(os.getloadavg()[0], 2)
         if device == "cpu":  # a CPU timing means little without the cores and their load
             device = f"cpu ({os.cpu_count()} cores, load {load:g})"
         result[RUN] = {"resolved": job.resolved, "commit": git_sha(), "device": device,
                        "wall_s": round(wall_s, 1), "load": load}
-        path.write_text(json.dumps(result, indent=1) + "\n")
+        write_json(path, result)
+    return result is not None
 
 
 def matches(record: Mapping[str, Any], job: ToolJob) -> bool:
