@@ -70,8 +70,8 @@ GPU = Sizes(32, 10, 410, 50, 512, 30, 8, 8)
 CPU = Sizes(8, 4, 12, 4, 16, 4, 2, 0, (
     "model.backbone=test_resnet", "model.cifar_stem=false", "train.compile=false",
     "train.batch_size=8",
-    "method.projection_hidden_dim=32", "method.projection_dim=16",
-    "method.prediction_hidden_dim=32", "eval.knn_k=5"))
+    "byol.projection_hidden_dim=32", "byol.projection_dim=16",
+    "byol.prediction_hidden_dim=32", "eval.knn_k=5"))
 
 
 class Smoke:
