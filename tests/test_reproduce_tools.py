@@ -157,3 +157,23 @@ def test_posthoc_sweep_verdicts_on_fixed_inputs() -> None:
     assert result.verdict == HOLDS and "(+1.0 points" in result.summary
     assert "posthoc_0.02, posthoc_0.05 (tied on validation at 92.0%, test averaged)" \
         in result.summary
+
+
+def test_a_training_tool_run_keeps_its_identity_across_config_layouts() -> None:
+    """A stored run of a tool that trains first (tools/posthoc_ema.py --train) still matches
+    after the config's layout changed (another method's section left out, BYOL's heads moved
+    to byol:), and stops matching when a value that decides the result changes."""
+    import copy
+
+    from ssl_ema.config import load_config, to_dict
+    from ssl_ema.reproduce.tool_runs import same_identity
+
+    now = {"sigma_rel": [0.05], "train": to_dict(load_config(None, ["method.name=byol"]))}
+    older = copy.deepcopy(now)
+    older["train"]["dino"] = {"out_dim": 65536}  # every method's section, as runs once wrote
+    older["train"]["method"]["projection_dim"] = older["train"]["byol"].pop("projection_dim")
+    assert same_identity(older, now)
+    older["train"]["optim"]["lr"] = 9.0
+    assert not same_identity(older, now)
+    assert not same_identity({**now, "sigma_rel": [0.1]}, now)
+    assert same_identity({"run": "r", "set": []}, {"run": "r", "set": []})

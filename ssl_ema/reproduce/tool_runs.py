@@ -76,7 +76,7 @@ def plan_tool(study: Study, root: Path, runs_root: Path, data_root: str) -> list
                              f"{list(args)}") from e
         home = runs_root / study.name / v.name / "seed0"
         done = read_json(home / RESULT)  # a damaged one is set aside: the run starts again
-        same = done is not None and done.get(RUN, {}).get("resolved") == resolved
+        same = done is not None and same_identity(done.get(RUN, {}).get("resolved"), resolved)
         jobs.append(ToolJob(v.name, 0, study.tool_of(v), args, resolved, home,
                             "reuse" if same else "new", home if same else None))
     return jobs
@@ -106,7 +106,26 @@ def after_tool(job: ToolJob, device: str, wall_s: float) -> bool:
 
 def matches(record: Mapping[str, Any], job: ToolJob) -> bool:
     return (record["variant"], record["seed"]) == (job.variant, job.seed) and \
-        record.get("config") == job.resolved
+        same_identity(record.get("config"), job.resolved)
+
+
+def same_identity(stored: Any, resolved: Mapping[str, Any]) -> bool:
+    """Whether a stored run's resolved arguments are ``resolved``'s. A tool that trains first
+    (``"train"``: a resolved training config) is compared as training runs are
+    (`ssl_ema.engine.run.config_changes`): options added since, at their defaults, and keys
+    renamed or left out of a run's config since still match, so a stored study survives a
+    config layout change and re-runs only when a value that decides the result changed."""
+    if not isinstance(stored, Mapping) or stored.keys() != resolved.keys():
+        return False
+    if "train" not in resolved:
+        return dict(stored) == dict(resolved)
+    if {k: v for k, v in stored.items() if k != "train"} != \
+            {k: v for k, v in resolved.items() if k != "train"}:
+        return False
+    from ssl_ema.config import from_dict
+    from ssl_ema.engine.run import config_changes, flatten
+
+    return not config_changes(flatten(stored["train"]), from_dict(resolved["train"]), set())
 
 
 def flat_numbers(tree: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
