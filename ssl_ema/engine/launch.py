@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import shutil
 import sys
 from collections.abc import Callable, Sequence
@@ -41,7 +42,10 @@ def train(recipe: str | None, overrides: Sequence[str], resume: str | None = Non
     try:
         trainer, lock = _start(recipe, overrides, resume, stop_at)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # Every rank runs the same start-up checks: one of them says so, or their lines
+        # interleave on the launcher's shared stderr.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted before training started; nothing was written", file=sys.stderr)
