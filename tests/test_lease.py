@@ -261,3 +261,32 @@ def test_runs_are_placed_in_the_leases_that_can_finish_them(tmp_path: Path) -> N
     assert never == [] and leases[0][0] == ("g k1 seed 0", pytest.approx(100.0))
     assert [[n.split()[1] for n, _ in lease] for lease in leases] == [["k1", "k8"],
                                                                       ["k8_rule", "k4"], ["long"]]
+
+
+@pytest.mark.slow
+def test_runs_at_once_each_stored_as_it_ends(tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """--jobs 2: three real tool runs, two at a time; each stored as it ends, the third
+    started when a slot frees, the records written by the one thread that spends."""
+    spans: dict[str, list[float]] = {}
+    real = runner.run_process
+
+    def timed(cmd: list[str], env: dict[str, str], *a: float) -> int:
+        seed = cmd[cmd.index("--seed") + 1]
+        assert env["SSL_EMA_CPU_THREADS"] == str(max(1, (os.cpu_count() or 1) // 2))
+        spans[seed] = [time.monotonic()]
+        code = real(cmd, env, *a)
+        spans[seed].append(time.monotonic())
+        return code
+
+    monkeypatch.setattr(runner, "run_process", timed)
+    plans = [plan_study(quadratic(3), tmp_path / "runs", None)]
+    store, lines, saved = Store(tmp_path, "nq"), [], []
+    spend(plans, {"nq": store}, Budget.of(600.0), "cpu", log=lines.append,
+          stored=lambda p: saved.append(len(store.records)), jobs=2)
+    assert sorted(r["variant"] for r in store.records) == ["s0", "s1", "s2"]
+    assert saved == [1, 2, 3]  # one store call per run, as each ended
+    (a0, a1), (b0, b1), (c0, _) = spans["0"], spans["1"], spans["2"]
+    assert b0 < a1 and a0 < b1  # the first two overlapped
+    assert c0 >= min(a1, b1)  # the third waited for a free slot
+    assert sum("finished in" in line for line in lines) == 3

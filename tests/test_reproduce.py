@@ -79,6 +79,8 @@ def test_bad_input_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) ->
     assert "needs --budget" in capsys.readouterr().err
     assert reproduce.main(["run", "--budget", "soon"], studies=[tiny_study()]) == 2
     assert "not a duration" in capsys.readouterr().err
+    assert reproduce.main(["run", "--budget", "9m", "--jobs", "0"], studies=[tiny_study()]) == 2
+    assert "--jobs: 0; give at least 1" in capsys.readouterr().err
     assert reproduce.main(["list", "nope"], studies=[tiny_study()]) == 2
     assert "unknown study 'nope'" in capsys.readouterr().err
     train = load_tool("sweep").train_command

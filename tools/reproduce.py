@@ -3,6 +3,7 @@
 
     python tools/reproduce.py list [STUDY ...]
     python tools/reproduce.py run [STUDY ...] --budget 9m [--data DATA_ROOT] [--out DIR] [--slice]
+                                  [--jobs N]
     python tools/reproduce.py report
 
 ``list``: every study (ssl_ema/reproduce/catalog.py, in priority order), its runs, their status
@@ -14,7 +15,9 @@ it (each stops itself at the budget's end with a checkpoint; the next ``run`` re
 stores each finished run in ``docs/results/<study>.json`` as soon as it ends, then regenerates
 the report. ``--out DIR`` (a GPU lease) also packs everything the lease must return into
 ``DIR/results.tar.gz`` after every run; ``--slice`` starts a run longer than the whole budget
-(its checkpoint must then survive until the next ``run``). GPU studies are skipped on a CPU,
+(its checkpoint must then survive until the next ``run``). ``--jobs N`` trains N runs at once
+(default: on a CPU, one per core, since the CPU studies run one torch thread a run and a 2-core
+laptop then does two runs in the time of one; on a GPU, one). GPU studies are skipped on a CPU,
 CPU studies on a GPU unless named.
 ``report``: regenerates ``docs/results/REPORT.md`` and the figures from the stored records.
 Runs live under ``--runs`` (default runs/reproduce) and are identified by their resolved config:
@@ -33,7 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ssl_ema.reproduce.catalog import STUDIES
-from ssl_ema.reproduce.devices import Speeds
+from ssl_ema.reproduce.devices import Speeds, device_kind
 from ssl_ema.reproduce.lease import COMMAND_S, SETUP_S, pack, schedule
 from ssl_ema.reproduce.report import analyse, figure, section, write_report
 from ssl_ema.reproduce.runner import (
@@ -132,6 +135,8 @@ def main(argv: list[str] | None = None, studies: Sequence[Study] = STUDIES) -> i
                         "and run files into OUT/results.tar.gz after every run (a GPU lease)")
     parser.add_argument("--slice", action="store_true", help="run: start a run longer than the "
                         "whole budget (it resumes from its checkpoint at the next run)")
+    parser.add_argument("--jobs", type=int, default=None, help="run: runs at once (default: "
+                        "one per core on a CPU, 1 on a GPU)")
     parser.add_argument("--data", default=os.environ.get("SSL_EMA_DATA"),
                         help="data root (default: $SSL_EMA_DATA)")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "reproduce")
@@ -151,6 +156,8 @@ def main(argv: list[str] | None = None, studies: Sequence[Study] = STUDIES) -> i
         budget = parse_budget(args.budget) if args.budget else None
         if args.command == "run" and budget is None:
             raise ValueError("run needs --budget (e.g. --budget 9m)")
+        if args.jobs is not None and args.jobs < 1:
+            raise ValueError(f"--jobs: {args.jobs}; give at least 1")
         if args.out is not None and args.out.exists() and not args.out.is_dir():
             raise ValueError(f"--out: '{args.out}' is not a folder")
         if args.data and not Path(args.data).is_dir():
@@ -203,8 +210,9 @@ def run(plans: Sequence[StudyPlan], args: argparse.Namespace, runs: Path, device
 
     if args.out is not None:
         pack(args.out, ROOT, args.results, runs)  # something comes back even if nothing runs
+    jobs = args.jobs or (os.cpu_count() or 1 if device_kind(device) == "cpu" else 1)
     spend(runnable, stores, Budget.of(budget, slices=args.slice), device, args.launch,
-          speeds=Speeds.load(args.results), stored=stored)
+          speeds=Speeds.load(args.results), stored=stored, jobs=jobs)
     for p in runnable:
         store = stores[p.study.name]
         store.save(p.jobs)

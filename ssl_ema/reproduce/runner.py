@@ -27,6 +27,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -160,10 +161,14 @@ def estimate_s(study: Study, job: Job | ToolJob, store: Store, device: str,
     return seconds, f"stated for {study.device.upper()}"
 
 
-def child_env(study: Study) -> dict[str, str]:
-    """tools/train.py's environment: this checkout first on the path, the study's settings."""
+def child_env(study: Study, jobs: int = 1) -> dict[str, str]:
+    """tools/train.py's environment: this checkout first on the path, the study's settings.
+    With several runs at once, a study that does not set its thread count gets its share of
+    the cores (threads that wait for each other's cores make each step several times slower)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    if jobs > 1:
+        env["SSL_EMA_CPU_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
     env.update(study.env)
     return env
 
@@ -208,17 +213,32 @@ class Budget:
 def spend(plans: Sequence[StudyPlan], stores: dict[str, Store], budget: Budget, device: str,
           launch: str = "", log: Callable[[str], None] = print,
           clock: Callable[[], float] = time.monotonic, speeds: Speeds | None = None,
-          stored: Callable[[StudyPlan], None] | None = None) -> list[str]:
-    """Train pending jobs in priority order within ``budget``; store each finished run at once
-    (``stored(plan)`` is called after its record is in the store). Returns the names of the
-    studies that changed."""
+          stored: Callable[[StudyPlan], None] | None = None, jobs: int = 1) -> list[str]:
+    """Train pending jobs in priority order within ``budget``, up to ``jobs`` at once; store
+    each finished run at once (``stored(plan)`` is called after its record is in the store).
+    Returns the names of the studies that changed.
+
+    A job is admitted when a slot frees, against the budget left then, so every run started
+    can finish; records are written here, in one thread, whichever run ends first."""
     start, changed = clock(), []
+    slots = Slots(jobs)
+
+    def finish(p: StudyPlan, job: Job | ToolJob, t0: float, code: int) -> None:
+        store, wall = stores[p.study.name], clock() - t0
+        done = _after_tool(job, store, wall, code, device, log) if isinstance(job, ToolJob) \
+            else _after(job, store, wall, code, log)
+        if done and stored is not None:
+            stored(p)
+            log("   stored")
+        changed.append(p.study.name)
+
     for p in plans:
         store = stores[p.study.name]
         for job in p.jobs:
             state, fraction = status(job, store)
             if state == "done":
                 continue  # (collect() stores finished runs)
+            slots.wait_for_one(finish)
             left = budget.seconds - (clock() - start)
             need = estimate_s(p.study, job, store, device, speeds)[0] * (1.0 - fraction)
             starts, usable = budget.admits(need, left)
@@ -233,18 +253,49 @@ def spend(plans: Sequence[StudyPlan], stores: dict[str, Store], budget: Budget, 
                     next(v for v in p.study.variants if v.name == job.variant))), job, usable)
             log(f"== {p.study.name} {job.variant} seed {job.seed} ({job.action}, "
                 f"~{need / 60:.1f} min, {usable / 60:.1f} min usable)")
-            t0 = clock()
             # The backstop ends by the budget's end: SIGTERM, then SIGKILL `grace` later.
             grace = min(GRACE_S, budget.reserve_s / 2)
-            code = run_process(cmd, child_env(p.study), left - grace, grace)
-            wall = clock() - t0
-            done = _after_tool(job, store, wall, code, device, log) if isinstance(job, ToolJob) \
-                else _after(job, store, wall, code, log)
-            if done and stored is not None:
-                stored(p)
-                log("   stored")
-            changed.append(p.study.name)
+            slots.start((p, job, clock()), run_process, cmd, child_env(p.study, jobs), left - grace,
+                        grace)
+    slots.drain(finish)
     return list(dict.fromkeys(changed))
+
+
+class Slots:
+    """Up to ``size`` runs at once, each a thread that waits on its subprocess. With one slot
+    the run happens in the calling thread, as before there were slots: a run started
+    in-process (the tests) installs signal handlers, which only the main thread may."""
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"jobs: {size}; at least one run at a time")
+        self.size = size
+        self.pool = ThreadPoolExecutor(size) if size > 1 else None
+        self.running: dict[Future[int], tuple[StudyPlan, Job | ToolJob, float]] = {}
+
+    def start(self, tag: tuple[StudyPlan, Job | ToolJob, float], fn: Callable[..., int],
+              *args: object) -> None:
+        if self.pool is None:
+            done: Future[int] = Future()
+            done.set_result(fn(*args))
+            self.running[done] = tag
+        else:
+            self.running[self.pool.submit(fn, *args)] = tag
+
+    def wait_for_one(self, finish: Callable[..., None]) -> None:
+        """Return once a slot is free, finishing each run that has ended, as it ends."""
+        self._finish_until(self.size - 1, finish)
+
+    def drain(self, finish: Callable[..., None]) -> None:
+        self._finish_until(0, finish)
+        if self.pool is not None:
+            self.pool.shutdown()
+
+    def _finish_until(self, running: int, finish: Callable[..., None]) -> None:
+        while len(self.running) > running:
+            wait(self.running, return_when=FIRST_COMPLETED)
+            for future in [f for f in self.running if f.done()]:
+                finish(*self.running.pop(future), future.result())
 
 
 def collect(plan: StudyPlan, store: Store) -> bool:
