@@ -25,7 +25,7 @@ from ssl_ema.reproduce.runner import Budget, StudyPlan, estimate_s, plan_study, 
 from ssl_ema.reproduce.store import WALL, Store, add_wall, wall_seconds
 from ssl_ema.reproduce.study import Study, StudyVariant
 from ssl_ema.reproduce.tool_analyses import quadratic_rule
-from tests.helpers import ROOT, tiny_study
+from tests.helpers import ROOT, load_tool, tiny_study
 
 H200 = "cuda (NVIDIA H200)"
 
@@ -290,3 +290,16 @@ def test_runs_at_once_each_stored_as_it_ends(tmp_path: Path,
     assert b0 < a1 and a0 < b1  # the first two overlapped
     assert c0 >= min(a1, b1)  # the third waited for a free slot
     assert sum("finished in" in line for line in lines) == 3
+
+
+def test_list_says_the_wall_time_with_runs_at_once(tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    assert runner.makespan([10.0, 10.0, 10.0], 2) == 20.0
+    assert runner.makespan([30.0, 10.0, 10.0, 10.0], 2) == 30.0  # the short ones share a slot
+    assert runner.makespan([30.0, 10.0, 10.0, 10.0], 1) == 60.0
+    argv = ["list", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path)]
+    reproduce = load_tool("reproduce")
+    assert reproduce.main([*argv, "--jobs", "2"], studies=[quadratic(3)]) == 0
+    assert "3 pending; ~0.6 min of runs left, ~0.4 min with 2 at once" in capsys.readouterr().out
+    assert reproduce.main([*argv, "--jobs", "1"], studies=[quadratic(3)]) == 0
+    assert "at once" not in capsys.readouterr().out

@@ -45,6 +45,7 @@ from ssl_ema.reproduce.runner import (
     StudyPlan,
     collect,
     estimate_s,
+    makespan,
     plan_study,
     spend,
     status,
@@ -64,7 +65,7 @@ def parse_budget(text: str) -> float:
     return float(m.group(1)) * {"s": 1, "m": 60, "": 60, "h": 3600}[m.group(2)]
 
 
-def list_studies(plans: Sequence[StudyPlan], results: Path, device: str) -> None:
+def list_studies(plans: Sequence[StudyPlan], results: Path, device: str, jobs: int = 1) -> None:
     speeds = Speeds.load(results)
     for p in plans:
         s = p.study
@@ -73,21 +74,29 @@ def list_studies(plans: Sequence[StudyPlan], results: Path, device: str) -> None
             print(f"{s.name} ({s.device}): {p.blocked}; {len(s.variants) * len(s.seeds)} runs, "
                   f"stated ~{minutes:g} min ({s.estimate_source})")
             continue
-        store, lines, counts, left = Store(results, s.name), [], {}, 0.0
+        store, lines, counts, rests = Store(results, s.name), [], {}, []
         for job in p.jobs:
             state, fraction = status(job, store)
             counts[state] = counts.get(state, 0) + 1
             seconds, source = estimate_s(s, job, store, device, speeds)
             rest = seconds * (1 - fraction)
-            left += rest
+            rests += [rest] if state != "done" else []
             what = state if state != "partial" else f"partial {100 * fraction:.0f}%"
             cost = "" if state == "done" else f", ~{rest / 60:.1f} min ({source})"
             lines.append(f"  {job.variant} seed {job.seed}: {what}{cost}")
         summary = ", ".join(f"{n} {k}" for k, n in counts.items())
         why = p.why_not_here(device, named=True)
-        print(f"{s.name} ({s.device}): {summary}; ~{left / 60:.1f} min left"
+        at_once = makespan(rests, jobs) if jobs > 1 and len(rests) > 1 else sum(rests)
+        print(f"{s.name} ({s.device}): {summary}; ~{sum(rests) / 60:.1f} min of runs left"
+              + (f", ~{at_once / 60:.1f} min with {jobs} at once" if at_once < sum(rests) else "")
               + (f" ({why})" if why else "") + f"\n  stated estimate: {s.estimate_source}")
         print("\n".join(lines))
+
+
+def default_jobs(asked: int | None, device: str) -> int:
+    """Runs at once: as asked, else one per core on a CPU (each CPU study runs one torch
+    thread a run) and one on a GPU."""
+    return asked or ((os.cpu_count() or 1) if device_kind(device) == "cpu" else 1)
 
 
 def list_leases(plans: Sequence[StudyPlan], results: Path, device: str) -> None:
@@ -135,7 +144,7 @@ def main(argv: list[str] | None = None, studies: Sequence[Study] = STUDIES) -> i
                         "and run files into OUT/results.tar.gz after every run (a GPU lease)")
     parser.add_argument("--slice", action="store_true", help="run: start a run longer than the "
                         "whole budget (it resumes from its checkpoint at the next run)")
-    parser.add_argument("--jobs", type=int, default=None, help="run: runs at once (default: "
+    parser.add_argument("--jobs", type=int, default=None, help="runs at once (default: "
                         "one per core on a CPU, 1 on a GPU)")
     parser.add_argument("--data", default=os.environ.get("SSL_EMA_DATA"),
                         help="data root (default: $SSL_EMA_DATA)")
@@ -176,7 +185,7 @@ def main(argv: list[str] | None = None, studies: Sequence[Study] = STUDIES) -> i
             list_leases([p for p in plans if not p.why_not_here(device, bool(args.studies))
                          or p.no_data], args.results, device)
         else:
-            list_studies(plans, args.results, device)
+            list_studies(plans, args.results, device, default_jobs(args.jobs, device))
         return 0
     if args.command == "run":
         run(plans, args, runs, device, budget or 0.0)
@@ -210,7 +219,7 @@ def run(plans: Sequence[StudyPlan], args: argparse.Namespace, runs: Path, device
 
     if args.out is not None:
         pack(args.out, ROOT, args.results, runs)  # something comes back even if nothing runs
-    jobs = args.jobs or (os.cpu_count() or 1 if device_kind(device) == "cpu" else 1)
+    jobs = default_jobs(args.jobs, device)
     spend(runnable, stores, Budget.of(budget, slices=args.slice), device, args.launch,
           speeds=Speeds.load(args.results), stored=stored, jobs=jobs)
     for p in runnable:

@@ -21,6 +21,7 @@ must survive until the next budget, which a GPU lease's does not. A tool study's
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 import signal
@@ -259,6 +260,15 @@ def spend(plans: Sequence[StudyPlan], stores: dict[str, Store], budget: Budget, 
                         grace)
     slots.drain(finish)
     return list(dict.fromkeys(changed))
+
+
+def makespan(seconds: Sequence[float], jobs: int) -> float:
+    """Wall seconds for runs of these lengths, in this order, ``jobs`` at a time (each starts
+    when the first slot frees, as ``spend`` starts them)."""
+    slots = [0.0] * max(1, jobs)
+    for s in seconds:
+        heapq.heapreplace(slots, slots[0] + s)
+    return max(slots)
 
 
 class Slots:
