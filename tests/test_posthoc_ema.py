@@ -6,9 +6,11 @@ student whose coordinates are indicators of the samples each step saw (its EMA *
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -426,3 +428,49 @@ def test_a_full_disk_stops_with_one_line_and_keeps_earlier_snapshots(small_disk:
     assert not [p for p in on_disk if p.name.startswith(".tmp-")]
     for snapshot in list_snapshots(small_disk):
         assert torch.equal(read_snapshot(snapshot)["w"], torch.zeros(2000))
+
+
+TWO_PROCESSES = """
+import json, os, sys
+from pathlib import Path
+import torch
+import torch.distributed as dist
+from ssl_ema.posthoc import PostHocEMA, SnapshotWriteError
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+
+def agree(ok):  # what the trainer passes: every process's flag, the minimum
+    flag = torch.tensor([float(ok)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item() == 1.0)
+
+posthoc = PostHocEMA({"w": torch.zeros(2000)}, (0.05, 0.1), Path(sys.argv[1]), 8,
+                     write=rank == 0, agree=agree)
+seen = 0
+try:
+    while seen < 10_000:
+        seen += 8
+        posthoc.step(seen)
+except SnapshotWriteError as e:
+    print(json.dumps({"rank": rank, "seen": seen, "error": str(e)}))
+"""
+
+
+def test_a_full_disk_stops_every_process_at_the_same_step(small_disk: Path) -> None:
+    """Two real processes (gloo), the main one writing to a full disk: both stop at the step
+    whose snapshot failed, each with one line; without the agreement the other process would
+    train on (and wait in the next all-reduce for a main process that has gone)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "WORLD_SIZE": "2"}
+    procs = [subprocess.Popen([sys.executable, "-c", TWO_PROCESSES, str(small_disk)],
+                              env={**env, "RANK": str(r)}, stdout=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    lines = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    main, other = lines
+    assert main["seen"] == other["seen"] < 10_000  # the same step, before the loop's end
+    assert "No space left on device" in main["error"]
+    assert other["error"].startswith("the main process could not write a post-hoc EMA snapshot")

@@ -67,7 +67,7 @@ def _seal(folder: Path) -> None:
     fsync(folder)
 
 
-def _everyone(accelerator: Accelerator, ok: bool) -> bool:
+def everyone(accelerator: Accelerator, ok: bool) -> bool:
     """Did every process succeed? (a collective, so all ranks take the same branch)"""
     if accelerator.num_processes == 1:
         return ok
@@ -96,7 +96,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: in
             accelerator.save_state(str(tmp))
         except WRITE_ERRORS as e:
             error = e
-    if _everyone(accelerator, error is None) and main:
+    if everyone(accelerator, error is None) and main:
         try:
             (tmp / COUNTERS).write_text(json.dumps(counters))
             for name, contents in (files or {}).items():
@@ -109,7 +109,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: in
             intact.add(final)
         except OSError as e:
             error = e
-    if not _everyone(accelerator, error is None):
+    if not everyone(accelerator, error is None):
         failure = _write_error(run_dir, final, tmp, error)  # before the space is freed
         if main:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -9,6 +9,7 @@ sigma_rel from them (docs/EVALUATION.md, "Post-hoc EMA against parallel EMAs").
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,14 +42,15 @@ def snapshot_interval(cfg: Config, total_samples: int) -> int:
 
 
 def build_posthoc(cfg: Config, student: nn.Module, run_dir: Path, total_samples: int,
-                  write: bool) -> PostHocEMA | None:
+                  write: bool, agree: Callable[[bool], bool] | None = None) -> PostHocEMA | None:
     """The run's post-hoc EMA (None when ``ema.posthoc.sigma_rels`` is empty); ``write``: this
-    process stores the snapshots (the main one)."""
+    process stores the snapshots (the main one); ``agree``: with several processes, whether
+    every one succeeded (so a failed snapshot stops them all)."""
     posthoc = cfg.ema.posthoc
     if not posthoc.sigma_rels:
         return None
     return PostHocEMA(averaged_tensors(student), posthoc.sigma_rels, run_dir / FOLDER,
-                      snapshot_interval(cfg, total_samples), posthoc.dtype, write)
+                      snapshot_interval(cfg, total_samples), posthoc.dtype, write, agree)
 
 
 def describe(tracker: PostHocEMA, total_samples: int) -> dict[str, Any]:

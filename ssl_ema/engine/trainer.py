@@ -18,7 +18,7 @@ import os
 import sys
 import time
 from collections.abc import Iterable
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from ssl_ema.config import Config, ConfigError
 from ssl_ema.data.datasets import DataBundle, check_knn_bank
 from ssl_ema.ema import EMA
 from ssl_ema.engine.accelerator import build_accelerator
-from ssl_ema.engine.checkpoint import load_checkpoint, save_checkpoint
+from ssl_ema.engine.checkpoint import everyone, load_checkpoint, save_checkpoint
 from ssl_ema.engine.guard import NonFiniteGuard
 from ssl_ema.engine.header import header_text, run_header, write_run_files
 from ssl_ema.engine.loaders import (
@@ -127,8 +127,10 @@ class Trainer:
         self.ema = EMA(self.model.student_for_ema(), [self.model.teacher, *self.model.ema_copies],
                        buffers=cfg.ema.buffers, fused=cfg.ema.fused)
         # Power EMAs of the student for a post-hoc choice of the EMA length (ema.posthoc).
+        acc = self.accelerator
         self.posthoc = build_posthoc(cfg, self.model.student_for_ema(), run_dir,
-                                     self.total_samples, self.accelerator.is_main_process)
+                                     self.total_samples, acc.is_main_process,
+                                     partial(everyone, acc) if acc.num_processes > 1 else None)
         # The method names its evaluation (kNN of features, or top-1 of its classifier).
         self.evaluation: Evaluation = build_evaluation(self.eval_context())
         self.state = TrainState()
