@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tarfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from ssl_ema.reproduce import runner
 from ssl_ema.reproduce.devices import REFERENCE_GPU, Speeds, record_rate
 from ssl_ema.reproduce.jsonfile import DAMAGED
 from ssl_ema.reproduce.lease import PACK, pack
+from ssl_ema.reproduce.processes import makespan
 from ssl_ema.reproduce.runner import Budget, StudyPlan, estimate_s, plan_study, spend
 from ssl_ema.reproduce.store import WALL, Store, add_wall, wall_seconds
 from ssl_ema.reproduce.study import Study, StudyVariant
@@ -294,12 +296,61 @@ def test_runs_at_once_each_stored_as_it_ends(tmp_path: Path,
 
 def test_list_says_the_wall_time_with_runs_at_once(tmp_path: Path,
                                                    capsys: pytest.CaptureFixture) -> None:
-    assert runner.makespan([10.0, 10.0, 10.0], 2) == 20.0
-    assert runner.makespan([30.0, 10.0, 10.0, 10.0], 2) == 30.0  # the short ones share a slot
-    assert runner.makespan([30.0, 10.0, 10.0, 10.0], 1) == 60.0
+    assert makespan([10.0, 10.0, 10.0], 2) == 20.0
+    assert makespan([30.0, 10.0, 10.0, 10.0], 2) == 30.0  # the short ones share a slot
+    assert makespan([30.0, 10.0, 10.0, 10.0], 1) == 60.0
     argv = ["list", "--runs", str(tmp_path / "runs"), "--results", str(tmp_path)]
     reproduce = load_tool("reproduce")
     assert reproduce.main([*argv, "--jobs", "2"], studies=[quadratic(3)]) == 0
     assert "3 pending; ~0.6 min of runs left, ~0.4 min with 2 at once" in capsys.readouterr().out
     assert reproduce.main([*argv, "--jobs", "1"], studies=[quadratic(3)]) == 0
     assert "at once" not in capsys.readouterr().out
+
+
+def main_with_long_tiny(argv: list[str]) -> int:
+    """tools/reproduce.py's main over a tiny study of two seeds long enough to interrupt."""
+    study = replace(tiny_study("train.epochs=2000", "eval.every_epochs=0"), seeds=(0, 1))
+    return load_tool("reproduce").main(argv, studies=[study])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("target", "jobs"), [("group", 2), ("runner", 2), ("runner", 1)])
+def test_ctrl_c_stops_the_runs_with_a_checkpoint_and_one_line(
+        tmp_path: Path, tools_env: dict[str, str], target: str, jobs: int) -> None:
+    """A real SIGINT to `reproduce.py run` while its runs train: to the process group (Ctrl-C
+    in a terminal) or to the runner alone (which passes it on); with runs at once or one at a
+    time. Every run in progress stops with a checkpoint, the runner says so in one line and
+    exits 130, and the next `run` resumes them."""
+    runs = tmp_path / "runs"
+    argv = ["run", "--budget", "30m", "--jobs", str(jobs), "--results", str(tmp_path / "res"),
+            "--runs", str(runs)]
+    cmd = [sys.executable, "-c", "import sys; from tests.test_lease import main_with_long_tiny; "
+           "sys.exit(main_with_long_tiny(sys.argv[1:]))", *argv]
+    with (tmp_path / "out").open("w") as o, (tmp_path / "err").open("w") as e:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=tools_env, stdout=o, stderr=e,
+                                start_new_session=True)
+        try:
+            start = time.monotonic()
+            while len([m for m in runs.glob("tiny/a/seed*/*/metrics.jsonl")
+                       if m.stat().st_size]) < jobs:
+                assert proc.poll() is None and time.monotonic() - start < 600
+                time.sleep(0.1)
+            time.sleep(1.0)  # every run in training
+            if target == "group":
+                os.killpg(proc.pid, signal.SIGINT)
+            else:
+                os.kill(proc.pid, signal.SIGINT)
+            proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    out, err = (tmp_path / "out").read_text(), (tmp_path / "err").read_text()
+    assert proc.returncode == 130, out + err
+    assert "Traceback" not in out + err
+    assert err.strip().splitlines()[-1].startswith("interrupted: the runs in progress stopped")
+    assert out.count("   interrupted after") == jobs, out
+    stopped = sorted(runs.glob("tiny/a/seed*/*/checkpoints/step_*"))
+    assert len(stopped) == jobs, out
+    plans = [plan_study(replace(tiny_study("train.epochs=2000", "eval.every_epochs=0"),
+                                seeds=(0, 1)), runs, None)]
+    assert [j.action for j in plans[0].jobs][:jobs] == ["resume"] * jobs

@@ -38,6 +38,7 @@ from pathlib import Path
 from ssl_ema.reproduce.catalog import STUDIES
 from ssl_ema.reproduce.devices import Speeds, device_kind
 from ssl_ema.reproduce.lease import COMMAND_S, SETUP_S, pack, schedule
+from ssl_ema.reproduce.processes import INTERRUPTED, makespan
 from ssl_ema.reproduce.report import analyse, figure, section, write_report
 from ssl_ema.reproduce.runner import (
     ROOT,
@@ -45,7 +46,6 @@ from ssl_ema.reproduce.runner import (
     StudyPlan,
     collect,
     estimate_s,
-    makespan,
     plan_study,
     spend,
     status,
@@ -188,7 +188,12 @@ def main(argv: list[str] | None = None, studies: Sequence[Study] = STUDIES) -> i
             list_studies(plans, args.results, device, default_jobs(args.jobs, device))
         return 0
     if args.command == "run":
-        run(plans, args, runs, device, budget or 0.0)
+        try:
+            run(plans, args, runs, device, budget or 0.0)
+        except KeyboardInterrupt:
+            print("interrupted: the runs in progress stopped with a checkpoint (the next `run` "
+                  "resumes them); every finished run is stored", file=sys.stderr)
+            return INTERRUPTED
     # the report covers every study, whichever were named
     path = report(studies, [plan_study(s, runs, args.data) for s in studies], args.results)
     print(f"report: {path}")

@@ -32,8 +32,8 @@ YARDSTICK = ("BYOL ResNet-18 (CIFAR stem), batch 512, 32 px, bf16 autocast, chan
 # The H100's yardstick: recipes/byol_r18.yaml through tools/bench_train.py ('ours'), commit
 # 40d002e + 6da4c94, 2026-11-23 (docs/RESULTS.md, 'BYOL training images/s on one H100').
 H100 = {"images_per_s": 21185.0, "date": "2026-11-23", "commit": "6da4c94",
-        "source": "docs/RESULTS.md 'BYOL on CIFAR-10 on one H100: throughput' (bench_train "
-                  "'ours', recipes/byol_r18.yaml)"}
+        "source": "docs/RESULTS.md 'BYOL training images/s on one H100' (bench_train 'ours', "
+                  "recipes/byol_r18.yaml)"}
 
 
 def device_kind(device: str) -> str:

@@ -118,8 +118,8 @@ POSTHOC_CPU = Study(
                            "ema.posthoc.sigma_rels=[0.05,0.1]",
                            "--sigma-rel", *POSTHOC_SIGMAS)),),
     device="cpu", minutes_per_run=15.0,
-    estimate_source="6 epochs without label noise took 484 s, training and sweep, on 2 cores "
-                    "shared at load 13-17 (docs/RESULTS.md)",
+    estimate_source="the study's run took 306 s, training and sweep, on 2 cores shared at "
+                    "load 8.7 (docs/RESULTS.md)",
     env=ONE_THREAD, analysis=posthoc_sweep("digits"),
     plot_keys=tuple(f"results/{r}+bn/accuracy" for r in ("teacher", "student", "posthoc_0.02",
                                                           "posthoc_0.1")))

@@ -16,19 +16,17 @@ stores each finished run at once (``stored``: written to disk, and in lease mode
 lease to return) so that a kill at any moment loses no finished run. A job longer than the
 whole budget is started only where slices are asked for (``Budget.slices``): its checkpoint
 must survive until the next budget, which a GPU lease's does not. A tool study's jobs
-(``tool_runs.py``) are planned by their resolved arguments and run whole.
+(``tool_runs.py``) are planned by their resolved arguments and run whole. Up to ``jobs`` run at
+once (``processes.Slots``); each is admitted when a slot frees, and its record written here.
 """
 
 from __future__ import annotations
 
-import heapq
 import json
 import os
 import signal
-import subprocess
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +34,7 @@ from ssl_ema.config import ConfigError
 from ssl_ema.engine.checkpoint import checkpoints
 from ssl_ema.engine.sweep import Job, Variant, finished_run, locate, plan, train_command
 from ssl_ema.reproduce.devices import REFERENCE_GPU, Speeds, device_kind, short
+from ssl_ema.reproduce.processes import GRACE_S, INTERRUPTED, Slots, run_process
 from ssl_ema.reproduce.store import IDENTITY_IGNORES, Store, add_wall, record
 from ssl_ema.reproduce.study import Study
 from ssl_ema.reproduce.tool_runs import (
@@ -48,7 +47,6 @@ from ssl_ema.reproduce.tool_runs import (
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: recipes/, tools/
 NO_DATA = "$SSL_EMA_DATA"  # stands in for a data root not given
-GRACE_S = 60.0  # after the budget: SIGTERM (a checkpoint), then SIGKILL
 
 
 @dataclass
@@ -174,22 +172,6 @@ def child_env(study: Study, jobs: int = 1) -> dict[str, str]:
     return env
 
 
-def run_process(cmd: list[str], env: dict[str, str], timeout_s: float,
-                grace_s: float = GRACE_S) -> int:
-    """Run ``cmd``; past ``timeout_s`` send SIGTERM (a checkpoint), and SIGKILL
-    ``grace_s`` later."""
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
-    try:
-        return proc.wait(timeout=max(timeout_s, 1.0))
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            return proc.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            return proc.wait()
-
-
 @dataclass(frozen=True)
 class Budget:
     seconds: float
@@ -233,79 +215,34 @@ def spend(plans: Sequence[StudyPlan], stores: dict[str, Store], budget: Budget, 
             log("   stored")
         changed.append(p.study.name)
 
-    for p in plans:
-        store = stores[p.study.name]
-        for job in p.jobs:
-            state, fraction = status(job, store)
-            if state == "done":
-                continue  # (collect() stores finished runs)
-            slots.wait_for_one(finish)
-            left = budget.seconds - (clock() - start)
-            need = estimate_s(p.study, job, store, device, speeds)[0] * (1.0 - fraction)
-            starts, usable = budget.admits(need, left)
-            if not starts:
-                log(f"{p.study.name} {job.variant} seed {job.seed}: skipped, needs ~{need / 60:.1f}"
-                    f" min, {max(usable, 0) / 60:.1f} min left"
-                    + ("" if budget.slices or need <= budget.seconds - budget.reserve_s
-                       else " (longer than the whole budget: --slice starts it anyway)"))
-                continue
-            cmd = tool_command(ROOT, job) if isinstance(job, ToolJob) else \
-                train_command(launch, str(ROOT / p.study.recipe_of(
-                    next(v for v in p.study.variants if v.name == job.variant))), job, usable)
-            log(f"== {p.study.name} {job.variant} seed {job.seed} ({job.action}, "
-                f"~{need / 60:.1f} min, {usable / 60:.1f} min usable)")
-            # The backstop ends by the budget's end: SIGTERM, then SIGKILL `grace` later.
-            grace = min(GRACE_S, budget.reserve_s / 2)
-            slots.start((p, job, clock()), run_process, cmd, child_env(p.study, jobs), left - grace,
-                        grace)
-    slots.drain(finish)
+    with slots.interruptible(finish):
+        for p in plans:
+            store = stores[p.study.name]
+            for job in p.jobs:
+                state, fraction = status(job, store)
+                if state == "done":
+                    continue  # (collect() stores finished runs)
+                slots.wait_for_one(finish)
+                left = budget.seconds - (clock() - start)
+                need = estimate_s(p.study, job, store, device, speeds)[0] * (1.0 - fraction)
+                starts, usable = budget.admits(need, left)
+                if not starts:
+                    log(f"{p.study.name} {job.variant} seed {job.seed}: skipped, needs "
+                        f"~{need / 60:.1f} min, {max(usable, 0) / 60:.1f} min left"
+                        + ("" if budget.slices or need <= budget.seconds - budget.reserve_s
+                           else " (longer than the whole budget: --slice starts it anyway)"))
+                    continue
+                cmd = tool_command(ROOT, job) if isinstance(job, ToolJob) else \
+                    train_command(launch, str(ROOT / p.study.recipe_of(
+                        next(v for v in p.study.variants if v.name == job.variant))), job, usable)
+                log(f"== {p.study.name} {job.variant} seed {job.seed} ({job.action}, "
+                    f"~{need / 60:.1f} min, {usable / 60:.1f} min usable)")
+                # The backstop ends by the budget's end: SIGTERM, then SIGKILL `grace` later.
+                grace = min(GRACE_S, budget.reserve_s / 2)
+                slots.start((p, job, clock()), run_process, cmd, child_env(p.study, jobs),
+                            left - grace, grace)
+        slots.drain(finish)
     return list(dict.fromkeys(changed))
-
-
-def makespan(seconds: Sequence[float], jobs: int) -> float:
-    """Wall seconds for runs of these lengths, in this order, ``jobs`` at a time (each starts
-    when the first slot frees, as ``spend`` starts them)."""
-    slots = [0.0] * max(1, jobs)
-    for s in seconds:
-        heapq.heapreplace(slots, slots[0] + s)
-    return max(slots)
-
-
-class Slots:
-    """Up to ``size`` runs at once, each a thread that waits on its subprocess. With one slot
-    the run happens in the calling thread, as before there were slots: a run started
-    in-process (the tests) installs signal handlers, which only the main thread may."""
-
-    def __init__(self, size: int) -> None:
-        if size < 1:
-            raise ValueError(f"jobs: {size}; at least one run at a time")
-        self.size = size
-        self.pool = ThreadPoolExecutor(size) if size > 1 else None
-        self.running: dict[Future[int], tuple[StudyPlan, Job | ToolJob, float]] = {}
-
-    def start(self, tag: tuple[StudyPlan, Job | ToolJob, float], fn: Callable[..., int],
-              *args: object) -> None:
-        if self.pool is None:
-            done: Future[int] = Future()
-            done.set_result(fn(*args))
-            self.running[done] = tag
-        else:
-            self.running[self.pool.submit(fn, *args)] = tag
-
-    def wait_for_one(self, finish: Callable[..., None]) -> None:
-        """Return once a slot is free, finishing each run that has ended, as it ends."""
-        self._finish_until(self.size - 1, finish)
-
-    def drain(self, finish: Callable[..., None]) -> None:
-        self._finish_until(0, finish)
-        if self.pool is not None:
-            self.pool.shutdown()
-
-    def _finish_until(self, running: int, finish: Callable[..., None]) -> None:
-        while len(self.running) > running:
-            wait(self.running, return_when=FIRST_COMPLETED)
-            for future in [f for f in self.running if f.done()]:
-                finish(*self.running.pop(future), future.result())
 
 
 def collect(plan: StudyPlan, store: Store) -> bool:
@@ -328,8 +265,8 @@ def _after(job: Job, store: Store, wall: float, code: int, log: Callable[[str], 
         store.put(record(job, done))
         log(f"   finished in {wall:.0f} s")
         return True
-    log(f"   {'cut by the budget' if code in (3, -15, 143) else f'exit code {code}'} "
-        f"after {wall:.0f} s" + (f"; resumes from {run_dir}" if run_dir else ""))
+    log(f"   {_ended(code, budget_codes=(3, -15, 143))} after {wall:.0f} s"
+        + (f"; resumes from {run_dir}" if run_dir else ""))
     return False
 
 
@@ -340,6 +277,13 @@ def _after_tool(job: ToolJob, store: Store, wall: float, code: int, device: str,
         store.put(tool_record(job))
         log(f"   finished in {wall:.0f} s")
         return True
-    log(f"   {'cut by the budget' if code in (-15, 143) else f'exit code {code}'} after "
-        f"{wall:.0f} s (a tool run starts again next time)")
+    log(f"   {_ended(code, budget_codes=(-15, 143))} after {wall:.0f} s (a tool run starts "
+        "again next time)")
     return False
+
+
+def _ended(code: int, budget_codes: tuple[int, ...]) -> str:
+    """How an unfinished run ended, from its exit code."""
+    if code in (INTERRUPTED, -signal.SIGINT):
+        return "interrupted"
+    return "cut by the budget" if code in budget_codes else f"exit code {code}"
