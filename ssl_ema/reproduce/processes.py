@@ -70,8 +70,8 @@ def makespan(seconds: Sequence[float], jobs: int) -> float:
 
 class Slots:
     """Up to ``size`` runs at once, each a thread that waits on its subprocess. With one slot
-    the run happens in the calling thread, as before there were slots: a run started
-    in-process (the tests) installs signal handlers, which only the main thread may."""
+    the run happens in the calling thread: a run started in-process (as the tests do) installs
+    signal handlers, which only the main thread may."""
 
     def __init__(self, size: int) -> None:
         if size < 1:
