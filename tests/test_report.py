@@ -6,6 +6,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from ssl_ema.eval.tables import knn_report, next_steps, verdict
+from ssl_ema.reproduce.report import budget_text
+from ssl_ema.reproduce.study import Study, StudyVariant
 
 RESULT = {"knn_teacher": 0.9083, "knn_student": 0.9, "knn_random": 0.7417,
           "knn_random_bn": 0.8722, "step": 220}
@@ -38,3 +40,15 @@ def test_report_is_table_then_verdict_then_next() -> None:
     assert lines[2] == "  teacher (EMA of student)     0.9083"
     assert lines[5] == "  random init, BN recomputed   0.8722"
     assert lines[6].startswith("The teacher is 3.6 points above") and lines[7] == "Run: runs/x"
+
+
+def test_the_quoted_budget_fits_the_runs_two_at_once() -> None:
+    def study(device: str, minutes: float, seeds: tuple[int, ...]) -> Study:
+        return Study(name="s", title="t", claim="c", paper="p", schedule="s", recipe="r.yaml",
+                     variants=(StudyVariant("a"), StudyVariant("b")), seeds=seeds,
+                     device=device, minutes_per_run=minutes)
+    # 4 runs of 21.5 min, two at once: 43 min, with a fifth to spare 51.6 -> 55m
+    assert budget_text(study("cpu", 21.5, (0, 1))) == "55m"
+    assert budget_text(study("cpu", 6.0, (0, 1, 2, 3, 4))) == "40m"  # 10 runs: 30 min
+    assert budget_text(study("cpu", 30.0, (0, 1, 2))) == "2h"  # 6 runs: 90 min, 108 with spare
+    assert budget_text(study("gpu", 30.0, (0, 1))) == "9m"  # a lease's command

@@ -7,8 +7,8 @@ views made in batched ops (``data.pipeline=device``), one torch thread per run: 
 machine two runs share it best one per core, and a thread that waits for a busy core makes every
 step several times slower (docs/RESULTS.md). The network, subset and schedule of each study were
 chosen from speed and accuracy measurements made before any of its results (its recipe's
-comments give them); the schedule is stated beside every number. Minutes are per run on one
-idle core.
+comments give them); the schedule is stated beside every number. Minutes are per run, two runs
+at once on 2 idle cores (``reproduce.py run --jobs``' default there).
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ V = StudyVariant
 CIFAR10 = ("data.root={data}/cifar10",)
 CIFAR10N = "labels.noisy_file={data}/cifar10n/CIFAR-10_human.pt"
 ONE_THREAD = {"SSL_EMA_CPU_THREADS": "1"}
+TWO_IDLE = ("two at once on 2 idle cores (docs/RESULTS.md, 'The laptop studies, each whole on 2 "
+            "idle cores')")
 
 
 EMA_BENEFITS_CPU = Study(
@@ -37,9 +39,8 @@ EMA_BENEFITS_CPU = Study(
              "0.968-0.998 every step with the warm-up, 2 seeds",
     recipe="recipes/supervised_ema_cifar_cpu.yaml",
     variants=(V("clean", ("labels.noisy=clean",)), V("worse", ("labels.noisy=worse", CIFAR10N))),
-    seeds=(0, 1), common=CIFAR10, device="cpu", minutes_per_run=17.0,
-    estimate_source="a sizing run of the worse arm on one core of a shared machine "
-                    "(docs/RESULTS.md)",
+    seeds=(0, 1), common=CIFAR10, device="cpu", minutes_per_run=21.5,
+    estimate_source="a run took 1,253-1,285 s, " + TWO_IDLE,
     env=ONE_THREAD, plot_keys=("acc_student_test", "acc_teacher_test", "acc_ema_0.998_test"),
     analysis=ema_benefits({"clean": "clean", "worse": "CIFAR-10N worse"}))
 
@@ -67,8 +68,8 @@ SCALING_CIFAR_CPU = model_ema_scaling(
     "scaling-cifar-cpu", "The EMA Scaling Rule on a supervised model EMA, CIFAR-10 (CPU)",
     "test_resnet, 32 px, 2,000 CIFAR-10 images a class, 16 epochs, reference batch 32, EMA "
     "0.998 per reference step, 2 seeds", "recipes/scaling_cifar_cpu.yaml",
-    {1: 32, 4: 128, 16: 512}, (0, 1), 7.0, "320,000 samples at the 700-1,200 images/s "
-    "measured on one core (batch 32 to 512) and 9 evaluations of two models", CIFAR10)
+    {1: 32, 4: 128, 16: 512}, (0, 1), 6.0, "a run took 315-427 s, " + TWO_IDLE,
+    CIFAR10)
 
 SCALING_CPU = model_ema_scaling(
     "scaling-cpu", "The EMA Scaling Rule on a supervised model EMA (digits, CPU)",
@@ -87,8 +88,8 @@ BYOL_CIFAR_CPU = Study(
     schedule="test_resnet, 32 px, 2,000 CIFAR-10 images a class, 15 epochs, reference batch "
              "64 (SGD lr 0.1, teacher 0.99 → 1), 2 seeds",
     recipe="recipes/byol_cifar_cpu.yaml", variants=kappa_arms({1: 64, 8: 512}),
-    seeds=(0, 1), common=CIFAR10, device="cpu", minutes_per_run=15.0,
-    estimate_source="a 10-epoch sizing run: 350 images/s on one core (docs/RESULTS.md)",
+    seeds=(0, 1), common=CIFAR10, device="cpu", minutes_per_run=16.5,
+    estimate_source="a run took 847-999 s, " + TWO_IDLE,
     env=ONE_THREAD, plot_keys=("knn_teacher", "knn_student"),
     analysis=final_rule("k1", [(8, "k8_ema", "k8_optimizer")], "knn_teacher",
                         tolerance=0.02, falls_from=8, floor="knn_random_bn",

@@ -14,7 +14,11 @@ from typing import Any
 
 from ssl_ema.engine.sweep import mean_std
 from ssl_ema.reproduce.analyses import by_variant, mean_curve
+from ssl_ema.reproduce.processes import makespan
 from ssl_ema.reproduce.study import TOO_FEW, Analysis, Study
+
+LAPTOP_CORES = 2  # what the CPU studies are sized for
+SPARE = 1.2  # a quoted budget over the estimated wall time: runs vary by a tenth or more
 
 HEADER = """# Reproduction suite: generated report
 
@@ -79,12 +83,14 @@ def _runs_table(study: Study, records: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _budget(study: Study) -> str:
+def budget_text(study: Study) -> str:
     """The budget to quote: one lease command for a GPU study (a lease spends its minutes through
-    tools/lease.sh); for a CPU study its stated minutes for every run, in whole hours past one."""
+    tools/lease.sh); for a CPU study the wall time of its runs on a 2-core laptop, two at once
+    (``reproduce.py run``'s default there), with a fifth to spare, in whole hours past one."""
     if study.device == "gpu":
         return "9m"
-    minutes = study.minutes_per_run * len(study.variants) * len(study.seeds)
+    runs = [v.minutes or study.minutes_per_run for v in study.variants] * len(study.seeds)
+    minutes = SPARE * makespan(runs, LAPTOP_CORES)
     return f"{math.ceil(minutes / 60)}h" if minutes > 60 else f"{math.ceil(minutes / 5) * 5}m"
 
 
@@ -93,7 +99,7 @@ def section(study: Study, records: Sequence[dict[str, Any]], planned: int, block
     lines = [f"## {study.title} (`{study.name}`)", "",
              f"- Claim: {study.claim}.", f"- Paper: {study.paper}.",
              f"- Schedule (every number below): {study.schedule}.",
-             f"- Command: `python tools/reproduce.py run {study.name} --budget {_budget(study)}"
+             f"- Command: `python tools/reproduce.py run {study.name} --budget {budget_text(study)}"
              + (" --data DATA_ROOT" if study.needs_data else "") + "`.",
              f"- Runs stored: {len(records)} of "
              f"{planned or len(study.variants) * len(study.seeds)}"
