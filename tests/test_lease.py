@@ -354,3 +354,35 @@ def test_ctrl_c_stops_the_runs_with_a_checkpoint_and_one_line(
     plans = [plan_study(replace(tiny_study("train.epochs=2000", "eval.every_epochs=0"),
                                 seeds=(0, 1)), runs, None)]
     assert [j.action for j in plans[0].jobs][:jobs] == ["resume"] * jobs
+
+
+@pytest.mark.parametrize("timed", [False, True])
+def test_a_timed_study_runs_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                  timed: bool) -> None:
+    """--jobs 2 over a study and a benchmark study: the benchmark's runs share the cores with
+    no other run (not even the other study's last one), and get no thread share of their own."""
+    spans: list[tuple[str, float, float, str]] = []
+
+    def sleeper(cmd: list[str], env: dict[str, str], *a: float) -> int:
+        t0 = time.monotonic()
+        time.sleep(0.3)
+        spans.append((cmd[cmd.index("--seed") + 1], t0, time.monotonic(),
+                      env.get("SSL_EMA_CPU_THREADS", "")))
+        return 1  # not finished: nothing is stored, the spans are what is checked
+
+    monkeypatch.setattr(runner, "run_process", sleeper)
+    bench = replace(quadratic(2), name="bench", timed=timed,
+                    variants=tuple(StudyVariant(f"b{i}", ("--replicas", "20", "--seed",
+                                                          str(10 + i), "--no-plot"))
+                                   for i in range(2)))
+    plans = [plan_study(s, tmp_path / s.name, None) for s in (quadratic(3), bench)]
+    stores = {"nq": Store(tmp_path, "nq"), "bench": Store(tmp_path, "bench")}
+    spend(plans, stores, Budget.of(600.0), "cpu", log=lambda _: None, jobs=2)
+    bench_spans = [s for s in spans if int(s[0]) >= 10]
+    others = [s for s in spans if int(s[0]) < 10]
+    overlaps = sum(1 for b in bench_spans for o in spans
+                   if o is not b and o[1] < b[2] and b[1] < o[2])
+    assert len(bench_spans) == 2 and len(others) == 3
+    assert (overlaps == 0) == timed  # untimed: the scheduler packs them two at a time
+    share = str(max(1, (os.cpu_count() or 1) // 2))
+    assert {b[3] for b in bench_spans} == ({""} if timed else {share})

@@ -86,7 +86,7 @@ def list_studies(plans: Sequence[StudyPlan], results: Path, device: str, jobs: i
             lines.append(f"  {job.variant} seed {job.seed}: {what}{cost}")
         summary = ", ".join(f"{n} {k}" for k, n in counts.items())
         why = p.why_not_here(device, named=True)
-        at_once = makespan(rests, jobs) if jobs > 1 and len(rests) > 1 else sum(rests)
+        at_once = makespan(rests, 1 if s.timed else jobs)
         print(f"{s.name} ({s.device}): {summary}; ~{sum(rests) / 60:.1f} min of runs left"
               + (f", ~{at_once / 60:.1f} min with {jobs} at once" if at_once < sum(rests) else "")
               + (f" ({why})" if why else "") + f"\n  stated estimate: {s.estimate_source}")

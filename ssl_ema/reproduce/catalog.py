@@ -153,7 +153,7 @@ THROUGHPUT = Study(
                              "--warmup", "40", "--steps", "120", "--workers", "16"))),
     minutes_per_run=4.0, estimate_source="unmeasured as a whole: bench_train's parts on the "
     "H100 took under 3 minutes (docs/RESULTS.md, 'BYOL training images/s on one H100')",
-    analysis=throughput(ema="ema", train="byol_r18"))
+    timed=True, analysis=throughput(ema="ema", train="byol_r18"))
 
 THROUGHPUT_CPU = Study(
     name="throughput-cpu", title="One EMA update on the CPU: ours against the libraries",
@@ -166,7 +166,7 @@ THROUGHPUT_CPU = Study(
                         "--warmup", "2")),),
     device="cpu", minutes_per_run=1.0, estimate_source="a guess: 7 implementations × 2 K × 9 "
     "updates of ResNet-18 plus one torch.compile", env={"OMP_NUM_THREADS": "1"},
-    analysis=throughput(ema="ema"))
+    timed=True, analysis=throughput(ema="ema"))
 
 RECIPES = Study(
     name="recipes", title="Every shipped CIFAR-10 recipe at its full schedule",

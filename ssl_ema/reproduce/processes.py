@@ -106,23 +106,21 @@ class Slots:
                 child.send_signal(signal.SIGINT)
             while True:
                 try:
-                    self._finish_until(0, finish)
+                    self.wait_until(0, finish)
                     break
                 except KeyboardInterrupt:  # a second Ctrl-C: the runs stop at once
                     continue
             raise
 
-    def wait_for_one(self, finish: Callable[..., None]) -> None:
-        """Return once a slot is free, finishing each run that has ended, as it ends."""
-        self._finish_until(self.size - 1, finish)
-
-    def drain(self, finish: Callable[..., None]) -> None:
-        self._finish_until(0, finish)
-        if self.pool is not None:
-            self.pool.shutdown()
-
-    def _finish_until(self, running: int, finish: Callable[..., None]) -> None:
+    def wait_until(self, running: int, finish: Callable[..., None]) -> None:
+        """Return once at most ``running`` runs are in progress, finishing each run that has
+        ended, as it ends."""
         while len(self.running) > running:
             wait(self.running, return_when=FIRST_COMPLETED)
             for future in [f for f in self.running if f.done()]:
                 finish(*self.running.pop(future), future.result())
+
+    def drain(self, finish: Callable[..., None]) -> None:
+        self.wait_until(0, finish)
+        if self.pool is not None:
+            self.pool.shutdown()

@@ -222,7 +222,8 @@ def spend(plans: Sequence[StudyPlan], stores: dict[str, Store], budget: Budget, 
                 state, fraction = status(job, store)
                 if state == "done":
                     continue  # (collect() stores finished runs)
-                slots.wait_for_one(finish)
+                alone = p.study.timed  # a benchmark shares the cores with no other run
+                slots.wait_until(0 if alone else jobs - 1, finish)
                 left = budget.seconds - (clock() - start)
                 need = estimate_s(p.study, job, store, device, speeds)[0] * (1.0 - fraction)
                 starts, usable = budget.admits(need, left)
@@ -239,8 +240,10 @@ def spend(plans: Sequence[StudyPlan], stores: dict[str, Store], budget: Budget, 
                     f"~{need / 60:.1f} min, {usable / 60:.1f} min usable)")
                 # The backstop ends by the budget's end: SIGTERM, then SIGKILL `grace` later.
                 grace = min(GRACE_S, budget.reserve_s / 2)
-                slots.start((p, job, clock()), run_process, cmd, child_env(p.study, jobs),
-                            left - grace, grace)
+                slots.start((p, job, clock()), run_process, cmd,
+                            child_env(p.study, 1 if alone else jobs), left - grace, grace)
+                if alone:
+                    slots.wait_until(0, finish)
         slots.drain(finish)
     return list(dict.fromkeys(changed))
 

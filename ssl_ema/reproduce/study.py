@@ -51,6 +51,7 @@ class Study:
     analysis: Callable[[Study, Sequence[Record]], Analysis] | None = None
     tool: str = ""  # a tools/ script run instead of training: variants' overrides are its
     # arguments and its resolved arguments are the run's identity (tool_runs.py)
+    timed: bool = False  # its runs measure time: each runs alone, whatever `run --jobs` says
 
     @property
     def needs_data(self) -> bool:
