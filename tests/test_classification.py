@@ -94,8 +94,11 @@ def test_pseudo_label_smoke(tmp_path: Path) -> None:
     assert len(evals) == 7
     for e in evals[1:]:  # each epoch: mask rate and accuracy of the pseudo-labels
         assert 0.0 <= e["mask_rate"] <= 1.0 and 0.0 <= e["pseudo_label_accuracy_all"] <= 1.0
-    last = evals[-1]  # the teacher grew confident, and its confident labels are mostly right
-    assert last["mask_rate"] > 0.0 and last["pseudo_label_accuracy"] > 0.8
+    # The teacher grew confident, and the threshold keeps its better labels: those above tau
+    # are right more often than its labels overall (6 epochs, 100 labels; chance 0.1).
+    last = evals[-1]
+    assert last["mask_rate"] > 0.0
+    assert last["pseudo_label_accuracy"] > max(0.6, last["pseudo_label_accuracy_all"] + 0.1)
     assert last["pseudo_label_accuracy_all"] > 0.3
     assert r["mask_rate"] == last["mask_rate"]
     train_rows = [x for x in read_metrics(run_dir / "metrics.jsonl") if x["event"] == "train"]

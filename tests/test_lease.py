@@ -362,6 +362,9 @@ def test_a_timed_study_runs_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     """--jobs 2 over a study and a benchmark study: the benchmark's runs share the cores with
     no other run (not even the other study's last one), and get no thread share of their own."""
     spans: list[tuple[str, float, float, str]] = []
+    # As from a user's shell: the thread count comes from the scheduler, not from the xdist
+    # worker's setting (conftest.py), which would otherwise reach every run.
+    monkeypatch.delenv("SSL_EMA_CPU_THREADS", raising=False)
 
     def sleeper(cmd: list[str], env: dict[str, str], *a: float) -> int:
         t0 = time.monotonic()
