@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ssl_ema.reproduce import runner
-from ssl_ema.reproduce.analyses import best_within, ema_curve_rule, ema_gain, final_rule
+from ssl_ema.reproduce.analyses import best_within, ema_curve_rule, ema_gain, final_rule, provided
 from ssl_ema.reproduce.runner import Budget, plan_study, spend, status
 from ssl_ema.reproduce.store import Store
 from ssl_ema.reproduce.study import FAILS, HOLDS, TOO_FEW
@@ -163,6 +163,30 @@ def test_analyses_on_fixed_inputs() -> None:
     assert gain(study, runs).verdict == HOLDS
     runs[1]["metrics"]["ema"] = 0.78
     assert gain(study, runs).verdict == FAILS
+
+
+def test_a_claim_whose_premise_failed_does_not_hold() -> None:
+    """pseudo-label-cpu's form: the curve rule holds on the records, but it counts only when
+    kappa = 1's pseudo-labels fed back (final mask rate at least 0.1)."""
+    curves = ema_curve_rule("k1", [(4, "k4_ema", "k4_optimizer")], "acc_teacher_test",
+                            "acc_student_test")
+    judged = provided(curves, "k1", "mask_rate", 0.1, "pseudo-labels fed back")
+    study, records = tiny_study(), scaling_records("k4_optimizer")
+    for r in records:
+        r["metrics"]["mask_rate"] = 0.35 if r["seed"] == 0 else 0.25
+    fed = judged(study, records)
+    assert fed.verdict == HOLDS and fed.table == curves(study, records).table
+    assert fed.summary.endswith("Pseudo-labels fed back: mask_rate 0.300 at k1 (at least 0.1 "
+                                "needed).")
+    for r in records:
+        r["metrics"]["mask_rate"] = 0.12 if r["seed"] == 0 else 0.06  # mean 0.09
+    starved = judged(study, records)
+    assert starved.verdict == FAILS and "so the claim is not tested" in starved.summary
+    assert judged(study, records[:3]).verdict == TOO_FEW  # one seed: no verdict either way
+    lagging = scaling_records("k4_ema")
+    for r in lagging:
+        r["metrics"]["mask_rate"] = 0.5
+    assert judged(study, lagging).verdict == FAILS  # a premise that held decides nothing
 
 
 def test_identity_survives_an_added_option_at_its_default() -> None:

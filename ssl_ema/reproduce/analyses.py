@@ -210,3 +210,26 @@ def ema_gain(pairs: Mapping[str, str], ema_key: str, last_key: str) -> AnalysisF
         return Analysis(HOLDS if ok else FAILS, summary, tuple(rows))
 
     return analyse
+
+
+def provided(analysis: AnalysisFn, variant: str, key: str, minimum: float,
+             what: str) -> AnalysisFn:
+    """``analysis`` judged only where its premise held: the seed mean of the final ``key`` of
+    ``variant`` is at least ``minimum``, or the claim does not hold whatever the rest says (a
+    pseudo-labelling study whose teacher never labelled an image tests no feedback). ``what``
+    names the premise in the summary, e.g. "pseudo-labels fed back"."""
+
+    def analyse(study: Study, records: Sequence[Record]) -> Analysis:
+        out = analysis(study, records)
+        runs = by_variant(records).get(variant, [])
+        if out.verdict == TOO_FEW or not runs:
+            return out
+        value = mean_std([r["metrics"][key] for r in runs])[0]
+        premise = f"{what}: {key} {value:.3f} at {variant} (at least {minimum:g} needed)"
+        if value < minimum:
+            return Analysis(FAILS, f"{premise[0].upper()}{premise[1:]}, so the claim is not "
+                            f"tested. {out.summary}", out.table, out.figures)
+        return Analysis(out.verdict, f"{out.summary} {premise[0].upper()}{premise[1:]}.",
+                        out.table, out.figures)
+
+    return analyse
