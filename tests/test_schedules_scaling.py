@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from ssl_ema.engine.header import coverage_note
 from ssl_ema.scaling import (
     ema_kappa,
     kappa,
@@ -83,3 +84,14 @@ def test_batch_schedule_by_epoch() -> None:
     assert [batch_at_epoch(e, 256, schedule) for e in (0, 9, 10, 19, 20, 99)] == \
         [256, 256, 512, 512, 1024, 1024]
     assert batch_at_epoch(5, 256, ()) == 256
+
+
+def test_a_batch_that_covers_less_of_an_epoch_is_told() -> None:
+    """pseudo-label-cpu as first sized: 2,285 groups of one labelled and 7 unlabelled images;
+    batch 256 covers 8 x 256 of them an epoch, the reference 64 would cover 35 x 64."""
+    note = coverage_note(2285, {256: 2048}, 64)
+    assert note is not None and note.startswith("warning: an epoch covers 2,240 of 2,285")
+    assert "2,048 at batch 256" in note and "differ by up to 8.6%" in note
+    assert coverage_note(2560, {64: 2560, 256: 2560}, 64) is None  # the study as it runs
+    assert coverage_note(20000, {512: 19968}, 32) is None  # within 1%: scaling-cifar-cpu
+    assert coverage_note(1437, {16: 1424, 256: 1280}, 16) is not None  # scaling-cpu, kappa 16

@@ -21,11 +21,32 @@ from ssl_ema.engine.scaled import ScaledHyperparams
 from ssl_ema.engine.tracking import device_name, git_sha, versions
 
 
+def coverage_note(items: int, epoch_samples: Mapping[int, int], reference: int) -> str | None:
+    """One warning line when a batch size covers another share of an epoch than the reference
+    batch would. Every loader drops its last partial batch, so a run at kappa = 4 can see fewer
+    samples than the kappa = 1 run it is compared with, while the EMA Scaling Rule matches runs
+    at equal samples seen (Busbridge et al. 2023). ``items``: what an epoch passes over (for
+    pseudo-labelling, groups of one labelled and mu unlabelled images); ``epoch_samples``:
+    those one epoch covers at each effective batch."""
+    ref = items // reference * reference
+    off = {b: n for b, n in epoch_samples.items() if ref and abs(n - ref) > 0.01 * ref}
+    if not off:
+        return None
+    worst = max(abs(n - ref) for n in off.values()) / ref
+    at = ", ".join(f"{n:,} at batch {b}" for b, n in sorted(off.items()))
+    return (f"warning: an epoch covers {ref:,} of {items:,} training items at the reference "
+            f"batch {reference} but {at} (the last partial batch is dropped): samples seen "
+            f"differ by up to {100 * worst:.1f}% from a run at the reference batch; make the "
+            "number of training items a multiple of every batch size")
+
+
 def run_header(cfg: Config, accelerator: Accelerator, student: nn.Module, data: DataBundle,
                first: ScaledHyperparams, scaled: Mapping[int, ScaledHyperparams],
-               per_device: Mapping[int, int], steps: int, samples: int) -> dict[str, Any]:
-    """The header record: ``first`` is the first epoch's batch size; ``scaled`` and
-    ``per_device`` hold every batch size of the run, keyed by effective batch."""
+               per_device: Mapping[int, int], steps: int, samples: int,
+               epoch_samples: Mapping[int, int]) -> dict[str, Any]:
+    """The header record: ``first`` is the first epoch's batch size; ``scaled``,
+    ``per_device`` and ``epoch_samples`` (what one epoch covers) hold every batch size of the
+    run, keyed by effective batch."""
     return {
         "git": git_sha(), "versions": versions(), "device": device_name(accelerator.device),
         "world_size": accelerator.num_processes, "per_device_batch": per_device[first.batch],
@@ -42,6 +63,7 @@ def run_header(cfg: Config, accelerator: Accelerator, student: nn.Module, data: 
         "skipped_unreadable_files": data.skipped_files,
         "label_noise": data.label_noise,
         "steps": steps, "samples": samples,
+        "epoch_samples": {str(b): n for b, n in epoch_samples.items()},
     }
 
 
@@ -63,6 +85,10 @@ def header_text(h: dict[str, Any], scaled: Mapping[int, ScaledHyperparams],
                      "(data.corrupt=skip)")
     if data.label_noise:
         lines.append(describe_noise(data.label_noise))
+    if note := coverage_note(h["train_images"], {int(b): n for b, n in
+                                                 h["epoch_samples"].items()},
+                             h["reference_batch"]):
+        lines.append(note)
     if h.get("posthoc_ema"):
         lines.append(describe_text(h["posthoc_ema"]))
     lines.append(f"{h['steps']} optimizer steps, {h['samples']} samples | run dir: {run_dir}")

@@ -407,8 +407,11 @@ class Trainer:
 
     def _write_header(self) -> None:
         first = self.hyper(0)
+        world = self.accelerator.num_processes
         h = run_header(self.cfg, self.accelerator, self.model.student, self.data, first,
-                       self.scaled, self.per_device, self.total_steps, self.total_samples)
+                       self.scaled, self.per_device, self.total_steps, self.total_samples,
+                       {b: len(self.train_loaders[b]) * self.per_device[b] * world
+                        for b in self.batches})
         if self.given:  # objects from Python in place of data.dataset / model.backbone
             h["given"] = self.given
         if self.posthoc is not None:  # its disk cost, logged once per start
