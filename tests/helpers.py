@@ -188,3 +188,13 @@ def tiny_study(*extra: str) -> Study:
                  common=(*STUDY_TINY, *extra), device="cpu", minutes_per_run=1.0,
                  estimate_source="a guess", plot_keys=("acc_teacher_test",),
                  analysis=best_within("a", "acc_student_test", 0.0, 2.0))
+
+
+def poison_freed_memory() -> None:
+    """Leave NaN in the allocator's freed blocks: a kernel that reads memory it never wrote
+    (oneDNN's CPU bf16 conv weight gradient, `ssl_ema.models.conv_guard`) then shows it, in
+    whatever order the tests run."""
+    for n in (1 << 10, 1 << 13, 1 << 16, 1 << 19):
+        junk = [torch.full((n,), float("nan"), dtype=dtype)
+                for dtype in (torch.bfloat16, torch.float32) for _ in range(3)]
+        del junk

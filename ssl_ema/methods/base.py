@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ssl_ema.config_schema import Config
+from ssl_ema.models.conv_guard import guard_convs
 from ssl_ema.momentum import MomentumRule, scheduled_momentum
 
 
@@ -40,6 +41,9 @@ class TeacherStudentMethod(nn.Module, ABC):
         # (BYOL, Grill et al. 2020, Sec. 3.2; DINO, MoCo and the model EMAs alike).
         self.momentum_start, self.momentum_end = cfg.method.momentum, cfg.method.momentum_end
         self.student = nn.ModuleDict(build_modules())
+        # CPU bf16: oneDNN's weight gradient of a strided conv on a map smaller than the
+        # stride is uninitialised memory (torch 2.13-2.15); the guard pads such inputs.
+        guard_convs(self.student)
 
         def averaged_copy() -> nn.ModuleDict:
             built = build_modules()

@@ -181,6 +181,10 @@ def check_fused_ema(s: Smoke) -> dict[str, Any]:
     fused, _ = s.train("fused", "byol_r18.yaml", *extra, "ema.fused=true", steps=4)
     saved = load_file(str(checkpoints(fused.run_dir)[-1] / "model.safetensors"))
     kept = averaged(fused)
+    # NaN is never torch.equal to itself: a non-finite teacher is said as such, not as a
+    # checkpoint that differs (the CPU bf16 conv fault once gave both, models/conv_guard.py).
+    bad = [k for k, v in kept.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    assert not bad, f"non-finite teacher tensors after training: {bad[:3]}"
     assert all(torch.equal(saved[k], v.cpu()) for k, v in kept.items()), "checkpoint teacher"
     resumed = Trainer(fused.cfg, fused.run_dir, checkpoints(fused.run_dir)[0])
     resumed.fit()
