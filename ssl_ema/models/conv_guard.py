@@ -39,9 +39,10 @@ def _bf16_on_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def needs_guard(conv: nn.Conv2d, x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether this forward would hit the fault: bf16 on the CPU, a weight gradient to come,
     zero padding, and an input side smaller than the stride."""
+    # The CPU test first: on a GPU, the one check this costs each strided conv's forward.
     padding = conv.padding
-    return (not isinstance(padding, str) and any(p > 0 for p in padding)
-            and conv.padding_mode == "zeros"
+    return (x.device.type == "cpu" and not isinstance(padding, str)
+            and any(p > 0 for p in padding) and conv.padding_mode == "zeros"
             and any(n < s for n, s in zip(x.shape[-2:], conv.stride))
             and weight.requires_grad and torch.is_grad_enabled() and _bf16_on_cpu(x, weight))
 
